@@ -1,0 +1,4 @@
+from raytune_ft.cli import main
+
+if __name__ == "__main__":
+    main()
