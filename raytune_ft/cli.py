@@ -1,0 +1,227 @@
+"""`rtf`: a thin Typer CLI over the library. Parse, call one function, print.
+
+Nothing heavy is imported at module level (no torch, transformers, peft, deepspeed, ray.train):
+commands import what they need when they run, so `rtf --help` and `rtf validate` stay fast.
+User errors (:class:`raytune_ft.errors.UserError`) print one message and exit with their code (2).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from raytune_ft.errors import NotImplementedYet, UserError
+
+app = typer.Typer(
+    name="rtf",
+    help="raytune_ft: fine-tune language models on Ray from one declarative job spec.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+render_app = typer.Typer(help="Render deployment files from a spec (KubeRay, RunPod).", no_args_is_help=True)
+data_app = typer.Typer(help="Prepare and inspect training data.", no_args_is_help=True)
+sweep_app = typer.Typer(help="Inspect sweeps (Ray Tune).", no_args_is_help=True)
+app.add_typer(render_app, name="render")
+app.add_typer(data_app, name="data")
+app.add_typer(sweep_app, name="sweep")
+
+SetOpt = typer.Option(None, "--set", "-s", help="Override a spec value: dotted.key=value (repeatable).")
+
+
+def _out(text: str = "") -> None:
+    typer.echo(text)
+
+
+def _load(path: Path, overrides: Optional[list[str]]):
+    from raytune_ft.spec import load_spec
+
+    return load_spec(path, overrides or [])
+
+
+# --------------------------------------------------------------------------- spec commands
+
+
+@app.command()
+def validate(
+    specs: list[Path] = typer.Argument(..., help="Job spec YAML files."),
+    overrides: Optional[list[str]] = SetOpt,
+) -> None:
+    """Check specs: schema, types, cross-field rules. Exit 2 with every problem listed if invalid."""
+    failed: list[str] = []
+    for path in specs:
+        try:
+            spec = _load(path, overrides)
+        except UserError as e:
+            failed.append(str(e))
+            continue
+        _out(f"ok   {path}  (name={spec.name}, method={spec.method.type})")
+    if failed:
+        for msg in failed:
+            typer.echo(f"error: {msg}", err=True)
+        raise typer.Exit(2)
+
+
+@app.command()
+def schema(output: Optional[Path] = typer.Option(None, "-o", "--output", help="Write to a file.")) -> None:
+    """Print the JSON Schema of the job spec (for editors: yaml-language-server)."""
+    from raytune_ft.spec import json_schema
+
+    text = json.dumps(json_schema(), indent=2)
+    if output:
+        output.write_text(text + "\n")
+        _out(f"wrote {output}")
+    else:
+        _out(text)
+
+
+@app.command()
+def plan(
+    spec_path: Path = typer.Argument(..., metavar="SPEC"),
+    overrides: Optional[list[str]] = SetOpt,
+    as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
+    preflight: bool = typer.Option(False, "--preflight", help="Also check that storage is reachable and writable."),
+) -> None:
+    """Show what a spec will run: resolved spec, DeepSpeed config, scaling, batch, memory estimate."""
+    from raytune_ft.plan import make_plan
+    from raytune_ft.render_plan import render_plan
+
+    spec = _load(spec_path, overrides)
+    p = make_plan(spec)
+    checked = None
+    if preflight:
+        from raytune_ft.storage import preflight as storage_preflight
+
+        checked = storage_preflight(spec.storage)
+    if as_json:
+        d = p.to_dict()
+        if checked is not None:
+            d["preflight"] = checked
+        _out(json.dumps(d, indent=2, default=str))
+    else:
+        _out(render_plan(p))
+        if checked is not None:
+            _out(f"storage preflight: {checked}")
+
+
+# --------------------------------------------------------------------------- not built yet
+
+
+def _todo(what: str) -> None:
+    raise NotImplementedYet(f"`rtf {what}` is not yet implemented")
+
+
+@app.command()
+def submit(
+    spec_path: Path = typer.Argument(..., metavar="SPEC"),
+    overrides: Optional[list[str]] = SetOpt,
+    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (else RAY_ADDRESS, cluster.address, or local)."),
+    fresh: bool = typer.Option(False, "--fresh", help="Start over; the old run is kept aside, never deleted."),
+    resume_from: Optional[str] = typer.Option(None, "--resume-from", help="Resume from this checkpoint URI."),
+    follow: bool = typer.Option(True, "--follow/--no-follow", help="Stream progress (cluster mode)."),
+) -> None:
+    """Run a spec: locally on an embedded Ray, or on a cluster when an address is given."""
+    from raytune_ft.launch import submit as do_submit
+
+    spec = _load(spec_path, overrides)
+    code = do_submit(spec, address=address, fresh=fresh, resume_from=resume_from, follow=follow)
+    raise typer.Exit(code)
+
+
+@app.command()
+def status(job: str) -> None:
+    """Status of a submitted cluster job."""
+    _todo("status")
+
+
+@app.command()
+def logs(job: str, follow: bool = typer.Option(False, "--follow", "-f")) -> None:
+    """Logs of a submitted cluster job."""
+    _todo("logs")
+
+
+@app.command()
+def stop(job: str) -> None:
+    """Stop a submitted cluster job (its last checkpoint stays)."""
+    _todo("stop")
+
+
+@app.command()
+def jobs() -> None:
+    """List jobs on the cluster."""
+    _todo("jobs")
+
+
+@render_app.command("k8s")
+def render_k8s(spec_path: Path = typer.Argument(..., metavar="SPEC")) -> None:
+    """Render a KubeRay RayJob."""
+    _todo("render k8s")
+
+
+@render_app.command("runpod")
+def render_runpod(spec_path: Path = typer.Argument(..., metavar="SPEC")) -> None:
+    """Render RunPod pod settings and bootstrap."""
+    _todo("render runpod")
+
+
+@app.command()
+def generate(source: str, prompt: Optional[str] = typer.Option(None, "--prompt")) -> None:
+    """Generate text with a trained run, checkpoint or model dir."""
+    _todo("generate")
+
+
+@app.command()
+def merge(source: str, out_dir: Path) -> None:
+    """Merge a LoRA adapter into its base model."""
+    _todo("merge")
+
+
+@app.command(name="eval")
+def eval_cmd(source: str) -> None:
+    """Loss and perplexity of a run on evaluation data."""
+    _todo("eval")
+
+
+@app.command()
+def plot(source: str) -> None:
+    """Plot loss and learning rate curves."""
+    _todo("plot")
+
+
+@sweep_app.command("results")
+def sweep_results(name: str) -> None:
+    """Show a sweep's results table again."""
+    _todo("sweep results")
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def _register_optional() -> None:
+    """Sub-apps that live in their own modules (kept import-light)."""
+    try:
+        from raytune_ft.cli_checkpoints import app as ckpt_app
+    except ImportError:
+        return
+    app.add_typer(ckpt_app, name="checkpoints")
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    _register_optional()
+    try:
+        app(args=argv, standalone_mode=True)
+    except UserError as e:
+        typer.echo(f"error: {e}", err=True)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

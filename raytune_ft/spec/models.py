@@ -1,0 +1,520 @@
+"""The job spec: pydantic models, frozen, unknown keys forbidden.
+
+Key names follow Hugging Face's ``TrainingArguments`` where one exists, so a user who knows HF
+knows the spec. Cross-field rules live next to the section they concern; rules that span sections
+live on :class:`JobSpec`. Every rule raises ``ValueError`` with a message that says what to change;
+the loader turns it into ``file:line dotted.path: message``.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+SECRETISH = re.compile(
+    r"(^|_)(TOKEN|SECRET|PASSWORD|PASSWD|APIKEY|API_KEY|ACCESS_KEY(_ID)?|SECRET_ACCESS_KEY|PRIVATE_KEY|CREDENTIALS?)(_|$)",
+    re.I,
+)
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
+
+
+# --------------------------------------------------------------------------- model / tokenizer
+
+
+class ModelInit(Section):
+    """An architecture to build from scratch (no weights downloaded)."""
+
+    arch: Literal["llama", "mistral", "qwen2"] = "llama"
+    hidden_size: int = Field(256, gt=0)
+    num_layers: int = Field(4, gt=0)
+    num_heads: int = Field(4, gt=0)
+    num_kv_heads: int | None = Field(None, gt=0)
+    intermediate_size: int = Field(688, gt=0)
+    max_position_embeddings: int = Field(512, gt=0)
+    vocab_size: int | None = Field(None, gt=0, description="Defaults to the tokenizer's size.")
+    tie_word_embeddings: bool = False
+    rope_theta: float = Field(10000.0, gt=0)
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> ModelInit:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})"
+            )
+        kv = self.num_kv_heads or self.num_heads
+        if self.num_heads % kv:
+            raise ValueError(f"num_heads ({self.num_heads}) must be divisible by num_kv_heads ({kv})")
+        return self
+
+
+class ModelSpec(Section):
+    name_or_path: str | None = Field(None, description="Hub id or local directory.")
+    init: ModelInit | None = Field(None, description="Train from scratch with this architecture.")
+    revision: str | None = None
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager"] = "auto"
+    trust_remote_code: bool = False
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelSpec:
+        if (self.name_or_path is None) == (self.init is None):
+            raise ValueError("give exactly one of model.name_or_path (pretrained) or model.init (from scratch)")
+        if self.init is not None and self.revision is not None:
+            raise ValueError("model.revision applies to a pretrained model, not to model.init")
+        return self
+
+
+class TokenizerTrain(Section):
+    vocab_size: int = Field(4096, ge=300, le=1_000_000)
+    min_frequency: int = Field(2, ge=1)
+
+
+class TokenizerSpec(Section):
+    name_or_path: str | None = Field(None, description="Defaults to the model's own tokenizer.")
+    train: TokenizerTrain | None = Field(None, description="Train a BPE tokenizer on the training data.")
+
+    @model_validator(mode="after")
+    def _not_both(self) -> TokenizerSpec:
+        if self.name_or_path is not None and self.train is not None:
+            raise ValueError("give tokenizer.name_or_path or tokenizer.train, not both")
+        return self
+
+
+# --------------------------------------------------------------------------- method
+
+
+class LoraSpec(Section):
+    r: int = Field(16, gt=0, le=4096)
+    alpha: float = Field(32, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: Union[list[str], str] = "all-linear"
+    bias: Literal["none", "all", "lora_only"] = "none"
+    modules_to_save: list[str] | None = None
+    layers_to_transform: list[int] | None = None
+
+    @field_validator("target_modules", mode="before")
+    @classmethod
+    def _targets(cls, v):
+        if isinstance(v, str) and v == "all-linear":
+            return v
+        if not isinstance(v, list) or not v or not all(isinstance(x, str) and x for x in v):
+            raise ValueError(f'must be "all-linear" or a non-empty list of module names (got {v!r})')
+        return v
+
+    @field_validator("layers_to_transform")
+    @classmethod
+    def _layers(cls, v):
+        if v is not None and any(i < 0 for i in v):
+            raise ValueError("layer indices must be >= 0")
+        return v
+
+
+class QuantizationSpec(Section):
+    bits: Literal[4, 8] = 4
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+    compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+
+
+class MethodSpec(Section):
+    type: Literal["full", "lora", "qlora"] = "lora"
+    lora: LoraSpec | None = None
+    quantization: QuantizationSpec | None = None
+
+    @model_validator(mode="after")
+    def _method_rules(self) -> MethodSpec:
+        if self.type == "full" and self.lora is not None:
+            raise ValueError("method.type full trains every weight and takes no method.lora; remove it or use lora")
+        if self.type == "full" and self.quantization is not None:
+            raise ValueError("full fine-tuning of a quantized model is not supported; use method.type qlora")
+        if self.type == "qlora" and self.quantization is None:
+            raise ValueError("method.type qlora needs method.quantization (e.g. {bits: 4, quant_type: nf4})")
+        if self.type == "lora" and self.quantization is not None:
+            raise ValueError("method.quantization is for qlora; set method.type: qlora or remove it")
+        return self
+
+    @property
+    def lora_or_default(self) -> LoraSpec | None:
+        if self.type == "full":
+            return None
+        return self.lora or LoraSpec()
+
+
+# --------------------------------------------------------------------------- data
+
+
+class DataSource(Section):
+    path: str = Field(..., min_length=1, description="Local file/dir, HF save_to_disk dir, or s3:// URI.")
+    format: Literal["alpaca", "chat", "text"] = "alpaca"
+    fields: dict[str, str] | None = Field(None, description="Canonical field -> column name in the file.")
+    weight: float = Field(1.0, gt=0)
+
+    @field_validator("fields")
+    @classmethod
+    def _known_fields(cls, v):
+        if v is None:
+            return v
+        allowed = {"instruction", "input", "output", "messages", "text", "system"}
+        bad = sorted(set(v) - allowed)
+        if bad:
+            raise ValueError(f"unknown canonical field(s) {bad}; allowed: {sorted(allowed)}")
+        return v
+
+
+def _as_list(v):
+    """A single source may be written as a mapping; it is stored as a one-element list."""
+    return [v] if isinstance(v, dict) else v
+
+
+class DataSpec(Section):
+    train: list[DataSource] = Field(..., description="One source or a list (a weighted mixture).")
+    eval: list[DataSource] | None = None
+    eval_split: float | None = Field(None, gt=0, lt=1)
+    max_seq_length: int | None = Field(None, gt=0)
+    packing: bool = False
+    train_on_prompt: bool = False
+    on_bad_row: Literal["error", "skip"] = "error"
+
+    @field_validator("train", "eval", mode="before")
+    @classmethod
+    def _sources(cls, v):
+        v = _as_list(v)
+        if isinstance(v, list) and not v:
+            raise ValueError("needs at least one source")
+        return v
+
+    @model_validator(mode="after")
+    def _data_rules(self) -> DataSpec:
+        if self.eval is not None and self.eval_split is not None:
+            raise ValueError("give data.eval (a source) or data.eval_split (a fraction of train), not both")
+        if self.packing and self.max_seq_length is None:
+            raise ValueError("data.packing needs data.max_seq_length (the packed row length)")
+        return self
+
+    @property
+    def train_sources(self) -> list[DataSource]:
+        return list(self.train)
+
+    @property
+    def eval_sources(self) -> list[DataSource]:
+        return list(self.eval or [])
+
+    @property
+    def has_eval(self) -> bool:
+        return self.eval is not None or self.eval_split is not None
+
+
+# --------------------------------------------------------------------------- training
+
+Optimizer = Literal[
+    "adamw_torch",
+    "adamw_torch_fused",
+    "adamw_8bit",
+    "paged_adamw_8bit",
+    "paged_adamw_32bit",
+    "adafactor",
+    "sgd",
+    "lion_8bit",
+    "paged_lion_8bit",
+]
+Scheduler = Literal[
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "constant",
+    "constant_with_warmup",
+    "inverse_sqrt",
+    "reduce_lr_on_plateau",
+    "cosine_with_min_lr",
+    "warmup_stable_decay",
+]
+
+
+class EarlyStopping(Section):
+    patience: int = Field(3, ge=1)
+    threshold: float = Field(0.0, ge=0)
+
+
+class TrainingSpec(Section):
+    num_epochs: float | None = Field(None, gt=0)
+    max_steps: int | None = Field(None, gt=0)
+    per_device_train_batch_size: int = Field(1, gt=0)
+    per_device_eval_batch_size: int | None = Field(None, gt=0)
+    gradient_accumulation_steps: int = Field(1, gt=0)
+    learning_rate: float = Field(2e-4, gt=0, lt=1)
+    lr_scheduler_type: Scheduler = "cosine"
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    warmup_steps: int = Field(0, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, ge=0)
+    optimizer: Optimizer = "adamw_torch"
+    gradient_checkpointing: bool = False
+    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    tf32: bool | None = None
+    logging_steps: int = Field(10, gt=0)
+    eval_strategy: Literal["no", "steps", "epoch"] = "no"
+    eval_steps: int | None = Field(None, gt=0)
+    save_steps: int = Field(500, gt=0)
+    load_best_model_at_end: bool = False
+    metric_for_best_model: str = "eval_loss"
+    greater_is_better: bool | None = None
+    early_stopping: EarlyStopping | None = None
+    seed: int = 42
+    data_seed: int | None = None
+    dataloader_num_workers: int = Field(0, ge=0)
+    group_by_length: bool = False
+
+    @model_validator(mode="after")
+    def _training_rules(self) -> TrainingSpec:
+        if self.max_steps is None and self.num_epochs is None:
+            raise ValueError("give training.max_steps or training.num_epochs (how long to train)")
+        if self.warmup_ratio and self.warmup_steps:
+            raise ValueError("give training.warmup_ratio or training.warmup_steps, not both")
+        if self.eval_steps is not None and self.eval_strategy != "steps":
+            raise ValueError("training.eval_steps needs training.eval_strategy: steps")
+        if self.load_best_model_at_end:
+            if self.eval_strategy == "no":
+                raise ValueError("training.load_best_model_at_end needs training.eval_strategy steps or epoch")
+            if self.eval_strategy == "steps":
+                every = self.eval_steps or self.logging_steps
+                if self.save_steps % every:
+                    raise ValueError(
+                        f"training.load_best_model_at_end needs save_steps ({self.save_steps}) to be a "
+                        f"multiple of eval_steps ({every}) so every saved checkpoint has an eval metric"
+                    )
+        if self.early_stopping is not None and not self.load_best_model_at_end:
+            raise ValueError(
+                "training.early_stopping needs training.load_best_model_at_end: true (and an eval_strategy)"
+            )
+        return self
+
+    @property
+    def eval_batch_size(self) -> int:
+        return self.per_device_eval_batch_size or self.per_device_train_batch_size
+
+
+# --------------------------------------------------------------------------- systems
+
+
+class DeepSpeedSpec(Section):
+    stage: Literal[0, 1, 2, 3] = 0
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    config: str | None = Field(None, description="Path to a raw DeepSpeed JSON; replaces the generated one.")
+
+    @model_validator(mode="after")
+    def _ds_rules(self) -> DeepSpeedSpec:
+        if self.config is not None and (self.stage or self.offload_optimizer or self.offload_params):
+            raise ValueError("deepspeed.config replaces the generated config; drop stage/offload_* or drop config")
+        if self.offload_params and self.stage != 3:
+            raise ValueError(f"deepspeed.offload_params needs ZeRO stage 3 (got stage {self.stage})")
+        if self.offload_optimizer and self.stage == 0:
+            raise ValueError("deepspeed.offload_optimizer needs ZeRO stage 1, 2 or 3 (got stage 0)")
+        return self
+
+
+class ComputeSpec(Section):
+    num_workers: int = Field(1, ge=1, le=4096)
+    gpus_per_worker: float = Field(0, ge=0, le=16)
+    cpus_per_worker: float = Field(1, gt=0)
+    accelerator_type: str | None = Field(None, description="e.g. A100-80G, H100, A40, RTX4090, L4")
+    placement: Literal["pack", "spread", "strict_spread", "strict_pack"] = "pack"
+
+    @property
+    def use_gpu(self) -> bool:
+        return self.gpus_per_worker > 0
+
+
+class KubernetesSpec(Section):
+    namespace: str = "default"
+    service_account: str | None = None
+    node_selector: dict[str, str] | None = None
+    tolerations: list[dict[str, Any]] | None = None
+    head_cpu: str = "4"
+    head_memory: str = "16Gi"
+    worker_cpu: str | None = None
+    worker_memory: str | None = None
+    secret_name: str = "rtf-secrets"
+    shutdown_after_job_finishes: bool = True
+    ttl_seconds_after_finished: int = Field(3600, ge=0)
+    ray_version: str | None = None
+
+
+class RunpodSpec(Section):
+    gpu_type: str = "NVIDIA H100 80GB HBM3"
+    gpu_count: int = Field(1, ge=1)
+    pod_count: int | None = Field(None, ge=1, description="Defaults to compute.num_workers / gpu_count.")
+    volume_gb: int = Field(100, gt=0)
+    container_disk_gb: int = Field(50, gt=0)
+    cloud_type: Literal["SECURE", "COMMUNITY"] = "SECURE"
+
+
+class ClusterSpec(Section):
+    address: str | None = Field(None, description="Ray cluster address (ray://, http:// dashboard, or auto).")
+    image: str | None = None
+    pip: list[str] | None = Field(None, description="Extra pip packages for the job's runtime_env.")
+    kubernetes: KubernetesSpec | None = None
+    runpod: RunpodSpec | None = None
+
+
+class StorageSpec(Section):
+    path: str = Field("./rtf_runs", min_length=1, description="Local dir or s3://bucket/prefix.")
+    endpoint_url: str | None = Field(None, description="S3-compatible endpoint (MinIO, R2, Ceph).")
+    region: str | None = None
+    access_key_env: str = "AWS_ACCESS_KEY_ID"
+    secret_key_env: str = "AWS_SECRET_ACCESS_KEY"
+    session_token_env: str = "AWS_SESSION_TOKEN"
+    keep_checkpoints: int = Field(3, ge=2)
+
+    @field_validator("access_key_env", "secret_key_env", "session_token_env")
+    @classmethod
+    def _env_name(cls, v: str) -> str:
+        if not ENV_NAME_RE.match(v):
+            raise ValueError(
+                f"must be the NAME of an environment variable (got something else); "
+                f"put the value in that variable, never in the spec"
+            )
+        return v
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _endpoint(cls, v):
+        if v is not None and not re.match(r"^https?://[^/\s]+", v):
+            raise ValueError(f"must be an http:// or https:// URL (got {v!r})")
+        return v
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, v: str) -> str:
+        if "://" in v and not v.startswith("s3://"):
+            raise ValueError(f"must be a local directory or an s3://bucket/prefix URI (got {v!r})")
+        if v.startswith("s3://") and not re.match(r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?$", v):
+            raise ValueError(f"not a valid s3://bucket/prefix URI (got {v!r})")
+        return v
+
+    @property
+    def is_s3(self) -> bool:
+        return self.path.startswith("s3://")
+
+
+class FaultTolerance(Section):
+    max_failures: int = Field(3, ge=-1, description="Retries from the last checkpoint; -1 = unlimited.")
+
+
+class Monitoring(Section):
+    report_to: list[Literal["tensorboard", "wandb", "mlflow", "none"]] = ["tensorboard"]
+
+
+# --------------------------------------------------------------------------- the job
+
+
+class JobSpec(Section):
+    name: str = Field(..., description="The run's identity: resubmitting the same name resumes it.")
+    extends: str | None = Field(None, description="A preset in jobspecs/ or a path; deep-merged under this spec.")
+    description: str | None = None
+    model: ModelSpec
+    tokenizer: TokenizerSpec = TokenizerSpec()
+    method: MethodSpec = MethodSpec()
+    data: DataSpec
+    training: TrainingSpec
+    deepspeed: DeepSpeedSpec | None = None
+    compute: ComputeSpec = ComputeSpec()
+    cluster: ClusterSpec = ClusterSpec()
+    storage: StorageSpec = StorageSpec()
+    fault_tolerance: FaultTolerance = FaultTolerance()
+    monitoring: Monitoring = Monitoring()
+    tune: dict[str, Any] | None = Field(None, description="A sweep (see the sweep docs).")
+    env: dict[str, str | None] = Field(
+        default_factory=dict,
+        description="Worker env vars: a literal value, or null to forward the submitter's variable by name.",
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not NAME_RE.match(v):
+            raise ValueError(
+                f"must be 1-63 characters of letters, digits, '.', '_' or '-', starting with a letter "
+                f"or digit (got {v!r})"
+            )
+        return v
+
+    @field_validator("env", mode="before")
+    @classmethod
+    def _env_scalars(cls, v):
+        """YAML reads `false` and `1` as bool/int; environment values are strings."""
+        if isinstance(v, dict):
+            return {k: (str(x).lower() if isinstance(x, bool) else str(x)) if isinstance(x, (bool, int, float)) else x
+                    for k, x in v.items()}
+        return v
+
+    @field_validator("env")
+    @classmethod
+    def _env(cls, v: dict[str, str | None]) -> dict[str, str | None]:
+        for key, value in v.items():
+            if not ENV_NAME_RE.match(key):
+                raise ValueError(f"{key!r} is not a valid environment variable name")
+            if value is not None and SECRETISH.search(key):
+                raise ValueError(
+                    f"{key} looks like a secret but has a literal value; write `{key}: null` to forward "
+                    f"it from the submitting environment (its value is never written anywhere)"
+                )
+        return v
+
+    @model_validator(mode="after")
+    def _cross_rules(self) -> JobSpec:
+        t, m, ds = self.training, self.method, self.deepspeed
+        if m.type == "qlora" and m.quantization is not None:
+            q = m.quantization
+            if t.precision == "fp16" and q.compute_dtype == "bfloat16":
+                raise ValueError(
+                    "training.precision fp16 with method.quantization.compute_dtype bfloat16 mixes two "
+                    "half types; use precision bf16, or compute_dtype float16"
+                )
+            if t.precision == "bf16" and q.compute_dtype == "float16":
+                raise ValueError(
+                    "training.precision bf16 with method.quantization.compute_dtype float16 mixes two "
+                    "half types; use compute_dtype bfloat16"
+                )
+        if ds is not None and m.type == "qlora" and m.quantization is not None:
+            if ds.stage == 3 and m.quantization.bits == 8:
+                raise ValueError(
+                    "deepspeed stage 3 cannot partition 8-bit bitsandbytes weights; use 4-bit QLoRA or ZeRO stage 2"
+                )
+            if ds.offload_params:
+                raise ValueError(
+                    "deepspeed.offload_params cannot move quantized (QLoRA) weights to CPU; "
+                    "drop offload_params or use method.type lora"
+                )
+        if self.data.has_eval is False and t.eval_strategy != "no":
+            raise ValueError(
+                f"training.eval_strategy {t.eval_strategy} needs evaluation data: set data.eval or data.eval_split"
+            )
+        if self.model.init is not None and self.tokenizer.name_or_path is None and self.tokenizer.train is None:
+            raise ValueError(
+                "model.init builds a model from scratch, which has no tokenizer: set tokenizer.train "
+                "(BPE trained on your data) or tokenizer.name_or_path"
+            )
+        if self.tokenizer.train is not None and m.type != "full":
+            raise ValueError(
+                "a freshly trained tokenizer changes the vocabulary, so the embeddings must train too: "
+                "use method.type full with tokenizer.train"
+            )
+        if self.model.init is not None and m.type != "full":
+            raise ValueError("model.init starts from random weights; LoRA on random weights is pointless: use method.type full")
+        if self.tune is not None and not isinstance(self.tune.get("space", {}), dict):
+            raise ValueError("tune.space must be a mapping of dotted spec paths to distributions")
+        return self
+
+    @property
+    def forwarded_env(self) -> list[str]:
+        """Names of variables forwarded from the submitting environment (secrets travel this way)."""
+        return sorted(k for k, v in self.env.items() if v is None)
