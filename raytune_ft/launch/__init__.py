@@ -1,0 +1,141 @@
+"""Targets: where the driver runs and how it gets there. ``submit`` picks one and says why."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from typing import Any
+
+from raytune_ft.errors import NotImplementedYet, UserError
+from raytune_ft.spec.models import JobSpec
+
+
+def choose_target(spec: JobSpec, address: str | None) -> tuple[str, str | None, str]:
+    """(mode, address, why). An address from --address, RAY_ADDRESS or cluster.address means a
+    cluster; none of them means an embedded Ray in this process."""
+    if address:
+        return "cluster", address, "--address was given"
+    if os.environ.get("RAY_ADDRESS"):
+        return "cluster", os.environ["RAY_ADDRESS"], "RAY_ADDRESS is set"
+    if spec.cluster.address:
+        return "cluster", spec.cluster.address, "cluster.address is set in the spec"
+    return "local", None, "no --address, no RAY_ADDRESS and no cluster.address"
+
+
+def check_data(spec: JobSpec) -> int:
+    """Read every data row once before anything starts, so a bad row fails in seconds with its
+    file and line, not after Ray and the model are up. Returns the number of rows skipped."""
+    from raytune_ft.data.pipeline import read_source
+    from raytune_ft.train.recipe import _filesystem_for
+
+    skipped = 0
+    for src in [*spec.data.train_sources, *spec.data.eval_sources]:
+        if "://" not in src.path and not os.path.exists(src.path):
+            raise UserError(f"data source not found: {src.path}",
+                            hint="paths are relative to the directory you run rtf from")
+        _, n = read_source(src, on_bad_row=spec.data.on_bad_row, filesystem_for=_filesystem_for(spec))
+        skipped += n
+    return skipped
+
+
+def absolutize(spec: JobSpec, base: str | None = None) -> JobSpec:
+    """Local paths in the spec made absolute (Ray workers run in their own working directory)."""
+    from raytune_ft.spec import dump_spec, spec_from_dict
+
+    base = base or os.getcwd()
+
+    def fix(p: str | None, must_exist: bool = False) -> str | None:
+        if p is None or "://" in p or os.path.isabs(p):
+            return p
+        full = os.path.normpath(os.path.join(base, os.path.expanduser(p)))
+        return full if (os.path.exists(full) or not must_exist) else p
+
+    d = dump_spec(spec)
+    for key in ("train", "eval"):
+        for src in d["data"].get(key) or []:
+            src["path"] = fix(src["path"])
+    d["model"]["name_or_path"] = fix(d["model"].get("name_or_path"), must_exist=True)
+    if d.get("tokenizer", {}).get("name_or_path"):
+        d["tokenizer"]["name_or_path"] = fix(d["tokenizer"]["name_or_path"], must_exist=True)
+    if (d.get("deepspeed") or {}).get("config"):
+        d["deepspeed"]["config"] = fix(d["deepspeed"]["config"])
+    d["storage"]["path"] = fix(d["storage"]["path"])
+    d = {k: v for k, v in d.items() if v is not None}
+    d["model"] = {k: v for k, v in d["model"].items() if v is not None}
+    return spec_from_dict(d)
+
+
+def submit(spec: JobSpec, *, address: str | None = None, fresh: bool = False, resume_from: str | None = None,
+           follow: bool = True, out=None) -> int:
+    out = out or sys.stderr
+    mode, addr, why = choose_target(spec, address)
+    if mode == "cluster":
+        raise NotImplementedYet(f"cluster submission ({why}: {addr}) is not yet implemented; "
+                                "unset it to run locally")
+    print(f"mode: local embedded Ray ({why})", file=out)
+    return run_local(absolutize(spec), fresh=fresh, resume_from=resume_from, out=out)
+
+
+def run_local(spec: JobSpec, *, fresh: bool = False, resume_from: str | None = None, out=None) -> int:
+    from raytune_ft import storage as st
+    from raytune_ft.plan import make_plan
+
+    out = out or sys.stderr
+    plan = make_plan(spec)
+    print(f"storage: {st.preflight(spec.storage)}", file=out)
+    skipped = check_data(spec)
+    if skipped:
+        print(f"data: {skipped} bad row(s) will be skipped (data.on_bad_row: skip)", file=out)
+    import ray
+
+    from raytune_ft.launch.driver import run
+    from raytune_ft.launch.progress import Renderer
+
+    c = spec.compute
+    need = c.num_workers * c.cpus_per_worker
+    cpus = max(os.cpu_count() or 1, int(need + 0.999))
+    t0 = time.time()
+    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=bool(os.environ.get("RTF_WORKER_LOGS")),
+             configure_logging=False, namespace="rtf")
+    print(f"ray: started in {time.time() - t0:.1f}s with {cpus} CPU(s); {plan.num_workers} worker(s) "
+          f"× {plan.resources_per_worker}", file=out)
+    renderer = Renderer(out)
+    try:
+        result = run(spec, fresh=fresh, resume_from=resume_from, on_event=renderer.handle)
+    except KeyboardInterrupt:
+        renderer.close()
+        print("\ninterrupted: training stopped. Committed checkpoints are intact; "
+              "run the same command again to resume from the latest one.", file=out)
+        return 130
+    finally:
+        renderer.close()
+        ray.shutdown()
+    if not result.ok:
+        print(f"error: training failed: {result.error}", file=out)
+        return 1
+    print_summary(result.summary, result.run_uri, out)
+    return 0
+
+
+def print_summary(summary: dict[str, Any], run_uri: str, out) -> None:
+    def f(v: Any, fmt: str = "{:.4f}") -> str:
+        return "-" if v is None else fmt.format(v)
+
+    rows = [
+        ("steps", f"{summary.get('steps', '-')}"),
+        ("final train loss", f(summary.get("train_loss"))),
+        ("eval loss", f(summary.get("eval_loss"))),
+        ("perplexity", f(summary.get("perplexity"), "{:.2f}")),
+        ("tokens", f(summary.get("tokens"), "{:,}")),
+        ("runtime", f(summary.get("runtime_s"), "{:.1f}s")),
+        ("tokens/s", f(summary.get("tokens_per_s"), "{:,.0f}")),
+    ]
+    if summary.get("resumed_from_step") is not None:
+        rows.append(("resumed from step", str(summary["resumed_from_step"])))
+    width = max(len(k) for k, _ in rows)
+    print("", file=out)
+    for k, v in rows:
+        print(f"  {k:<{width}}  {v}", file=out)
+    sep = "/" if run_uri.startswith("s3://") else os.sep
+    print(f"\noutputs: {run_uri}{sep}final", file=out)

@@ -1,0 +1,159 @@
+"""The HF Trainer callback that ties a worker to Ray and to storage.
+
+- every logging step: throughput, ETA and memory are added to HF's logs; rank 0 appends them to
+  ``metrics.jsonl``, writes TensorBoard scalars and pushes a progress event;
+- every save: each rank's checkpoint files are reported to Ray Train (which uploads them into
+  ``{run}/checkpoint-NNNNNNNN``), then rank 0 writes the manifest — last — and prunes old ones.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import time
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+
+from raytune_ft import checkpoints as ck
+from raytune_ft import storage as st
+
+
+def peak_memory_mb() -> float:
+    """Peak GPU memory allocated on this device, or the process's peak RSS on CPU."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def _dist() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def gather(obj: Any) -> list[Any]:
+    if not _dist():
+        return [obj]
+    out: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+def barrier() -> None:
+    if _dist():
+        torch.distributed.barrier()
+
+
+class RtfCallback(TrainerCallback):
+    def __init__(self, *, run: Any, spec_hash: str, publisher: Any, work_dir: str, tb_writer: Any = None,
+                 tokens_per_sample: float | None = None) -> None:
+        self.run = run  # RunContext: rank, fs, run_path, spec
+        self.spec_hash = spec_hash
+        self.publisher = publisher
+        self.work_dir = work_dir
+        self.tb = tb_writer
+        self.metrics_path = os.path.join(work_dir, "metrics.jsonl")
+        self.t_start = self.t_last = time.time()
+        self.tokens_last = 0
+        self.step_last = 0
+        self.start_step = 0
+        self.last_metrics: dict[str, Any] = {}
+        self.tokens_per_sample = tokens_per_sample
+
+    # ------------------------------------------------------------------ logging
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.t_start = self.t_last = time.time()
+        self.step_last = self.start_step = state.global_step
+        self.tokens_last = state.num_input_tokens_seen or 0
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = logs if logs is not None else {}
+        now = time.time()
+        step = state.global_step
+        event: dict[str, Any] = {"step": step, "max_steps": state.max_steps, "epoch": state.epoch}
+        if "eval_loss" in logs:
+            ev = float(logs["eval_loss"])
+            logs["perplexity"] = math.exp(min(ev, 50.0))
+            event.update(kind="eval", eval_loss=ev, perplexity=logs["perplexity"])
+        elif "loss" in logs:
+            tokens = state.num_input_tokens_seen or 0
+            dt = max(now - self.t_last, 1e-9)
+            dsteps = max(step - self.step_last, 0)
+            tok_s = (tokens - self.tokens_last) / dt
+            samples = dsteps * args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+            rate = (step - self.start_step) / max(now - self.t_start, 1e-9)
+            eta = (state.max_steps - step) / rate if rate > 0 else None
+            logs.update(tokens_per_s=tok_s, samples_per_s=samples / dt, peak_memory_mb=peak_memory_mb(),
+                        max_steps=state.max_steps, eta_s=eta)
+            event.update(kind="log", loss=float(logs["loss"]), learning_rate=logs.get("learning_rate"),
+                         grad_norm=logs.get("grad_norm"), tokens_per_s=tok_s, eta_s=eta)
+            self.t_last, self.tokens_last, self.step_last = now, tokens, step
+        else:
+            return
+        record = {"step": step, "time": now, **{k: _plain(v) for k, v in logs.items()}}
+        self.last_metrics.update({k: v for k, v in record.items() if isinstance(v, (int, float))})
+        if self.run.rank != 0:
+            return
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for k, v in record.items():
+                if k not in ("step", "time") and isinstance(v, (int, float)) and v is not None:
+                    tag = k if k.startswith("eval_") or k == "perplexity" else f"train/{k}"
+                    self.tb.add_scalar(tag, v, step)
+            self.tb.flush()
+        self.publisher.push(event)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def on_save(self, args, state, control, **kwargs):
+        import ray.train
+
+        step = state.global_step
+        local = os.path.join(args.output_dir, f"checkpoint-{step}")
+        os.makedirs(local, exist_ok=True)
+        digests = ck.file_digests(local)
+        all_digests = gather(digests)
+        metrics = {k: v for k, v in self.last_metrics.items() if k in ("loss", "eval_loss", "perplexity",
+                                                                          "learning_rate", "epoch")}
+        metrics["step"] = step
+        name = ck.checkpoint_dir_name(step)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(local), checkpoint_dir_name=name)
+        barrier()
+        if self.run.rank == 0:
+            path = st.fs_join(self.run.run_path, name)
+            files: dict[str, dict[str, Any]] = {}
+            for per_rank in reversed(all_digests):  # rank 0 wins on shared names
+                files.update({f["path"]: f for f in per_rank})
+            ck.write_manifest(self.run.fs, path, step=step, epoch=state.epoch, files=list(files.values()),
+                              spec_hash=self.spec_hash, metrics=metrics)
+            spec = self.run.spec
+            best = spec.training.metric_for_best_model if spec.training.load_best_model_at_end else None
+            mode = "max" if spec.training.greater_is_better else "min"
+            ck.prune(self.run.fs, self.run.run_path, keep_last=spec.storage.keep_checkpoints,
+                     best_metric=best, mode=mode)
+            self.sync_logs()
+            self.publisher.push({"kind": "checkpoint", "step": step, "path": self.run.uri(name)})
+        barrier()
+
+    def sync_logs(self) -> None:
+        """Copy metrics.jsonl and the TensorBoard events to the run dir in storage (rank 0)."""
+        if self.tb is not None:
+            self.tb.flush()
+        if os.path.exists(self.metrics_path):
+            with open(self.metrics_path, "rb") as f:
+                st.write_bytes(self.run.fs, st.fs_join(self.run.run_path, "metrics.jsonl"), f.read())
+        tb_dir = os.path.join(self.work_dir, "tensorboard")
+        if os.path.isdir(tb_dir):
+            st.upload_dir(tb_dir, self.run.fs, st.fs_join(self.run.run_path, "tensorboard"))
+
+
+def _plain(v: Any) -> Any:
+    if isinstance(v, torch.Tensor):
+        return v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v

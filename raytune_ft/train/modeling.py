@@ -1,0 +1,185 @@
+"""Model and tokenizer: load or build, quantize, wrap with PEFT, choose the attention kernel.
+
+Every choice that is not spelled out in the spec is logged with its reason, so a run's log says
+which attention kernel and which dtype it actually used.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from typing import Any
+
+import torch
+
+from raytune_ft.errors import UserError
+from raytune_ft.spec.models import JobSpec
+
+log = logging.getLogger("raytune_ft")
+
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def hf_token() -> str | None:
+    """The hub token, read from the environment where it is used (never from the spec)."""
+    return os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN") or None
+
+
+def choose_attention(requested: str, *, cuda: bool, model_class: Any = None) -> tuple[str, str]:
+    """(implementation, why). ``auto``: flash_attention_2 when importable on a GPU, else sdpa, else eager."""
+    flash = importlib.util.find_spec("flash_attn") is not None
+    sdpa_ok = model_class is None or getattr(model_class, "_supports_sdpa", True)
+    if requested == "flash_attention_2":
+        if not cuda:
+            raise UserError("model.attn_implementation flash_attention_2 needs a CUDA GPU; use auto or sdpa")
+        if not flash:
+            raise UserError("model.attn_implementation flash_attention_2 needs the flash-attn package "
+                            "(pip install 'raytune_ft[gpu]'); use auto or sdpa")
+        return requested, "asked for in the spec"
+    if requested in ("sdpa", "eager"):
+        return requested, "asked for in the spec"
+    if cuda and flash:
+        return "flash_attention_2", "auto: flash-attn is installed and a GPU is present"
+    if sdpa_ok:
+        why = "no GPU" if not cuda else "flash-attn is not installed"
+        return "sdpa", f"auto: {why}, PyTorch SDPA is available"
+    return "eager", "auto: this model class supports neither flash-attn nor SDPA"
+
+
+def load_dtype(spec: JobSpec) -> torch.dtype:
+    """``model.dtype`` or, for ``auto``: 16-bit base weights for LoRA/QLoRA under bf16/fp16 training
+    (adapters stay fp32), fp32 weights for full fine-tuning (mixed precision autocasts the compute)."""
+    if spec.model.dtype != "auto":
+        return TORCH_DTYPES[spec.model.dtype]
+    prec = spec.training.precision
+    if spec.method.type != "full" and prec in ("bf16", "fp16"):
+        return torch.bfloat16 if prec == "bf16" else torch.float16
+    return torch.float32
+
+
+def build_config(spec: JobSpec, tokenizer: Any) -> Any:
+    """A transformers config for ``model.init`` (no download)."""
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+
+    i = spec.model.init
+    assert i is not None
+    cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}[i.arch]
+    return cls(
+        vocab_size=i.vocab_size or len(tokenizer),
+        hidden_size=i.hidden_size,
+        intermediate_size=i.intermediate_size,
+        num_hidden_layers=i.num_layers,
+        num_attention_heads=i.num_heads,
+        num_key_value_heads=i.num_kv_heads or i.num_heads,
+        max_position_embeddings=i.max_position_embeddings,
+        tie_word_embeddings=i.tie_word_embeddings,
+        rope_theta=i.rope_theta,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+
+
+def quantization_config(spec: JobSpec) -> Any:
+    from transformers import BitsAndBytesConfig
+
+    q = spec.method.quantization
+    assert q is not None
+    compute = TORCH_DTYPES[q.compute_dtype]
+    if q.bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=q.quant_type,
+        bnb_4bit_use_double_quant=q.double_quant,
+        bnb_4bit_compute_dtype=compute,
+        bnb_4bit_quant_storage=compute,  # lets ZeRO-3 shard the 4-bit weights like any other tensor
+    )
+
+
+def build_model(spec: JobSpec, tokenizer: Any, *, device: torch.device, seed: int) -> tuple[Any, dict[str, str]]:
+    """The model, ready for the method (not yet wrapped), and what was chosen and why."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    m = spec.model
+    cuda = device.type == "cuda"
+    dtype = load_dtype(spec)
+    chosen: dict[str, str] = {"dtype": str(dtype).replace("torch.", "")}
+    if m.init is not None:
+        config = build_config(spec, tokenizer)
+        attn, why = choose_attention(m.attn_implementation, cuda=cuda)
+        config._attn_implementation = attn
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        chosen["source"] = f"built from model.init ({m.init.arch})"
+    else:
+        kwargs: dict[str, Any] = dict(
+            revision=m.revision, trust_remote_code=m.trust_remote_code, token=hf_token(), dtype=dtype,
+        )
+        try:
+            cfg = AutoConfig.from_pretrained(m.name_or_path, revision=m.revision,
+                                             trust_remote_code=m.trust_remote_code, token=hf_token())
+        except OSError as e:
+            raise UserError(f"model.name_or_path {m.name_or_path}: cannot load its config ({e})")
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+        model_class = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(cfg))
+        attn, why = choose_attention(m.attn_implementation, cuda=cuda, model_class=model_class)
+        kwargs["attn_implementation"] = attn
+        if spec.method.type == "qlora":
+            kwargs["quantization_config"] = quantization_config(spec)
+            if cuda:
+                kwargs["device_map"] = {"": device.index or 0}
+        model = AutoModelForCausalLM.from_pretrained(m.name_or_path, **kwargs)
+        chosen["source"] = f"pretrained {m.name_or_path}"
+    chosen["attention"] = f"{attn} ({why})"
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer))
+        chosen["embeddings"] = f"resized to the tokenizer's {len(tokenizer)} tokens"
+    if getattr(model.config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model, chosen
+
+
+def apply_method(model: Any, spec: JobSpec) -> Any:
+    """Wrap with LoRA (every ``method.lora`` option) or prepare a quantized base for QLoRA."""
+    if spec.method.type == "full":
+        return model
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    lora = spec.method.lora_or_default
+    assert lora is not None
+    if spec.method.type == "qlora":
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=spec.training.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    cfg = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        bias=lora.bias,
+        modules_to_save=lora.modules_to_save,
+        layers_to_transform=lora.layers_to_transform,
+        task_type="CAUSAL_LM",
+    )
+    try:
+        return get_peft_model(model, cfg)
+    except ValueError as e:
+        raise UserError(f"method.lora: {e}")
+
+
+def count_parameters(model: Any) -> tuple[int, int]:
+    """(trainable, total). 4-bit weights count by their logical size, as PEFT reports them."""
+    trainable = total = 0
+    for p in model.parameters():
+        n = p.numel()
+        if p.__class__.__name__ == "Params4bit":
+            n *= 2
+        total += n
+        if p.requires_grad:
+            trainable += n
+    return trainable, total

@@ -1,0 +1,350 @@
+"""The worker recipe: what each Ray Train worker runs, top to bottom.
+
+    setup   → storage, tokenizer, data, model (+ LoRA/QLoRA), TrainingArguments, resume point
+    train   → HF Trainer.train(), reporting to Ray and committing checkpoints as it goes
+    save    → final/ (adapter or model, tokenizer, trainer_state, final_results.json, spec)
+    cleanup → local scratch removed
+
+``train_loop`` is the function handed to ``TorchTrainer``; its config carries the resolved spec as
+plain data (env var names only, never secret values) and the resume decision made by the driver.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from raytune_ft import checkpoints as ck
+from raytune_ft import storage as st
+from raytune_ft.launch.progress import Publisher
+from raytune_ft.spec import spec_from_dict, spec_hash, to_yaml
+from raytune_ft.spec.models import JobSpec
+from raytune_ft.train.callbacks import RtfCallback, barrier
+from raytune_ft.train.modeling import apply_method, build_model, count_parameters, hf_token
+
+log = logging.getLogger("raytune_ft")
+TOKENIZER_DIR = "tokenizer"
+
+
+@dataclass
+class RunContext:
+    spec: JobSpec
+    rank: int
+    world_size: int
+    local_rank: int
+    fs: Any
+    root: str
+    run_path: str
+
+    def uri(self, *parts: str) -> str:
+        base = self.spec.storage.path.rstrip("/")
+        if base.startswith("s3://"):
+            return "/".join([base, self.spec.name, *parts])
+        return os.path.join(self.run_path, *parts)
+
+
+def _context(spec: JobSpec) -> RunContext:
+    import ray.train
+
+    ctx = ray.train.get_context()
+    fs, root = st.pyarrow_filesystem(spec.storage)
+    return RunContext(spec, ctx.get_world_rank(), ctx.get_world_size(), ctx.get_local_rank(), fs, root,
+                      st.fs_join(root, spec.name))
+
+
+def _device(run: RunContext) -> torch.device:
+    if run.spec.compute.use_gpu and torch.cuda.is_available():
+        import ray.train.torch
+
+        return ray.train.torch.get_device()
+    return torch.device("cpu")
+
+
+def _filesystem_for(spec: JobSpec):
+    def resolve(uri: str):
+        if not uri.startswith("s3://"):
+            raise ValueError(uri)
+        fs, _ = st.pyarrow_filesystem(spec.storage)
+        bucket, key = st.split_s3(uri)
+        return fs, f"{bucket}/{key}"
+
+    return resolve
+
+
+# --------------------------------------------------------------------------- setup
+
+
+def setup_tokenizer(run: RunContext, work: str) -> Any:
+    """Pretrained, or trained once on the training data by rank 0 and shared through storage
+    (so every worker, and every resumed attempt, uses the identical vocabulary)."""
+    from transformers import AutoTokenizer
+
+    spec = run.spec
+    if spec.tokenizer.train is None:
+        src = spec.tokenizer.name_or_path or spec.model.name_or_path
+        tok = AutoTokenizer.from_pretrained(src, revision=spec.model.revision if not spec.tokenizer.name_or_path else None,
+                                            trust_remote_code=spec.model.trust_remote_code, token=hf_token())
+    else:
+        remote = st.fs_join(run.run_path, TOKENIZER_DIR)
+        local = os.path.join(work, TOKENIZER_DIR)
+        if run.rank == 0 and not st.exists(run.fs, st.fs_join(remote, "tokenizer.json")):
+            from raytune_ft.data.pipeline import training_texts
+            from raytune_ft.data.tokenizer import train_tokenizer
+
+            t0 = time.time()
+            tr = spec.tokenizer.train
+            tok = train_tokenizer(training_texts(spec.data, filesystem_for=_filesystem_for(spec)),
+                                  tr.vocab_size, min_frequency=tr.min_frequency)
+            tok.save_pretrained(local)
+            st.upload_dir(local, run.fs, remote)
+            log.info("trained a BPE tokenizer (%d tokens) in %.1fs", len(tok), time.time() - t0)
+        barrier()
+        st.download_dir(run.fs, remote, local)
+        tok = AutoTokenizer.from_pretrained(local)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def training_arguments(spec: JobSpec, out_dir: str, deepspeed: dict | None, use_cpu: bool) -> Any:
+    from transformers import TrainingArguments
+
+    t = spec.training
+    has_eval = spec.data.has_eval and t.eval_strategy != "no"
+    report = [r for r in spec.monitoring.report_to if r in ("wandb", "mlflow") and _installed(r)]
+    warmup: float | int = t.warmup_steps or t.warmup_ratio
+    return TrainingArguments(
+        output_dir=out_dir,
+        num_train_epochs=t.num_epochs or 1.0,
+        max_steps=t.max_steps or -1,
+        per_device_train_batch_size=t.per_device_train_batch_size,
+        per_device_eval_batch_size=t.eval_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler_type,
+        warmup_steps=warmup,
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        optim=t.optimizer,
+        gradient_checkpointing=t.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        bf16=t.precision == "bf16",
+        fp16=t.precision == "fp16",
+        tf32=t.tf32,
+        logging_steps=t.logging_steps,
+        logging_first_step=True,
+        eval_strategy=t.eval_strategy if has_eval else "no",
+        eval_steps=t.eval_steps if has_eval else None,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=2,
+        load_best_model_at_end=t.load_best_model_at_end,
+        metric_for_best_model=t.metric_for_best_model,
+        greater_is_better=t.greater_is_better,
+        seed=t.seed,
+        data_seed=t.data_seed,
+        dataloader_num_workers=t.dataloader_num_workers,
+        train_sampling_strategy="group_by_length" if t.group_by_length else "random",
+        remove_unused_columns=False,
+        include_num_input_tokens_seen="non_padding",
+        report_to=report or "none",
+        disable_tqdm=True,
+        use_cpu=use_cpu,
+        ddp_backend="gloo" if use_cpu else None,
+        deepspeed=deepspeed,
+    )
+
+
+def _installed(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
+def find_resume_point(run: RunContext, config: dict[str, Any]) -> ck.CheckpointInfo | None:
+    """The checkpoint to resume from: ``--resume-from`` if given, else the latest *committed*
+    checkpoint of this run (never one without a valid manifest), else None."""
+    explicit = config.get("resume_from")
+    if explicit:
+        fs, path = explicit_checkpoint(run, explicit)
+        info = ck.inspect_checkpoint(fs, path)
+        if not info.committed:
+            raise RuntimeError(f"--resume-from {explicit}: not a committed checkpoint ({info.reason})")
+        return info
+    return ck.latest_committed(run.fs, run.run_path)
+
+
+def explicit_checkpoint(run: RunContext, uri: str) -> tuple[Any, str]:
+    if uri.startswith("s3://"):
+        fs, _ = st.pyarrow_filesystem(run.spec.storage)
+        bucket, key = st.split_s3(uri)
+        return fs, f"{bucket}/{key}"
+    import pyarrow.fs as pafs
+
+    return pafs.LocalFileSystem(), os.path.abspath(uri)
+
+
+def restore_metrics(run: RunContext, work: str, upto_step: int | None) -> None:
+    """Carry the run's metrics.jsonl on (rank 0), dropping lines logged after the resume point."""
+    data = st.read_bytes(run.fs, st.fs_join(run.run_path, "metrics.jsonl"))
+    if not data:
+        return
+    keep = []
+    for line in data.decode().splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if upto_step is not None and rec.get("step", 0) <= upto_step:
+            keep.append(line)
+    with open(os.path.join(work, "metrics.jsonl"), "w") as f:
+        f.write("".join(x + "\n" for x in keep))
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def train_loop(config: dict[str, Any]) -> None:
+    """Entry point of every Ray Train worker."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    spec = spec_from_dict(config["spec"])
+    run = _context(spec)
+    work = tempfile.mkdtemp(prefix=f"rtf-{spec.name}-r{run.rank}-")
+    publisher = Publisher(config.get("progress") if run.rank == 0 else None)
+    try:
+        _run(spec, run, work, publisher, config)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _run(spec: JobSpec, run: RunContext, work: str, publisher: Publisher, config: dict[str, Any]) -> None:
+    import ray.train
+    from transformers import EarlyStoppingCallback, Trainer
+
+    from raytune_ft.data.packing import PaddedCollator, collate_packed
+    from raytune_ft.data.pipeline import build_datasets
+    from raytune_ft.plan import deepspeed_config
+
+    info = (lambda msg: publisher.push({"kind": "info", "message": msg})) if run.rank == 0 else (lambda msg: None)
+    t0 = time.time()
+    device = _device(run)
+    seed = spec.training.seed
+
+    # ---- setup
+    tokenizer = setup_tokenizer(run, work)
+    train_ds, eval_ds, stats = build_datasets(spec.data, tokenizer, seed=spec.training.data_seed or seed,
+                                              filesystem_for=_filesystem_for(spec),
+                                              batch_size=spec.training.per_device_train_batch_size)
+    if spec.training.eval_strategy == "no":
+        eval_ds = []
+    for line in stats.lines():
+        info(f"data: {line}")
+    t_data = time.time()
+
+    model, chosen = build_model(spec, tokenizer, device=device, seed=seed)
+    model = apply_method(model, spec)
+    trainable, total = count_parameters(model)
+    info(f"model: {chosen['source']}; attention {chosen['attention']}; weights {chosen['dtype']}"
+         + (f"; {chosen['embeddings']}" if "embeddings" in chosen else ""))
+    info(f"parameters: {trainable:,} trainable of {total:,} ({100 * trainable / max(total, 1):.2f}%), "
+         f"method {spec.method.type}")
+    t_model = time.time()
+
+    out_dir = os.path.join(work, "hf")
+    args = training_arguments(spec, out_dir, deepspeed_config(spec), use_cpu=device.type == "cpu")
+    resume = None if config.get("fresh_start") else find_resume_point(run, config)
+    local_resume = None
+    if resume is not None:
+        fs = explicit_checkpoint(run, config["resume_from"])[0] if config.get("resume_from") else run.fs
+        local_resume = os.path.join(work, "resume", resume.name)
+        ck.download(fs, resume.path, local_resume)
+        info(f"resuming from {config.get('resume_from') or run.uri(resume.name)} at step {resume.step}")
+    if run.rank == 0:
+        restore_metrics(run, work, resume.step if resume else None)
+
+    tb = None
+    if run.rank == 0 and "tensorboard" in spec.monitoring.report_to:
+        from torch.utils.tensorboard import SummaryWriter
+
+        tb = SummaryWriter(log_dir=os.path.join(work, "tensorboard"))
+    callback = RtfCallback(run=run, spec_hash=spec_hash(spec), publisher=publisher, work_dir=work, tb_writer=tb)
+    callbacks: list[Any] = [callback]
+    if spec.training.early_stopping:
+        es = spec.training.early_stopping
+        callbacks.append(EarlyStoppingCallback(es.patience, es.threshold))
+
+    collator = collate_packed if spec.data.packing else PaddedCollator(tokenizer.pad_token_id)
+    trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds or None,
+                      data_collator=collator, processing_class=tokenizer, callbacks=callbacks)
+    info(f"setup took {time.time() - t0:.1f}s (data {t_data - t0:.1f}s, model {t_model - t_data:.1f}s)")
+
+    # ---- train
+    result = trainer.train(resume_from_checkpoint=local_resume)
+    eval_metrics = _final_eval(trainer) if eval_ds else {}
+
+    # ---- save
+    final = os.path.join(work, "final")
+    trainer.save_model(final)
+    if run.rank == 0:
+        tokenizer.save_pretrained(final)
+        trainer.state.save_to_json(os.path.join(final, "trainer_state.json"))
+        runtime = result.metrics.get("train_runtime") or (time.time() - t0)
+        tokens = int(trainer.state.num_input_tokens_seen or 0)
+        summary = {
+            "train_loss": _last_train_loss(trainer.state.log_history),
+            "train_loss_avg": result.training_loss,
+            "eval_loss": eval_metrics.get("eval_loss"),
+            "perplexity": math.exp(min(eval_metrics["eval_loss"], 50)) if "eval_loss" in eval_metrics else None,
+            "steps": trainer.state.global_step,
+            "max_steps": trainer.state.max_steps,
+            "tokens": tokens,
+            "runtime_s": runtime,
+            "tokens_per_s": tokens / runtime if runtime else None,
+            "trainable_params": trainable,
+            "total_params": total,
+            "resumed_from_step": resume.step if resume else None,
+            "data": {"train_examples": stats.train_examples, "eval_examples": stats.eval_examples,
+                     "truncated": stats.truncated, "skipped_bad_rows": stats.skipped,
+                     "packing_efficiency": stats.packing_efficiency},
+            "method": spec.method.type,
+            "spec_hash": spec_hash(spec),
+        }
+        with open(os.path.join(final, "final_results.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+        with open(os.path.join(final, "rtf_spec.yaml"), "w") as f:
+            f.write(to_yaml(spec))
+        st.upload_dir(final, run.fs, st.fs_join(run.run_path, "final"))
+        callback.sync_logs()
+        publisher.push({"kind": "done", "summary": summary, "final": run.uri("final")})
+    barrier()
+    ray.train.report({"step": trainer.state.global_step, "loss": _last_train_loss(trainer.state.log_history),
+                      **({"eval_loss": eval_metrics["eval_loss"]} if "eval_loss" in eval_metrics else {}),
+                      "done": True})
+    if tb is not None:
+        tb.close()
+
+
+def _final_eval(trainer: Any) -> dict[str, float]:
+    """The eval metrics at the final step: reuse the scheduled evaluation if it ran at that step."""
+    for rec in reversed(trainer.state.log_history):
+        if "eval_loss" in rec:
+            if rec.get("step") == trainer.state.global_step:
+                return {"eval_loss": float(rec["eval_loss"])}
+            break
+    return trainer.evaluate()
+
+
+def _last_train_loss(history: list[dict[str, Any]]) -> float | None:
+    for rec in reversed(history):
+        if "loss" in rec:
+            return float(rec["loss"])
+    return None
