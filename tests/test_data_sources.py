@@ -111,6 +111,16 @@ def test_undecodable_bytes_in_csv_and_json_are_bad_rows(tmp_path):
     assert [(r.line, r.error is not None) for r in rows] == [(2, False), (3, True)]
 
 
+def test_a_utf8_byte_order_mark_is_ignored(tmp_path):
+    for name, body in (
+        ("bom.jsonl", b'{"text": "a"}\n'),
+        ("bom.json", b'[{"text": "a"}]'),
+        ("bom.csv", b"text\na\n"),
+    ):
+        (tmp_path / name).write_bytes(b"\xef\xbb\xbf" + body)
+        assert [r.value for r in read_rows(str(tmp_path / name))] == [{"text": "a"}], name
+
+
 def test_json_file_holding_json_lines_is_read_as_lines(tmp_path):
     p = tmp_path / "lines.json"
     p.write_text('{"text": "a"}\n{"text": "b"}\n', encoding="utf-8")

@@ -9,6 +9,7 @@ or skip it; a file that cannot be read at all raises :class:`DataError`.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import json
@@ -96,6 +97,8 @@ def _object_row(shown: str, line: int, value: Any) -> RawRow:
 def _read_jsonl(fs: pafs.FileSystem, path: str, shown: str) -> Iterator[RawRow]:
     with _open_bytes(fs, path, shown) as f:
         for line_no, raw in enumerate(f, start=1):
+            if line_no == 1 and raw.startswith(codecs.BOM_UTF8):
+                raw = raw[len(codecs.BOM_UTF8) :]
             if not raw.strip():
                 continue
             try:
@@ -115,7 +118,7 @@ def _read_json(fs: pafs.FileSystem, path: str, shown: str) -> Iterator[RawRow]:
     """A JSON array of objects (the rows keep their real line numbers), or JSON lines saved as ``.json``."""
     with _open_bytes(fs, path, shown) as f:
         data = f.read()
-    text = data.decode("utf-8", errors="surrogateescape")
+    text = data.decode("utf-8", errors="surrogateescape").removeprefix("\ufeff")
     start = len(text) - len(text.lstrip())
     if text[start : start + 1] != "[":
         yield from _read_jsonl(fs, path, shown)  # many ".json" files are JSON lines
