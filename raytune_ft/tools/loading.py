@@ -1,0 +1,203 @@
+"""Load a resolved :class:`~raytune_ft.tools.source.Source` for inference: tokenizer, model (base + adapter
+or the full model), device and dtype. Shared by generate, evaluate and merge.
+
+Defaults: CPU runs in float32; on a GPU the dtype follows the run's ``training.precision`` (bf16/fp16),
+float32 for fp32. A QLoRA adapter is loaded onto its base quantized the way the run trained it
+(``method.quantization``), unless ``quantize=False`` (then unquantized, in ``dtype``).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from raytune_ft.errors import UserError
+from raytune_ft.tools.source import Source
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass
+class Loaded:
+    model: Any  # a PeftModel for adapters, else a PreTrainedModel
+    tokenizer: Any
+    device: Any
+    dtype: Any
+    quantized: bool = False
+    notes: list[str] = field(default_factory=list)
+
+
+def quiet_transformers() -> None:
+    """No per-shard progress bars or info chatter in CLI output."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+def torch_dtype(name: str | None, src: Source | None = None, device: Any = None):
+    """The torch dtype for ``name`` (one of :data:`DTYPES`), or the default for ``src`` on ``device``."""
+    import torch
+
+    if name is not None:
+        if name not in DTYPES:
+            raise UserError(f"dtype must be one of {', '.join(DTYPES)} (got {name!r})")
+        return getattr(torch, name)
+    if device is None or getattr(device, "type", "cpu") == "cpu":
+        return torch.float32
+    precision = src.spec.training.precision if src is not None and src.spec is not None else "bf16"
+    if precision == "fp16":
+        return torch.float16
+    if precision == "bf16" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def default_device():
+    import torch
+
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def load_tokenizer(src: Source):
+    from transformers import AutoTokenizer
+
+    where = src.tokenizer_path
+    if where is None:
+        raise UserError(
+            f"{src.origin}: no tokenizer files in {src.path} and no tokenizer or base model to take them from",
+            hint="the run's final/ holds the tokenizer; point SOURCE at the run dir or at final/",
+        )
+    try:
+        tok = AutoTokenizer.from_pretrained(where, trust_remote_code=_trust(src))
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load the tokenizer from {where}: {e}")
+    if tok.pad_token_id is None and tok.eos_token_id is not None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def _trust(src: Source) -> bool:
+    return bool(src.spec is not None and src.spec.model.trust_remote_code)
+
+
+def _revision(src: Source, name: str | None) -> str | None:
+    spec = src.spec
+    if spec is not None and spec.model.revision and name == spec.model.name_or_path:
+        return spec.model.revision
+    return None
+
+
+def load_pretrained(name: str, src: Source, *, dtype, device, quantization: Any = None, local_only: bool = False):
+    """``AutoModelForCausalLM.from_pretrained`` with the run's settings; UserError when it cannot be loaded."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = dict(dtype=dtype, trust_remote_code=_trust(src))
+    rev = _revision(src, name)
+    if rev:
+        kwargs["revision"] = rev
+    if local_only:
+        kwargs["local_files_only"] = True
+    if quantization is not None:
+        kwargs["quantization_config"] = quantization
+        kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
+    except (OSError, ValueError) as e:
+        where = "on this machine" if local_only or os.environ.get("HF_HUB_OFFLINE") else "locally or on the Hub"
+        raise UserError(f"cannot load the model {name} {where}: {str(e).splitlines()[0]}")
+    if quantization is None:
+        model.to(device)
+    model.eval()
+    return model
+
+
+def bnb_config(src: Source, dtype):
+    """The BitsAndBytesConfig the run trained its QLoRA base with."""
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    q = src.spec.method.quantization if src.spec is not None else None
+    if q is None:
+        return None
+    if q.bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=q.quant_type,
+        bnb_4bit_use_double_quant=q.double_quant,
+        bnb_4bit_compute_dtype=getattr(torch, q.compute_dtype) if dtype != torch.float32 else torch.float32,
+    )
+
+
+def load_model(
+    src: Source,
+    *,
+    dtype: str | None = None,
+    device: Any = None,
+    quantize: bool | None = None,
+) -> Loaded:
+    """Tokenizer and model for ``src``: base + adapter (a PeftModel) or the full model, in eval mode.
+
+    ``quantize``: for a QLoRA adapter, load its base quantized as in training (``None``/``True``) or
+    unquantized in ``dtype`` (``False``). Ignored for other sources.
+    """
+    quiet_transformers()
+    device = device or default_device()
+    tdtype = torch_dtype(dtype, src, device)
+    tok = load_tokenizer(src)
+    notes: list[str] = []
+    quantized = False
+    if src.is_adapter:
+        from peft import PeftModel
+
+        qcfg = None
+        if src.method == "qlora" and quantize is not False:
+            qcfg = _usable_bnb(src, tdtype, notes)
+        base = load_pretrained(src.base_model, src, dtype=tdtype, device=device, quantization=qcfg)
+        quantized = qcfg is not None
+        if quantized:
+            notes.append(f"base {src.base_model} loaded quantized ({src.spec.method.quantization.bits}-bit) as in training")
+        try:
+            model = PeftModel.from_pretrained(base, src.path, is_trainable=False)
+        except (OSError, ValueError, RuntimeError) as e:
+            raise UserError(f"cannot load the adapter {src.path} onto {src.base_model}: {str(e).splitlines()[0]}")
+        model.eval()
+    else:
+        model = load_pretrained(src.path, src, dtype=tdtype, device=device)
+    _check_vocab(model, tok, src)
+    return Loaded(model=model, tokenizer=tok, device=device, dtype=tdtype, quantized=quantized, notes=notes)
+
+
+def _usable_bnb(src: Source, dtype, notes: list[str]):
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        notes.append("bitsandbytes is not installed: the QLoRA base is loaded unquantized (outputs differ slightly)")
+        return None
+    return bnb_config(src, dtype)
+
+
+def _check_vocab(model, tok, src: Source) -> None:
+    n_emb = model.get_input_embeddings().weight.shape[0]
+    if len(tok) > n_emb:
+        raise UserError(
+            f"the tokenizer ({len(tok)} tokens, from {src.tokenizer_path}) does not fit the model "
+            f"({n_emb} embeddings): they are not from the same run"
+        )
+
+
+def load_base_for_full(src: Source, *, dtype, device):
+    """The pretrained model a full fine-tune started from, if it is on this machine.
+
+    Returns ``(model, None)`` or ``(None, reason)``; never downloads.
+    """
+    if src.from_scratch:
+        return None, "the run trained its model from scratch (model.init): there is no base model to compare with"
+    if not src.base_model:
+        return None, "no base model is known for this model (no rtf_spec.yaml with model.name_or_path next to it)"
+    try:
+        return load_pretrained(src.base_model, src, dtype=dtype, device=device, local_only=True), None
+    except UserError as e:
+        return None, f"base model not available locally: {e}"
