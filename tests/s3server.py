@@ -95,6 +95,7 @@ class S3Server:
         self.port = port  # 0: a free port, fixed at the first start() and reused by restart()
         self._server = None
         self._thread: threading.Thread | None = None
+        self._clients: dict[tuple[str, str], object] = {}
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -172,11 +173,14 @@ class S3Server:
         return env
 
     def client(self, access_key: str = FAKE_ACCESS_KEY, secret_key: str = FAKE_SECRET_KEY):
-        """A boto3 S3 client on this server (over HTTP, path-style)."""
+        """A boto3 S3 client on this server (over HTTP, path-style); cached per key pair."""
         import boto3
         from botocore.config import Config
 
-        return boto3.session.Session().client(
+        cached = self._clients.get((access_key, secret_key))
+        if cached is not None:
+            return cached
+        self._clients[(access_key, secret_key)] = client = boto3.session.Session().client(
             "s3",
             endpoint_url=self.endpoint_url,
             region_name=REGION,
@@ -184,6 +188,7 @@ class S3Server:
             aws_secret_access_key=secret_key,
             config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 1}),
         )
+        return client
 
     def create_bucket(self, name: str | None = None) -> str:
         """Create a bucket over HTTP; a unique name unless given. Returns the name."""
