@@ -81,7 +81,10 @@ def list_cmd(
     with st.storage_errors(cfg, "list"):
         infos = ck.list_checkpoints(fs, path, best_metric=metric, mode=mode, deep=deep)
     if as_json:
-        typer.echo(json.dumps([i.to_dict() for i in infos], indent=2))
+        rows = [i.to_dict() for i in infos]
+        for row in rows:  # a URI the other commands accept
+            row["uri"] = f"s3://{row['path']}" if st.is_s3(uri) else row["path"]
+        typer.echo(json.dumps(rows, indent=2))
         return
     console = Console(highlight=False)
     if not infos:

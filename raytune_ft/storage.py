@@ -306,6 +306,7 @@ def _s3_class() -> Any:
                 s = self._rtf_settings
                 return f"<S3FileSystem endpoint={s.get('scheme', 'https')}://{s.get('endpoint_override', 'aws')} region={s['region']}>"
 
+        EnvCredentialsS3FileSystem.__qualname__ = EnvCredentialsS3FileSystem.__name__
         _S3FS_CLASS = EnvCredentialsS3FileSystem
     return _S3FS_CLASS
 
@@ -403,8 +404,8 @@ _BOTO_KINDS = {
     "SignatureDoesNotMatch": "bad_secret",
     "AccessDenied": "denied",
     "AllAccessDisabled": "denied",
-    "403": "denied",
-    "Forbidden": "denied",
+    "403": "forbidden",  # a HEAD's error has no body: bad keys and missing permission look alike
+    "Forbidden": "forbidden",
     "InvalidToken": "token",
     "ExpiredToken": "token",
     "TokenRefreshRequired": "token",
@@ -455,6 +456,12 @@ def _message(kind: str, storage: Any, action: str, detail: str) -> tuple[str, st
             f"access denied: the credentials in ${ak_env} may not {action} {where}",
             "grant s3:ListBucket, s3:GetObject, s3:PutObject and s3:DeleteObject on the bucket/prefix",
         )
+    if kind == "forbidden":
+        return (
+            f"403 Forbidden: the credentials in ${ak_env} may not {action} {where} "
+            "(no reason given: wrong keys or a missing permission)",
+            f"`rtf checkpoints list` on the run dir names which; check ${ak_env}/${sk_env} and the bucket policy",
+        )
     if kind == "no_credentials":
         return (
             f"no S3 credentials for {where}: ${ak_env}/${sk_env} are unset and the default AWS chain found none",
@@ -497,6 +504,8 @@ def classify_boto_error(exc: BaseException) -> tuple[str, str]:
 def classify_pyarrow_error(exc: BaseException) -> tuple[str, str]:
     """(kind, detail) for an OSError from pyarrow's S3 filesystem (by the AWS SDK's error name)."""
     text = str(exc)
+    if "ACCESS_DENIED" in text and "No response body" in text:
+        return "forbidden", text.splitlines()[0]
     for needle, kind in _PYARROW_KINDS:
         if needle in text:
             if kind == "unreachable":
@@ -518,7 +527,9 @@ def _to_storage_error(exc: BaseException, storage: Any, action: str) -> StorageE
     elif isinstance(exc, OSError) and is_s3(str(storage.path)):
         kind, detail = classify_pyarrow_error(exc)
     else:
-        kind, detail = "other", f"{exc.strerror or exc}" if isinstance(exc, OSError) else str(exc)
+        kind, detail = "other", str(exc)
+        if isinstance(exc, OSError) and exc.strerror:
+            detail = f"{exc.strerror}: {exc.filename}" if exc.filename else exc.strerror
     msg, hint = _message(kind, storage, action, scrub(detail, storage))
     err = StorageError(scrub(msg, storage), hint=scrub(hint, storage) if hint else None)
     err.kind = kind  # type: ignore[attr-defined]

@@ -73,8 +73,10 @@ def test_list_json_via_aws_endpoint_url_env(s3_env, s3_bucket, tmp_path):
     # no --endpoint-url: the standard AWS_ENDPOINT_URL variable
     result = invoke("list", run, "--json", env={"AWS_ENDPOINT_URL": s3_env.endpoint_url})
     assert result.exit_code == 0, result.output
-    got = [(r["step"], r["status"]) for r in json.loads(result.output)]
+    rows = json.loads(result.output)
+    got = [(r["step"], r["status"]) for r in rows]
     assert got == [(100, "committed"), (200, "committed"), (300, "committed"), (400, "incomplete")]
+    assert rows[0]["uri"] == f"{run}/checkpoint-00000100" and rows[0]["metrics"]["loss"] == 0.1
 
 
 def test_list_empty_and_missing(tmp_path):

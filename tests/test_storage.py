@@ -143,6 +143,25 @@ def test_s3_filesystem_pickles_env_var_names_not_keys(s3_env, s3_bucket, monkeyp
         pickle.loads(pickle.dumps(fs))
 
 
+def test_ray_train_persists_a_checkpoint_through_it(s3_env, s3_bucket, tmp_path):
+    """What Ray Train does with RunConfig(storage_filesystem=fs, storage_path=root): ship the
+    storage context to a worker (pickled) and upload a checkpoint dir through it."""
+    import ray.cloudpickle
+    from ray.train import Checkpoint, RunConfig
+    from ray.train.v2._internal.execution.storage import StorageContext
+
+    fs, root = st.pyarrow_filesystem(cfg(f"s3://{s3_bucket}/runs", s3_env.endpoint_url))
+    blob = ray.cloudpickle.dumps(RunConfig(name="exp", storage_filesystem=fs, storage_path=root))
+    assert FAKE_SECRET_KEY.encode() not in blob and FAKE_ACCESS_KEY.encode() not in blob
+    context = ray.cloudpickle.loads(ray.cloudpickle.dumps(
+        StorageContext(storage_path=root, experiment_dir_name="exp", storage_filesystem=fs)))
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "weights.bin").write_bytes(b"w" * 4096)
+    context.persist_current_checkpoint(Checkpoint.from_directory(str(tmp_path / "ckpt")), "checkpoint-00000010")
+    files = st.list_files(fs, st.fs_join(root, "exp"))
+    assert files["checkpoint-00000010/weights.bin"].size == 4096
+
+
 def test_helpers_roundtrip(storage_root, tmp_path):
     uri, endpoint = storage_root
     fs, root = st.pyarrow_filesystem(cfg(uri, endpoint))
@@ -218,14 +237,14 @@ def test_preflight_unknown_host_is_unreachable(s3_env):
 def test_preflight_stalled_server_fails_in_bounded_time(s3_env):
     with blackhole() as endpoint:
         t0 = time.monotonic()
-        err = _preflight_error(cfg("s3://bkt/p", endpoint), timeout=1, max_attempts=1)
+        err = _preflight_error(cfg("s3://bkt/p", endpoint), timeout=0.5, max_attempts=1)
         assert time.monotonic() - t0 < 6
     assert err.kind == "unreachable" and "timed out" in err.message
 
 
 def test_pyarrow_on_stalled_server_fails_in_bounded_time(s3_env):
     with blackhole() as endpoint:
-        fs, root = st.pyarrow_filesystem(cfg("s3://bkt/p", endpoint), connect_timeout=1, request_timeout=1, max_attempts=2)
+        fs, root = st.pyarrow_filesystem(cfg("s3://bkt/p", endpoint), connect_timeout=1, request_timeout=0.5, max_attempts=2)
         t0 = time.monotonic()
         with pytest.raises(OSError) as e:
             fs.get_file_info(pafs.FileSelector(root))
@@ -304,10 +323,16 @@ def test_pyarrow_errors_are_classified_too(s3_env, s3_bucket, monkeypatch):
     assert kind_of(cfg("s3://rtf-no-such-bucket/p", s3_env.endpoint_url)) == "no_bucket"
     assert kind_of(cfg(f"s3://{s3_bucket}/p", f"http://127.0.0.1:{free_port()}")) == "unreachable"
     key, _ = s3_env.create_iam_user()
+    storage = cfg(f"s3://{s3_bucket}/p", s3_env.endpoint_url)
     with s3_env.iam_auth():
-        assert kind_of(cfg(f"s3://{s3_bucket}/p", s3_env.endpoint_url)) == "bad_key"
+        assert kind_of(storage) == "bad_key"
+        # a HEAD (what reading one known file starts with) gets a 403 without a body: we say so
+        fs, root = st.pyarrow_filesystem(storage, max_attempts=1)
+        with pytest.raises(StorageError) as e, st.storage_errors(storage, "read"):
+            st.read_bytes(fs, f"{root}/rtf_checkpoint.json")
+        assert e.value.kind == "forbidden" and "wrong keys or a missing permission" in e.value.message
         monkeypatch.setenv("AWS_ACCESS_KEY_ID", key)
-        assert kind_of(cfg(f"s3://{s3_bucket}/p", s3_env.endpoint_url)) == "bad_secret"
+        assert kind_of(storage) == "bad_secret"
 
 
 def test_preflight_no_credentials_at_all(s3_env, s3_bucket, monkeypatch):
