@@ -88,7 +88,13 @@ def _make_handler():
 
 
 class S3Server:
-    """moto's S3 server (``ThreadedMotoServer``'s app and handler) on ``host:port`` in a thread."""
+    """moto's S3 server on ``host:port`` in a thread.
+
+    What ``moto.server.ThreadedMotoServer`` runs (moto's WSGI app and request handler on
+    werkzeug's threaded server), plus a record of open connections: ``ThreadedMotoServer.stop()``
+    lets a request that is being handled run to its end, while :meth:`stop` here cuts it, which
+    is what a crashed MinIO does to an upload in flight.
+    """
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0):
         self.host = host
