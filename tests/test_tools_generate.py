@@ -10,7 +10,11 @@ import torch
 from raytune_ft.data.formats import encode_prompt, format_prompt
 from raytune_ft.errors import UserError
 from raytune_ft.tools.generate import generate, read_prompts, render
-from tests.test_tools_support import _tools_cache, copy_run, workspace, write_spec, lora_doc  # noqa: F401
+from tests import test_tools_support as support
+from tests.test_tools_support import copy_run, lora_doc, write_spec
+
+workspace = support.workspace  # fixtures shared by the tool tests
+_tools_cache = support._tools_cache
 
 PROMPTS = ["Say hello.", "Add two numbers.", "Name a colour."]
 N = 12
@@ -42,7 +46,7 @@ def test_greedy_equals_model_generate_and_base(workspace, manual):
     info = {}
     out = generate(str(workspace.lora_spec_path), PROMPTS, max_new_tokens=N, temperature=0, compare_base=True, info=info)
     assert [r["prompt"] for r in out] == PROMPTS
-    for r, p in zip(out, PROMPTS):
+    for r, p in zip(out, PROMPTS, strict=True):
         assert r["formatted_prompt"] == format_prompt("alpaca", tok, instruction=p)
         assert r["formatted_prompt"].endswith("### Response:\n")
         assert r["completion"] == _manual(tuned, tok, "alpaca", p, do_sample=False)

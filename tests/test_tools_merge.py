@@ -10,7 +10,11 @@ import torch
 from raytune_ft.errors import UserError
 from raytune_ft.tools.merge import merge
 from raytune_ft.tools.source import resolve_source
-from tests.test_tools_support import _tools_cache, copy_run, lora_doc, workspace, write_spec  # noqa: F401
+from tests import test_tools_support as support
+from tests.test_tools_support import copy_run, lora_doc, write_spec
+
+workspace = support.workspace  # fixtures shared by the tool tests
+_tools_cache = support._tools_cache
 
 
 def _adapter_logits(workspace, adapter_dir, ids):

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 
 import pytest
 
 from raytune_ft.errors import UserError
 from raytune_ft.tools.source import resolve_source
-from tests.test_tools_support import _tools_cache, copy_run, workspace  # noqa: F401
+from tests import test_tools_support as support
+from tests.test_tools_support import copy_run
+
+workspace = support.workspace  # fixtures shared by the tool tests
+_tools_cache = support._tools_cache
 
 
 def test_spec_resolves_to_run_final_adapter(workspace):
@@ -84,52 +87,3 @@ def test_adapter_base_missing_falls_back_to_spec_model(workspace, tmp_path):
     src = resolve_source(str(run))
     assert src.base_model == str(workspace.base_dir)
     assert any("/nowhere/base is not on this machine" in n for n in src.notes)
-
-
-# --------------------------------------------------------------------------------------------------- s3
-
-
-def _upload(s3_env, bucket, local, prefix):
-    import pyarrow.fs as pafs
-
-    from raytune_ft import storage as st
-
-    cfg = st.StorageConfig.from_uri(f"s3://{bucket}/{prefix}", endpoint_url=s3_env.endpoint_url)
-    fs, path = st.pyarrow_filesystem(cfg)
-    pafs.copy_files(str(local), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
-
-
-@pytest.fixture
-def s3_run(workspace, s3_bucket, s3_env, monkeypatch):
-    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_env.endpoint_url)
-    _upload(s3_env, s3_bucket, workspace.lora_run, "runs/lora-run")
-    return f"s3://{s3_bucket}/runs/lora-run"
-
-
-def test_s3_run_is_downloaded_and_cached(s3_run, workspace, tmp_path):
-    src = resolve_source(s3_run)
-    assert src.remote == f"{s3_run}/final" and src.run_dir == s3_run
-    assert src.path.startswith(str(tmp_path / "rtf_cache")) and os.path.isfile(os.path.join(src.path, "adapter_model.safetensors"))
-    with open(os.path.join(src.path, "adapter_model.safetensors"), "rb") as a, open(workspace.lora_run / "final" / "adapter_model.safetensors", "rb") as b:
-        assert a.read() == b.read()
-    assert (src.data_format, src.base_model) == ("alpaca", str(workspace.base_dir))
-    mtime = os.path.getmtime(os.path.join(src.path, "adapter_config.json"))
-    again = resolve_source(s3_run)
-    assert again.path == src.path and os.path.getmtime(os.path.join(src.path, "adapter_config.json")) == mtime  # reused
-    ck = resolve_source(f"{s3_run}/checkpoint-00000005")  # pulled through the manifest
-    assert ck.step == 5 and os.path.isfile(os.path.join(ck.path, "rtf_checkpoint.json"))
-    with pytest.raises(UserError, match="incomplete checkpoint"):
-        resolve_source(f"{s3_run}/checkpoint-00000010")
-
-
-try:
-    from tests.s3server import s3_bucket, s3_env, s3_server  # noqa: F401
-except ImportError:  # no S3 test server module: the s3 tests skip
-
-    @pytest.fixture
-    def s3_env():
-        pytest.skip("tests/s3server.py (the moto S3 test server) is not available")
-
-    @pytest.fixture
-    def s3_bucket(s3_env):
-        return None

@@ -233,8 +233,15 @@ def workspace(tmp_path_factory) -> Workspace:
 
 @pytest.fixture(autouse=True)
 def _tools_cache(tmp_path, monkeypatch):
-    """s3 sources are copied into a per-test cache, never into ~/.cache."""
+    """s3 sources are copied into a per-test cache, never into ~/.cache; torch on one thread (tiny
+    models on shared cores run several times faster without thread contention), restored after."""
+    import torch
+
     monkeypatch.setenv("RTF_CACHE_DIR", str(tmp_path / "rtf_cache"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def copy_run(src: Path, dest: Path) -> Path:

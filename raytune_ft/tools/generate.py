@@ -62,7 +62,7 @@ def generate(
 
     encoded = [_encode(fmt, tok, p) for p in prompts]
     results = []
-    for p, (text, ids) in zip(prompts, encoded):
+    for p, (text, ids) in zip(prompts, encoded, strict=True):
         completion, n_new = _complete(loaded.model, loaded, ids, max_new_tokens, temperature, top_p, seed)
         results.append(
             {"prompt": p, "formatted_prompt": text, "completion": completion, "new_tokens": n_new}
@@ -70,7 +70,7 @@ def generate(
 
     if compare_base:
         base_model, why = _base(src, loaded)
-        for r, (_, ids) in zip(results, encoded):
+        for r, (_, ids) in zip(results, encoded, strict=True):
             if base_model is None and not src.is_adapter:
                 r["base_completion"], r["base_note"] = None, why
                 continue

@@ -1,0 +1,112 @@
+"""Typer commands of the after-training tools. Import-light: each command imports its tool when it runs.
+
+Register them on the main app with :func:`register` (``rtf generate``, ``rtf merge``, ``rtf eval``,
+``rtf plot``, ``rtf runs``); remove the placeholder commands of the same names first. UserErrors propagate
+to the main CLI, which prints them and exits 2.
+"""
+
+from __future__ import annotations
+
+import json
+
+import typer
+
+COMMANDS = ("generate", "merge", "eval", "plot", "runs")
+
+
+def generate_cmd(
+    source: str = typer.Argument(..., metavar="SOURCE", help="Job spec, run dir, checkpoint, model/adapter dir, or s3:// URI."),
+    prompt: list[str] | None = typer.Option(None, "--prompt", "-p", help="A prompt (repeatable)."),
+    file: str | None = typer.Option(None, "--file", "-f", metavar="PROMPTS", help="Prompts: one per line, or .jsonl/.json."),
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens", min=1, help="Tokens to generate at most."),
+    temperature: float = typer.Option(0.7, "--temperature", min=0.0, help="0 = greedy decoding."),
+    top_p: float = typer.Option(0.9, "--top-p", help="Nucleus sampling mass (with temperature > 0)."),
+    compare_base: bool = typer.Option(False, "--compare-base", help="Also show the base model's completions."),
+    seed: int = typer.Option(0, "--seed", help="Sampling seed (per prompt)."),
+    data_format: str | None = typer.Option(None, "--format", help="alpaca|chat|text (default: the run's format)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
+) -> None:
+    """Generate text with a trained run, checkpoint or model dir (prompts formatted as in training)."""
+    from raytune_ft.errors import UserError
+    from raytune_ft.tools.generate import generate, read_prompts, render
+
+    if prompt and file:
+        raise UserError("give --prompt or --file, not both")
+    prompts = list(prompt or []) or (read_prompts(file) if file else [])
+    if not prompts:
+        raise UserError("no prompts: pass --prompt TEXT (repeatable) or --file PROMPTS")
+    info: dict = {}
+    results = generate(
+        source, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+        compare_base=compare_base, seed=seed, data_format=data_format, info=info,
+    )
+    if as_json:
+        typer.echo(json.dumps({"info": info, "results": results}, indent=2, ensure_ascii=False))
+    else:
+        typer.echo(render(results, info))
+
+
+def merge_cmd(
+    source: str = typer.Argument(..., metavar="SOURCE", help="A LoRA/QLoRA run, checkpoint or adapter dir."),
+    out_dir: str = typer.Argument(..., metavar="OUT_DIR", help="Where to write the merged model (local or s3://)."),
+    dtype: str = typer.Option("float32", "--dtype", help="float32|bfloat16|float16: dtype of the merged weights."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty OUT_DIR."),
+) -> None:
+    """Merge a LoRA adapter into its base model (QLoRA: into the unquantized base) and save it."""
+    from raytune_ft.tools.merge import merge
+
+    result = merge(source, out_dir, dtype=dtype, overwrite=overwrite)
+    for m in result["messages"]:
+        typer.echo(m)
+
+
+def eval_cmd(
+    source: str = typer.Argument(..., metavar="SOURCE", help="Job spec, run dir, checkpoint, model/adapter dir, or s3:// URI."),
+    data: str | None = typer.Option(None, "--data", metavar="FILE", help="Evaluate on this file instead of the run's eval data."),
+    batch_size: int = typer.Option(8, "--batch-size", min=1),
+    include_base: bool = typer.Option(False, "--include-base", help="Also evaluate the base model."),
+    out: str | None = typer.Option(None, "--out", help="Where to write eval_results.json (default: next to the model)."),
+    data_format: str | None = typer.Option(None, "--format", help="alpaca|chat|text for --data (default: the run's)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
+) -> None:
+    """Token-weighted loss and perplexity on the run's eval data (or --data), as training scores them."""
+    from raytune_ft.tools.evaluate import evaluate, render
+
+    result = evaluate(source, data, batch_size=batch_size, include_base=include_base, out=out, data_format=data_format)
+    typer.echo(json.dumps(result, indent=2, default=str) if as_json else render(result))
+
+
+def plot_cmd(
+    source: str = typer.Argument(..., metavar="SOURCE", help="Job spec, run dir, sweep dir, metrics.jsonl, or s3:// URI."),
+    out: str = typer.Option("loss.png", "--out", "-o", help="PNG file to write."),
+    log_scale: bool = typer.Option(False, "--log", help="Log scale for the loss axis."),
+) -> None:
+    """Plot train loss, eval loss and learning rate against step (a sweep: one line per trial)."""
+    from raytune_ft.tools.plot import plot
+
+    result = plot(source, out, log_scale=log_scale)
+    points = ", ".join(f"{k}: {v}" for k, v in result["series"].items())
+    typer.echo(f"wrote {result['out']} ({result['size'][0]}x{result['size'][1]}) points: {points}")
+    if result["bad_lines"]:
+        typer.echo(f"skipped {result['bad_lines']} unreadable line(s) of metrics.jsonl")
+
+
+def runs_cmd(
+    storage: str = typer.Argument("./rtf_runs", metavar="STORAGE", help="A storage path: local dir or s3://bucket/prefix."),
+    endpoint_url: str | None = typer.Option(None, "--endpoint-url", help="S3-compatible endpoint (else $AWS_ENDPOINT_URL)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """List the runs under a storage path: status, steps, losses, where the outputs are."""
+    from raytune_ft.tools.runs import list_runs, render
+
+    runs = list_runs(storage, endpoint_url=endpoint_url)
+    typer.echo(json.dumps(runs, indent=2) if as_json else render(runs, storage))
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``generate``, ``merge``, ``eval``, ``plot`` and ``runs`` to ``app``."""
+    app.command("generate")(generate_cmd)
+    app.command("merge")(merge_cmd)
+    app.command("eval")(eval_cmd)
+    app.command("plot")(plot_cmd)
+    app.command("runs")(runs_cmd)

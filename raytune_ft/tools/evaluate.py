@@ -1,0 +1,275 @@
+"""``rtf eval``: token-weighted loss and perplexity of a run on evaluation data.
+
+The data is the run's eval data (``data.eval`` sources, or the seeded ``data.eval_split`` part of the train
+sources, exactly the rows training held out) or a given file. It goes through the training data pipeline
+(:func:`raytune_ft.data.pipeline.build_datasets`: same format, template, truncation and loss mask), one
+example per row (unpacked: packing restarts positions and masks each example's first label, so it does not
+change the scored tokens). The loss is the mean cross-entropy over every scored token of the whole set
+(not a mean of per-batch means), and the perplexity its exponential.
+
+Results go to ``eval_results.json`` in the source's dir (the run's ``final/``, the checkpoint dir, the model
+dir; on S3 for an s3:// source) unless another path is given.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from raytune_ft import storage as st
+from raytune_ft.errors import UserError
+from raytune_ft.tools.loading import load_base_for_full, load_model
+from raytune_ft.tools.source import Source, resolve_source
+
+RESULTS_FILE = "eval_results.json"
+IGNORE_INDEX = -100
+
+
+def evaluate(
+    source: str | Source,
+    data_path: str | None = None,
+    batch_size: int = 8,
+    include_base: bool = False,
+    *,
+    out: str | None = None,
+    data_format: str | None = None,
+    dtype: str | None = None,
+    write: bool = True,
+) -> dict[str, Any]:
+    """Loss and perplexity of ``source`` on its run's eval data or on ``data_path``.
+
+    Returns ``{"source", "model", "data", "format", "examples", "tokens", "loss", "perplexity", ...}``
+    and, with ``include_base``, ``"base": {"loss", "perplexity"}`` (or ``{"error": why}``). Writes the
+    dict as JSON (see the module docstring) unless ``write`` is False; ``"written"`` says where.
+    """
+    if batch_size < 1:
+        raise UserError(f"batch_size must be >= 1 (got {batch_size})")
+    started = time.time()
+    src = source if isinstance(source, Source) else resolve_source(source)
+    loaded = load_model(src, dtype=dtype)
+    examples, described, fmt = eval_examples(src, loaded.tokenizer, data_path, data_format)
+    total, count = token_loss(loaded.model, examples, batch_size, loaded.tokenizer, loaded.device)
+    result: dict[str, Any] = {
+        "source": src.origin,
+        "model": src.describe(),
+        "step": src.step,
+        "data": described,
+        "format": fmt,
+        "examples": len(examples),
+        "tokens": count,
+        "loss": total / count,
+        "perplexity": _ppl(total / count),
+    }
+    notes = list(src.notes) + list(loaded.notes)
+    if include_base:
+        if src.is_adapter:
+            with loaded.model.disable_adapter():
+                b_total, b_count = token_loss(loaded.model, examples, batch_size, loaded.tokenizer, loaded.device)
+            result["base"] = {"model": src.base_model, "loss": b_total / b_count, "perplexity": _ppl(b_total / b_count)}
+        else:
+            base, why = load_base_for_full(src, dtype=loaded.dtype, device=loaded.device)
+            if base is None:
+                result["base"] = {"model": src.base_model, "error": why}
+                notes.append(why)
+            else:
+                b_total, b_count = token_loss(base, examples, batch_size, loaded.tokenizer, loaded.device)
+                result["base"] = {"model": src.base_model, "loss": b_total / b_count, "perplexity": _ppl(b_total / b_count)}
+    result["notes"] = notes
+    result["runtime_s"] = round(time.time() - started, 3)
+    result["time"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    if write:
+        result["written"] = _write(src, result, out)
+    return result
+
+
+# --------------------------------------------------------------------------------------------------
+# data
+
+
+def eval_examples(
+    src: Source, tokenizer: Any, data_path: str | None, data_format: str | None = None
+) -> tuple[list[dict[str, list[int]]], list[str], str]:
+    """``(examples, description of the data, format)``: tokenized eval examples with their loss masks.
+
+    This is the one place that turns data into tokens; it calls the training pipeline.
+    """
+    from raytune_ft.data.pipeline import build_datasets
+
+    spec = src.spec
+    data = spec.data if spec is not None else None
+    # the recipe's own expression (so a data_seed of 0 means training.seed there, and here)
+    seed = (spec.training.data_seed or spec.training.seed) if spec else 0
+    common = {
+        "max_seq_length": data.max_seq_length if data else None,
+        "train_on_prompt": data.train_on_prompt if data else False,
+        "on_bad_row": data.on_bad_row if data else "error",
+        "packing": False,
+    }
+    if data_path is not None:
+        fmt = data_format or (data.eval_sources[0].format if data and data.eval else None) or (
+            src.data_format or _sniff_format(data_path, _fs_for(src))
+        )
+        one = {"path": data_path, "format": fmt}
+        doc = {**common, "train": [one], "eval": [one]}
+        described = [data_path]
+    else:
+        if data is None:
+            raise UserError(
+                f"{src.origin}: no rtf_spec.yaml found, so the run's eval data is unknown",
+                hint="pass the data with --data FILE",
+            )
+        if not data.has_eval:
+            raise UserError(
+                f"the run {spec.name} has no eval data (neither data.eval nor data.eval_split)",
+                hint="pass the data with --data FILE",
+            )
+        if data_format:
+            raise UserError("--format applies to --data FILE; the run's eval data keeps its own format")
+        doc = {**common, **data.model_dump(include={"train", "eval", "eval_split"}, exclude_none=True)}
+        fmt = (data.eval_sources[0].format if data.eval else src.data_format) or "alpaca"
+        described = (
+            [s.path for s in data.eval_sources]
+            if data.eval
+            else [f"{s.path} (eval_split {data.eval_split})" for s in data.train_sources]
+        )
+    _, examples, _ = build_datasets(doc, tokenizer, seed=seed, filesystem_for=_fs_for(src))
+    if not examples:
+        raise UserError(f"no eval examples in {', '.join(described)}")
+    return examples, described, fmt
+
+
+def _fs_for(src: Source):
+    storage = src.spec.storage if src.spec is not None else None
+
+    def filesystem_for(uri: str):
+        cfg = st.with_path(storage, uri) if storage is not None else st.StorageConfig.from_uri(uri)
+        return st.pyarrow_filesystem(cfg)
+
+    return filesystem_for
+
+
+def _sniff_format(path: str, filesystem_for) -> str:
+    """alpaca/chat/text from the first row's fields (for a file evaluated without a spec)."""
+    from raytune_ft.data.sources import read_rows
+
+    fs, p = filesystem_for(path) if "://" in path else (None, path)
+    for row in read_rows(p, filesystem=fs, name=path):
+        if row.value is None:
+            continue
+        if "messages" in row.value:
+            return "chat"
+        if "instruction" in row.value:
+            return "alpaca"
+        if "text" in row.value:
+            return "text"
+        break
+    raise UserError(f"{path}: cannot tell the data format from its first row", hint="pass --format alpaca|chat|text")
+
+
+# --------------------------------------------------------------------------------------------------
+# loss
+
+
+def token_loss(model, examples: Sequence[dict[str, list[int]]], batch_size: int, tokenizer, device) -> tuple[float, int]:
+    """``(sum of cross-entropy over scored tokens, number of scored tokens)``.
+
+    Token t is scored when ``labels[t] != -100`` for t >= 1, against the logits at t - 1 (the causal shift
+    HF losses use). Batches are right-padded (pad positions masked out and unscored).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
+    total = 0.0
+    count = 0
+    model.eval()
+    with torch.inference_mode():
+        for start in range(0, len(order), batch_size):
+            batch = [examples[i] for i in order[start : start + batch_size]]
+            width = max(len(ex["input_ids"]) for ex in batch)
+            ids = torch.full((len(batch), width), pad, dtype=torch.long)
+            labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for row, ex in enumerate(batch):
+                n = len(ex["input_ids"])
+                ids[row, :n] = torch.tensor(ex["input_ids"])
+                labels[row, :n] = torch.tensor(ex["labels"])
+                mask[row, :n] = 1
+            ids, labels, mask = ids.to(device), labels.to(device), mask.to(device)
+            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
+            shift_logits = logits[:, :-1, :].reshape(-1, logits.shape[-1])
+            shift_labels = labels[:, 1:].reshape(-1)
+            loss = F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX, reduction="sum")
+            total += float(loss)
+            count += int((shift_labels != IGNORE_INDEX).sum())
+    if count == 0:
+        raise UserError("the eval data has no scored tokens (every label is masked)")
+    return total, count
+
+
+def _ppl(loss: float) -> float:
+    try:
+        return math.exp(loss)
+    except OverflowError:
+        return float("inf")
+
+
+# --------------------------------------------------------------------------------------------------
+# output
+
+
+def _write(src: Source, result: dict[str, Any], out: str | None) -> str:
+    target = out or (st.join(src.result_dir, RESULTS_FILE) if src.remote else os.path.join(src.path, RESULTS_FILE))
+    payload = {k: v for k, v in result.items() if k != "written"}
+    payload = _finite(payload)
+    if st.is_s3(target):
+        storage = st.with_path(src.spec.storage, target) if src.spec is not None else st.StorageConfig.from_uri(target)
+        with st.storage_errors(storage, "write"):
+            fs, path = st.pyarrow_filesystem(storage)
+            st.write_json(fs, path, payload)
+    else:
+        import pyarrow.fs as pafs
+
+        target = st.local_path(target)
+        try:
+            st.write_json(pafs.LocalFileSystem(), target, payload)
+        except OSError as e:
+            raise UserError(f"cannot write {target}: {e}", hint="pass another path with --out")
+    return target
+
+
+def _finite(obj: Any) -> Any:
+    """JSON has no inf/nan: write them as strings."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def render(result: dict[str, Any]) -> str:
+    """A small table: model (and base) loss and perplexity, tokens, where the results went."""
+    rows = [("model", "loss", "perplexity", "tokens")]
+    rows.append(("fine-tuned", f"{result['loss']:.4f}", f"{result['perplexity']:.3f}", str(result["tokens"])))
+    base = result.get("base")
+    if base:
+        if "error" in base:
+            rows.append(("base", "-", "-", base["error"]))
+        else:
+            rows.append(("base", f"{base['loss']:.4f}", f"{base['perplexity']:.3f}", str(result["tokens"])))
+    widths = [max(len(r[i]) for r in rows[:3] if i < len(r)) for i in range(3)]
+    lines = [f"{result['model']}", f"data: {', '.join(result['data'])} ({result['format']}, {result['examples']} examples)"]
+    for n, r in enumerate(rows):
+        lines.append("  ".join(c.ljust(w) for c, w in zip(r[:3], widths, strict=True)) + "  " + r[3])
+        if n == 0:
+            lines.append("  ".join("-" * w for w in widths) + "  ------")
+    lines += [f"note: {x}" for x in result.get("notes") or []]
+    if result.get("written"):
+        lines.append(f"wrote {result['written']}")
+    return "\n".join(lines)
