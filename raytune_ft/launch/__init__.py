@@ -96,9 +96,12 @@ def run_local(spec: JobSpec, *, fresh: bool = False, resume_from: str | None = N
     need = c.num_workers * c.cpus_per_worker
     cpus = max(os.cpu_count() or 1, int(need + 0.999))
     t0 = time.time()
-    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=bool(os.environ.get("RTF_WORKER_LOGS")),
-             configure_logging=False, namespace="rtf")
-    print(f"ray: started in {time.time() - t0:.1f}s with {cpus} CPU(s); {plan.num_workers} worker(s) "
+    owned = not ray.is_initialized()  # a caller (a notebook, a test session) may have started Ray already
+    if owned:
+        ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=bool(os.environ.get("RTF_WORKER_LOGS")),
+                 configure_logging=False, namespace="rtf")
+    print(f"ray: {'started' if owned else 'reusing the running Ray'} in {time.time() - t0:.1f}s with "
+          f"{ray.cluster_resources().get('CPU', 0):g} CPU(s); {plan.num_workers} worker(s) "
           f"× {plan.resources_per_worker}", file=out)
     renderer = Renderer(out)
     try:
@@ -110,7 +113,8 @@ def run_local(spec: JobSpec, *, fresh: bool = False, resume_from: str | None = N
         return 130
     finally:
         renderer.close()
-        ray.shutdown()
+        if owned:
+            ray.shutdown()
     if not result.ok:
         print(f"error: training failed: {result.error}", file=out)
         return 1

@@ -115,6 +115,13 @@ class LoraSpec(Section):
             raise ValueError("layer indices must be >= 0")
         return v
 
+    @model_validator(mode="after")
+    def _layers_need_names(self) -> LoraSpec:
+        if self.layers_to_transform is not None and self.target_modules == "all-linear":
+            raise ValueError('method.lora.layers_to_transform needs target_modules as a list of module names '
+                             '(e.g. [q_proj, v_proj]), not "all-linear" (PEFT refuses the combination)')
+        return self
+
 
 class QuantizationSpec(Section):
     bits: Literal[4, 8] = 4

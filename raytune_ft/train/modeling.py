@@ -124,7 +124,7 @@ def build_model(spec: JobSpec, tokenizer: Any, *, device: torch.device, seed: in
             raise UserError(f"model.name_or_path {m.name_or_path}: cannot load its config ({e})")
         from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-        model_class = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(cfg))
+        model_class = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(cfg), None)
         attn, why = choose_attention(m.attn_implementation, cuda=cuda, model_class=model_class)
         kwargs["attn_implementation"] = attn
         if spec.method.type == "qlora":

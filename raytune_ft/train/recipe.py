@@ -135,8 +135,8 @@ def training_arguments(spec: JobSpec, out_dir: str, deepspeed: dict | None, use_
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
         optim=t.optimizer,
-        gradient_checkpointing=t.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        activation_checkpointing=t.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
         bf16=t.precision == "bf16",
         fp16=t.precision == "fp16",
         tf32=t.tf32,
@@ -159,7 +159,7 @@ def training_arguments(spec: JobSpec, out_dir: str, deepspeed: dict | None, use_
         report_to=report or "none",
         disable_tqdm=True,
         use_cpu=use_cpu,
-        ddp_backend="gloo" if use_cpu else None,
+        ddp_backend="gloo" if use_cpu and torch.distributed.is_initialized() else None,
         deepspeed=deepspeed,
     )
 
@@ -241,7 +241,7 @@ def _run(spec: JobSpec, run: RunContext, work: str, publisher: Publisher, config
 
     # ---- setup
     tokenizer = setup_tokenizer(run, work)
-    train_ds, eval_ds, stats = build_datasets(spec.data, tokenizer, seed=spec.training.data_seed or seed,
+    train_ds, eval_ds, stats = build_datasets(spec.data, tokenizer, seed=spec.training.data_seed if spec.training.data_seed is not None else seed,
                                               filesystem_for=_filesystem_for(spec),
                                               batch_size=spec.training.per_device_train_batch_size)
     if spec.training.eval_strategy == "no":
@@ -291,6 +291,8 @@ def _run(spec: JobSpec, run: RunContext, work: str, publisher: Publisher, config
     result = trainer.train(resume_from_checkpoint=local_resume)
     eval_metrics = _final_eval(trainer) if eval_ds else {}
 
+    probe = fingerprint(trainer.model, (eval_ds or train_ds)[0]["input_ids"][:32], device)
+
     # ---- save
     final = os.path.join(work, "final")
     trainer.save_model(final)
@@ -317,6 +319,7 @@ def _run(spec: JobSpec, run: RunContext, work: str, publisher: Publisher, config
                      "packing_efficiency": stats.packing_efficiency},
             "method": spec.method.type,
             "spec_hash": spec_hash(spec),
+            "fingerprint": probe,
         }
         with open(os.path.join(final, "final_results.json"), "w") as f:
             json.dump(summary, f, indent=2)
@@ -331,6 +334,20 @@ def _run(spec: JobSpec, run: RunContext, work: str, publisher: Publisher, config
                       "done": True})
     if tb is not None:
         tb.close()
+
+
+def fingerprint(model: Any, input_ids: list[int], device: torch.device) -> dict[str, Any]:
+    """Logits of the trained model, in memory, on a fixed input: whoever loads final/ can check that
+    the saved artifact computes exactly what training ended with (``rtf eval`` and the tests do)."""
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        ids = torch.tensor([input_ids], device=device)
+        logits = model(input_ids=ids).logits.float()
+    if was_training:
+        model.train()
+    return {"input_ids": list(input_ids), "last_logits_head": logits[0, -1, :8].tolist(),
+            "logits_sum": float(logits.sum()), "logits_abs_sum": float(logits.abs().sum())}
 
 
 def _final_eval(trainer: Any) -> dict[str, float]:

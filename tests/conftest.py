@@ -1,0 +1,34 @@
+"""Shared fixtures: one real local Ray for the session, tiny models and data built once."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may download in tests
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A real Ray started in this process (the embedded mode `rtf submit` uses), shared by tests."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False,
+                 namespace="rtf")
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """(train.jsonl, eval.jsonl, model_dir): a tiny pretrained-looking Llama and its BPE tokenizer."""
+    from tests.tiny import make_data, make_model
+
+    root = tmp_path_factory.mktemp("tiny")
+    train, evals = make_data(root / "data")
+    model = make_model(root / "model", train)
+    return train, evals, model
