@@ -5,7 +5,9 @@ sources, exactly the rows training held out) or a given file. It goes through th
 (:func:`raytune_ft.data.pipeline.build_datasets`: same format, template, truncation and loss mask), one
 example per row (unpacked: packing restarts positions and masks each example's first label, so it does not
 change the scored tokens). The loss is the mean cross-entropy over every scored token of the whole set
-(not a mean of per-batch means), and the perplexity its exponential.
+(not a mean of per-batch means), and the perplexity its exponential. So it does not depend on the batch
+size, and differs slightly from the ``eval_loss`` HF Trainer logs during training, which averages each
+batch's token mean weighted by the batch's number of examples (same model and tokens, other weighting).
 
 Results go to ``eval_results.json`` in the source's dir (the run's ``final/``, the checkpoint dir, the model
 dir; on S3 for an s3:// source) unless another path is given.
