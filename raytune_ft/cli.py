@@ -85,9 +85,11 @@ def plan(
     spec_path: Path = typer.Argument(..., metavar="SPEC"),
     overrides: Optional[list[str]] = SetOpt,
     as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
-    preflight: bool = typer.Option(False, "--preflight", help="Also check that storage is reachable and writable."),
+    preflight: bool = typer.Option(True, "--preflight/--offline",
+                                   help="Check that storage is reachable and writable (--offline skips it)."),
 ) -> None:
-    """Show what a spec will run: resolved spec, DeepSpeed config, scaling, batch, memory estimate."""
+    """Show what a spec will run: resolved spec, DeepSpeed config, scaling, batch, memory estimate,
+    and whether its storage is reachable and writable."""
     from raytune_ft.plan import make_plan
     from raytune_ft.render_plan import render_plan
 
@@ -169,30 +171,6 @@ def render_runpod(spec_path: Path = typer.Argument(..., metavar="SPEC")) -> None
     _todo("render runpod")
 
 
-@app.command()
-def generate(source: str, prompt: Optional[str] = typer.Option(None, "--prompt")) -> None:
-    """Generate text with a trained run, checkpoint or model dir."""
-    _todo("generate")
-
-
-@app.command()
-def merge(source: str, out_dir: Path) -> None:
-    """Merge a LoRA adapter into its base model."""
-    _todo("merge")
-
-
-@app.command(name="eval")
-def eval_cmd(source: str) -> None:
-    """Loss and perplexity of a run on evaluation data."""
-    _todo("eval")
-
-
-@app.command()
-def plot(source: str) -> None:
-    """Plot loss and learning rate curves."""
-    _todo("plot")
-
-
 @sweep_app.command("results")
 def sweep_results(name: str) -> None:
     """Show a sweep's results table again."""
@@ -202,13 +180,51 @@ def sweep_results(name: str) -> None:
 # --------------------------------------------------------------------------- entry point
 
 
+# --------------------------------------------------------------------------- data
+
+
+@data_app.command("split")
+def data_split(
+    input_path: Path = typer.Argument(..., metavar="INPUT", help="A JSONL/JSON/CSV/parquet file."),
+    eval_fraction: float = typer.Option(..., "--eval-fraction", help="Share of rows for eval, in (0, 1)."),
+    seed: int = typer.Option(0, "--seed"),
+    out_dir: Optional[Path] = typer.Option(None, "--out-dir", help="Default: next to INPUT."),
+) -> None:
+    """Split a data file into train and eval files, deterministically for a seed."""
+    from raytune_ft.data.split import split_file
+
+    train, evals = split_file(input_path, eval_fraction, seed, out_dir=out_dir)
+    _out(f"train: {train}\neval:  {evals}")
+
+
+@data_app.command("preview")
+def data_preview(
+    spec_path: Path = typer.Argument(..., metavar="SPEC"),
+    overrides: Optional[list[str]] = SetOpt,
+    n: int = typer.Option(3, "-n", help="Examples to show."),
+) -> None:
+    """Show tokenized examples with the loss mask visible, and data statistics."""
+    from raytune_ft.launch import absolutize
+    from raytune_ft.data.preview import preview_data
+
+    spec = absolutize(_load(spec_path, overrides))
+    _out(preview_data(spec, n=n))
+
+
+_registered = False
+
+
 def _register_optional() -> None:
-    """Sub-apps that live in their own modules (kept import-light)."""
-    try:
-        from raytune_ft.cli_checkpoints import app as ckpt_app
-    except ImportError:
+    """Sub-apps and commands that live in their own modules (kept import-light)."""
+    global _registered
+    if _registered:
         return
+    _registered = True
+    from raytune_ft.cli_checkpoints import app as ckpt_app
+    from raytune_ft.tools.cli import register
+
     app.add_typer(ckpt_app, name="checkpoints")
+    register(app)
 
 
 def main(argv: Optional[list[str]] = None) -> None:

@@ -109,3 +109,26 @@ def test_schema_command_writes_json(tmp_path, capsys):
     code, out, _ = run_cli(["schema", "-o", str(out_file)], capsys)
     assert code == 0
     assert json.loads(out_file.read_text())["title"] == "raytune_ft job spec"
+
+
+def test_data_split_and_preview_commands(tmp_path, capsys, tiny):
+    train, _, model_dir = tiny
+    code, out, _ = run_cli(["data", "split", str(train), "--eval-fraction", "0.25", "--seed", "3",
+                            "--out-dir", str(tmp_path)], capsys)
+    assert code == 0
+    tr, ev = tmp_path / "train.train.jsonl", tmp_path / "train.eval.jsonl"
+    rows = train.read_text().splitlines()
+    assert sorted(tr.read_text().splitlines() + ev.read_text().splitlines()) == sorted(rows)
+    assert len(ev.read_text().splitlines()) == round(0.25 * len(rows))
+    first = ev.read_text()
+    run_cli(["data", "split", str(train), "--eval-fraction", "0.25", "--seed", "3", "--out-dir", str(tmp_path)], capsys)
+    assert ev.read_text() == first  # deterministic for a seed
+
+    spec = tmp_path / "s.yaml"
+    doc = base_doc(model={"name_or_path": str(model_dir)})
+    doc["data"]["train"]["path"] = str(train)
+    spec.write_text(yaml.safe_dump(doc))
+    code, out, _ = run_cli(["data", "preview", str(spec), "-n", "1"], capsys)
+    assert code == 0
+    assert "[[<s>### Instruction:" in out and "### Response:\n]]" in out  # the prompt is masked
+    assert "train examples: 64" in out and "truncated to max_seq_length 128" in out

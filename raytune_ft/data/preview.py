@@ -64,3 +64,26 @@ def _summary(examples: Sequence[Mapping[str, Sequence[int]]]) -> list[str]:
     return [
         f"examples: {len(examples)}  tokens: {token_count(examples)} ({trained_token_count(examples)} trained)"
     ]
+
+
+def preview_data(spec: Any, n: int = 3) -> str:
+    """`rtf data preview SPEC`: tokenize the spec's data as a run would and render ``n`` examples and
+    the statistics. A spec that trains its tokenizer gets one trained here the same way."""
+    from transformers import AutoTokenizer
+
+    from raytune_ft.data.pipeline import build_datasets, training_texts
+    from raytune_ft.data.tokenizer import train_tokenizer
+
+    if spec.tokenizer.train is not None:
+        tr = spec.tokenizer.train
+        tok = train_tokenizer(training_texts(spec.data), tr.vocab_size, min_frequency=tr.min_frequency)
+        where = f"BPE trained on the training data ({len(tok)} tokens)"
+    else:
+        src = spec.tokenizer.name_or_path or spec.model.name_or_path
+        tok = AutoTokenizer.from_pretrained(src, trust_remote_code=spec.model.trust_remote_code)
+        where = src
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    seed = spec.training.data_seed if spec.training.data_seed is not None else spec.training.seed
+    train, _, stats = build_datasets(spec.data, tok, seed=seed, batch_size=spec.training.per_device_train_batch_size)
+    return f"tokenizer: {where}\n" + preview(train, tok, n=n, stats=stats)
