@@ -107,7 +107,9 @@ class Renderer:
                 self.stream.write(line + "\n")
         else:
             msg = e.get("message") or ""
-            if kind == "eval":
+            if kind == "workers":
+                msg = e.get("message") or ""
+            elif kind == "eval":
                 msg = f"eval at step {e.get('step')}: eval_loss {e.get('eval_loss', float('nan')):.4f}" + (
                     f", perplexity {e['perplexity']:.2f}" if e.get("perplexity") else "")
             elif kind == "checkpoint":

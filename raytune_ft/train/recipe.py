@@ -28,7 +28,7 @@ from raytune_ft import storage as st
 from raytune_ft.launch.progress import Publisher
 from raytune_ft.spec import spec_from_dict, spec_hash, to_yaml
 from raytune_ft.spec.models import JobSpec
-from raytune_ft.train.callbacks import RtfCallback, barrier
+from raytune_ft.train.callbacks import RtfCallback, barrier, gather
 from raytune_ft.train.modeling import apply_method, build_model, count_parameters, hf_token
 
 log = logging.getLogger("raytune_ft")
@@ -227,6 +227,7 @@ def train_loop(config: dict[str, Any]) -> None:
 
 
 def _run(spec: JobSpec, run: RunContext, work: str, publisher: Publisher, config: dict[str, Any]) -> None:
+    import ray
     import ray.train
     from transformers import EarlyStoppingCallback, Trainer
 
@@ -238,6 +239,10 @@ def _run(spec: JobSpec, run: RunContext, work: str, publisher: Publisher, config
     t0 = time.time()
     device = _device(run)
     seed = spec.training.seed
+    workers = gather({"rank": run.rank, "pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id()})
+    if run.rank == 0:
+        publisher.push({"kind": "workers", "workers": workers, "message": "workers: " + ", ".join(
+            f"rank {w['rank']} pid {w['pid']} node {w['node_id'][:8]}" for w in workers)})
 
     # ---- setup
     tokenizer = setup_tokenizer(run, work)
@@ -320,6 +325,7 @@ def _run(spec: JobSpec, run: RunContext, work: str, publisher: Publisher, config
             "method": spec.method.type,
             "spec_hash": spec_hash(spec),
             "fingerprint": probe,
+            "workers": workers,
         }
         with open(os.path.join(final, "final_results.json"), "w") as f:
             json.dump(summary, f, indent=2)
