@@ -124,7 +124,10 @@ GCS_PY='
 import sys
 from ray._raylet import GcsClient
 op, addr = sys.argv[1], sys.argv[2]
-c = GcsClient(address=addr)
+try:
+    c = GcsClient(address=addr)
+except Exception as e:
+    sys.exit(77 if type(e).__name__ == "AuthenticationError" else 1)
 if op == "alive":
     print(sum(1 for n in c.get_all_node_info(timeout=10).values() if n.state == 0))
 elif op == "put-done":
@@ -135,6 +138,7 @@ elif op == "get-done":
 '
 tcp_open() { (exec 3<>"/dev/tcp/$HEAD/$PORT") 2>/dev/null; }
 gcs() { tcp_open && timeout 30 "$PY" -c "$GCS_PY" "$1" "$ADDR" "${@:2}" 2>/dev/null; }
+TOKEN_REJECTED=77  # gcs() status when the head refuses this node's token
 
 # --------------------------------------------------------------------------- Ray processes
 
@@ -242,8 +246,12 @@ run_worker() {
   log "joining the head at $ADDR"
   while :; do
     if [[ -z $RAY_PID ]]; then
-      if gcs alive >/dev/null; then
+      gcs alive >/dev/null
+      local probe=$?
+      if ((probe == 0)); then
         start_ray
+      elif ((probe == TOKEN_REJECTED)); then
+        die 2 "the head at $ADDR rejected this node's Ray auth token: every node needs the same RAY_AUTH_TOKEN"
       elif ((SECONDS - start >= JOIN_TIMEOUT)); then
         die 3 "the Ray head at $ADDR was not reachable within ${JOIN_TIMEOUT}s (check the address, port and token)"
       elif ((said == 0)); then

@@ -279,27 +279,34 @@ def test_bootstrap_forms_a_two_node_cluster_and_runs_the_job(pods, tmp_path):
 
 @pytest.mark.ray
 @pytest.mark.timeout(90)
-def test_bootstrap_exit_code_is_the_jobs_and_a_missing_node_times_out(pods):
+def test_bootstrap_exit_code_missing_node_and_wrong_token(pods):
     token = secrets.token_hex(24)
     gcs, dash, client, agent = _free_ports(4)
     base = dict(RAY_AUTH_TOKEN=token, RTF_NODE_IP="127.0.0.1", RTF_RAY_PORT=gcs, RTF_NUM_CPUS=1,
                 RTF_NODE_RANK=0, RTF_DASHBOARD_PORT=dash,
                 RTF_RAY_START_ARGS=f"--ray-client-server-port {client} --dashboard-agent-listen-port {agent}")
-    gcs2, dash2, client2, agent2 = _free_ports(4)
-    # (both at once, to save time) two nodes expected but only the head comes: exit 3 with a clear
-    # message and no job run; and one node whose job exits 7: the bootstrap exits 7
+    gcs2, dash2, client2, agent2, agent3 = _free_ports(5)
+    # (all at once, to save time) two nodes expected but only the head comes: exit 3 with a clear
+    # message and no job run; a node with the wrong token is turned away (exit 2); and one node
+    # whose job exits 7: the bootstrap exits 7
     lonely = pods.start("lonely", pods.env(**base, RTF_NUM_NODES=2, RTF_JOIN_TIMEOUT=12, RTF_RAY_TEMP_DIR=pods.temp_dir()),
                         "bash", "-c", "echo JOB-RAN")
+    intruder = pods.start("intruder", pods.env(
+        RAY_AUTH_TOKEN="not-the-" + token[:8], RTF_HEAD_ADDRESS="127.0.0.1", RTF_NODE_IP="127.0.0.1",
+        RTF_RAY_PORT=gcs, RTF_NUM_NODES=2, RTF_NODE_RANK=1, RTF_NUM_CPUS=1, RTF_JOIN_TIMEOUT=30,
+        RTF_RAY_TEMP_DIR=pods.temp_dir(), RTF_RAY_START_ARGS=f"--dashboard-agent-listen-port {agent3}"))
     env = pods.env(**{**base, "RTF_RAY_PORT": gcs2, "RTF_DASHBOARD_PORT": dash2,
                       "RTF_RAY_START_ARGS": f"--ray-client-server-port {client2} --dashboard-agent-listen-port {agent2}"},
                    RTF_NUM_NODES=1, RTF_RAY_TEMP_DIR=pods.temp_dir())
     exit7 = pods.start("exit7", env, "bash", "-c", 'echo "addr=$RAY_ADDRESS"; exit 7')
+    assert _wait(intruder, 45, pods) == 2, pods.output()[-4000:]
     assert _wait(lonely, 60, pods) == 3, pods.output()[-4000:]
     assert _wait(exit7, 60, pods) == 7, pods.output()[-4000:]
     out = pods.output()
     assert re.search(r"only [01] of 2 node\(s\) joined within 12s", out) and "JOB-RAN" not in out, out[-3000:]
     assert f"addr=127.0.0.1:{gcs2}" in out
-    assert token not in out
+    assert "rejected this node's Ray auth token" in out
+    assert token not in out and "not-the-" not in out
 
 
 @pytest.mark.parametrize(
