@@ -1,0 +1,163 @@
+"""Resume and fault tolerance on a real local Ray: an interrupted run, resubmitted, ends exactly where an
+uninterrupted one does; a SIGKILLed worker is replaced and the run recovers from the last committed
+checkpoint; a checkpoint without a manifest is never resumed from."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from raytune_ft import checkpoints as ck
+from raytune_ft.cli import main
+from tests.tiny import make_model, spec_doc, write_spec
+
+pytestmark = pytest.mark.ray
+ROOT = Path(__file__).resolve().parents[1]
+STEPS, SAVE = 16, 4
+
+
+@pytest.fixture(scope="module")
+def model4(tiny, tmp_path_factory):
+    """A slightly larger model (4 layers) so a run lasts long enough to be interrupted mid-way."""
+    train, evals, _ = tiny
+    return make_model(tmp_path_factory.mktemp("m4") / "model", train, hidden=128, layers=4)
+
+
+def doc(name, tiny, model, storage, workers=1, max_failures=0):
+    train, _, _ = tiny
+    return spec_doc(name, model, train, None, storage, method={"type": "full"},
+                    compute={"num_workers": workers, "cpus_per_worker": 1},
+                    training={"max_steps": STEPS, "save_steps": SAVE, "learning_rate": 1e-3,
+                              "lr_scheduler_type": "cosine", "warmup_steps": 3, "per_device_train_batch_size": 4},
+                    fault_tolerance={"max_failures": max_failures})
+
+
+class Proc:
+    """`rtf submit` in its own process, its output read line by line."""
+
+    def __init__(self, spec_path: Path):
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.p = subprocess.Popen([sys.executable, "-m", "raytune_ft", "submit", str(spec_path)], cwd=ROOT,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                                  start_new_session=True)
+        self.lines: list[str] = []
+        self.q: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        for line in self.p.stdout:
+            self.lines.append(line)
+            self.q.put(line)
+
+    def wait_for(self, predicate, timeout=240.0):
+        end = time.time() + timeout
+        while time.time() < end:
+            if predicate():
+                return True
+            if self.p.poll() is not None and predicate() is False:
+                time.sleep(0.2)
+                if predicate():
+                    return True
+                raise AssertionError("process ended first:\n" + "".join(self.lines))
+            time.sleep(0.05)
+        raise AssertionError("timed out:\n" + "".join(self.lines))
+
+    def finish(self, timeout=240.0) -> int:
+        try:
+            return self.p.wait(timeout=timeout)
+        finally:
+            if self.p.poll() is None:
+                os.killpg(self.p.pid, signal.SIGKILL)
+
+    @property
+    def text(self) -> str:
+        return "".join(self.lines)
+
+
+def committed(run: Path, step: int) -> bool:
+    return (run / ck.checkpoint_dir_name(step) / ck.MANIFEST).is_file()
+
+
+def final_state(run: Path):
+    res = json.loads((run / "final" / "final_results.json").read_text())
+    recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return res, load_file(str(run / "final" / "model.safetensors")), recs
+
+
+def run_inprocess(spec_path, capsys):
+    with pytest.raises(SystemExit) as ei:
+        main(["submit", str(spec_path)])
+    out = capsys.readouterr()
+    assert ei.value.code == 0, out.out + out.err
+    return out.out + out.err
+
+
+def assert_same_training(a, b):
+    (ra, wa, ma), (rb, wb, mb) = a, b
+    assert ra["steps"] == rb["steps"] == STEPS
+    assert rb["train_loss"] == pytest.approx(ra["train_loss"], abs=1e-4)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], atol=1e-4, rtol=0, msg=k)
+    lr = lambda m: [r["learning_rate"] for r in m if "loss" in r]  # noqa: E731 - schedule position carried on
+    assert lr(mb) == pytest.approx(lr(ma), rel=1e-6)
+    assert [r["step"] for r in mb if "loss" in r] == list(range(1, STEPS + 1))  # each step logged once
+
+
+def test_interrupted_run_resumes_to_the_same_result(ray_local, tiny, model4, tmp_path, capsys):
+    storage = tmp_path / "runs"
+    base = run_inprocess(write_spec(tmp_path / "a.yaml", doc("whole", tiny, model4, storage)), capsys)
+    assert "resuming" not in base
+
+    spec_b = write_spec(tmp_path / "b.yaml", doc("interrupted", tiny, model4, storage))
+    run = storage / "interrupted"
+    proc = Proc(spec_b)
+    proc.wait_for(lambda: committed(run, SAVE))
+    os.killpg(proc.p.pid, signal.SIGINT)  # Ctrl-C
+    assert proc.finish() == 130, proc.text
+    assert "interrupted: training stopped" in proc.text
+    assert not (run / "final").exists()
+    done = [s for s in range(SAVE, STEPS, SAVE) if committed(run, s)]
+    assert done and done[-1] < STEPS
+    # a crash mid-upload: files but no manifest, newer than every committed checkpoint
+    fake = run / ck.checkpoint_dir_name(done[-1] + 1)
+    fake.mkdir()
+    (fake / "model.safetensors").write_bytes(b"partial")
+
+    with pytest.raises(SystemExit):
+        main(["checkpoints", "list", str(run)])
+    listing = capsys.readouterr().out
+    assert re.search(rf"{done[-1] + 1}\s.*incomplete", listing), listing
+
+    out = run_inprocess(spec_b, capsys)
+    assert f"resuming from {run / ck.checkpoint_dir_name(done[-1])} at step {done[-1]}" in out
+    assert_same_training(final_state(storage / "whole"), final_state(run))
+
+
+def test_killed_worker_is_replaced_and_the_run_recovers(ray_local, tiny, model4, tmp_path, capsys):
+    storage = tmp_path / "runs"
+    run_inprocess(write_spec(tmp_path / "a.yaml", doc("whole2", tiny, model4, storage, workers=2)), capsys)
+    spec = write_spec(tmp_path / "k.yaml", doc("killed", tiny, model4, storage, workers=2, max_failures=1))
+    run = storage / "killed"
+    proc = Proc(spec)
+    proc.wait_for(lambda: "workers: rank 0 pid" in proc.text)
+    pids = dict(re.findall(r"rank (\d) pid (\d+)", proc.text))
+    proc.wait_for(lambda: committed(run, SAVE))
+    os.kill(int(pids["1"]), signal.SIGKILL)  # a real worker process dies
+    assert proc.finish() == 0, proc.text
+    assert re.search(r"resuming from \S+checkpoint-000000\d\d at step \d+", proc.text), proc.text
+    new_pids = re.findall(r"rank 1 pid (\d+)", proc.text)
+    assert len(set(new_pids)) == 2  # the worker group was restarted
+    assert_same_training(final_state(storage / "whole2"), final_state(run))
