@@ -102,8 +102,8 @@ def eval_examples(
 
     spec = src.spec
     data = spec.data if spec is not None else None
-    # the recipe's own expression (so a data_seed of 0 means training.seed there, and here)
-    seed = (spec.training.data_seed or spec.training.seed) if spec else 0
+    # the recipe's own rule: data_seed when set (0 included), else training.seed
+    seed = (spec.training.data_seed if spec.training.data_seed is not None else spec.training.seed) if spec else 0
     common = {
         "max_seq_length": data.max_seq_length if data else None,
         "train_on_prompt": data.train_on_prompt if data else False,
