@@ -132,3 +132,16 @@ def test_data_split_and_preview_commands(tmp_path, capsys, tiny):
     assert code == 0
     assert "[[<s>### Instruction:" in out and "### Response:\n]]" in out  # the prompt is masked
     assert "train examples: 64" in out and "truncated to max_seq_length 128" in out
+
+
+def test_render_commands_write_manifests(tmp_path, capsys):
+    out_file = tmp_path / "job.yaml"
+    code, _, err = run_cli(["render", "k8s", str(ROOT / "jobspecs" / "k8s.yaml"), "-o", str(out_file)], capsys)
+    assert code == 0 and "kubectl apply" in err
+    docs = list(yaml.safe_load_all(out_file.read_text()))
+    assert [d["kind"] for d in docs if d] == ["ConfigMap", "RayJob"]
+    code, out, _ = run_cli(["render", "runpod", str(ROOT / "jobspecs" / "runpod.yaml"), "-o", str(tmp_path / "rp")],
+                           capsys)
+    assert code == 0
+    assert (tmp_path / "rp" / "entrypoint.sh").stat().st_mode & 0o111
+    assert json.loads((tmp_path / "rp" / "pod.json").read_text())

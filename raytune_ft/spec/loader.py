@@ -341,8 +341,9 @@ def spec_from_dict(data: dict) -> JobSpec:
 
 
 def dump_spec(spec: JobSpec) -> dict:
-    """The resolved spec as plain data. It holds only env var *names* for secrets, never values."""
-    return spec.model_dump(mode="json", exclude_none=True)
+    """The resolved spec as plain data (presets already merged, so no ``extends``). It holds only env
+    var *names* for secrets, never values."""
+    return spec.model_dump(mode="json", exclude_none=True, exclude={"extends"})
 
 
 def to_yaml(spec: JobSpec) -> str:
