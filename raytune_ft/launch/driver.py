@@ -10,9 +10,10 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Callable
+from typing import Any
 
 from raytune_ft import storage as st
 from raytune_ft.errors import UserError
@@ -65,35 +66,69 @@ def keep_aside(spec: JobSpec) -> str | None:
     return aside
 
 
-def _user_error_in(exc: BaseException) -> UserError | None:
-    """Find a UserError raised inside a worker (Ray wraps it in its own errors)."""
-    seen: set[int] = set()
-    todo: list[Any] = [exc]
+STORAGE_MARKERS = ("AWS Error", "NETWORK_CONNECTION", "Could not connect to server", "curlCode",
+                   "EndpointConnectionError", "Connection refused", "Could not resolve host", "SlowDown",
+                   "ServiceUnavailable")
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    out, todo, seen = [], [exc], set()
     while todo:
         e = todo.pop()
-        if e is None or id(e) in seen:
+        if e is None or id(e) in seen or not isinstance(e, BaseException):
             continue
         seen.add(id(e))
-        if isinstance(e, UserError):
-            return e
-        todo += [getattr(e, "__cause__", None), getattr(e, "__context__", None), getattr(e, "cause", None)]
+        out.append(e)
+        todo += [e.__cause__, e.__context__, getattr(e, "cause", None)]
         failures = getattr(e, "worker_failures", None)
         if isinstance(failures, dict):
             todo += list(failures.values())
-        for attr in ("error", "_error", "training_failed_error"):
-            todo.append(getattr(e, attr, None))
-    return None
+    return out
+
+
+def classify_failure(exc: BaseException) -> str:
+    """Principle 7, a pure function: ``user`` (the spec or data: never retried), ``storage`` (the object
+    store was unreachable: retried once it answers again), or ``training`` (a worker or node failure that
+    Ray's own FailureConfig already retried)."""
+    chain = _chain(exc)
+    if any(isinstance(e, UserError) for e in chain):
+        return "user"
+    text = " ".join(str(e) for e in chain)
+    if any(m in text for m in STORAGE_MARKERS):
+        return "storage"
+    return "training"
+
+
+def retries_left(kind: str, attempt: int, max_failures: int) -> bool:
+    """Whether the driver starts the run again after a failure of ``kind`` (attempt counts from 1)."""
+    if kind != "storage":
+        return False
+    return max_failures < 0 or attempt <= max_failures
+
+
+def wait_for_storage(storage: Any, timeout_s: float, poll_s: float = 2.0) -> bool:
+    """Poll the storage preflight until it passes or ``timeout_s`` runs out."""
+    end = time.time() + timeout_s
+    while True:
+        try:
+            st.preflight(storage, timeout=5, max_attempts=1)
+            return True
+        except UserError:
+            if time.time() >= end:
+                return False
+            time.sleep(poll_s)
+
+
+STORAGE_WAIT_S = 120.0
 
 
 def run(spec: JobSpec, *, fresh: bool = False, resume_from: str | None = None,
         on_event: EventHandler | None = None) -> RunResult:
-    """Run the spec on the Ray cluster this process is connected to (``ray.init`` already called)."""
-    import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    """Run the spec on the Ray cluster this process is connected to (``ray.init`` already called).
 
-    from raytune_ft.train.recipe import train_loop
-
+    A failure is classified: a user error is raised as such; when storage dropped out, the run is
+    started again (same name and storage, so it resumes from the last committed checkpoint) once
+    storage answers, within ``fault_tolerance.max_failures`` and a bounded wait."""
     plan = make_plan(spec)
     emit = on_event or (lambda e: None)
     fs, root = st.pyarrow_filesystem(spec.storage)
@@ -103,6 +138,44 @@ def run(spec: JobSpec, *, fresh: bool = False, resume_from: str | None = None,
         if aside:
             emit({"kind": "info", "message": f"--fresh: the previous run was moved aside to {aside}"})
     st.write_bytes(fs, st.fs_join(run_path, "rtf_spec.yaml"), to_yaml(spec).encode())
+    attempt = 0
+    while True:
+        attempt += 1
+        outcome, summary = _fit_once(spec, fs, root, resume_from if attempt == 1 else None, emit)
+        if "error" not in outcome:
+            return RunResult(True, plan.run_uri, summary)
+        err = outcome["error"]
+        kind = classify_failure(err)
+        if kind == "user":
+            user = next(e for e in _chain(err) if isinstance(e, UserError))
+            raise user
+        first = st.scrub(str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__,
+                         spec.storage)
+        if kind == "storage":
+            where = st.describe(spec.storage)
+            if retries_left(kind, attempt, spec.fault_tolerance.max_failures):
+                emit({"kind": "info", "message": f"storage unreachable during training ({where}): {first}; "
+                      f"waiting up to {STORAGE_WAIT_S:.0f}s for it (retry {attempt} of "
+                      f"{spec.fault_tolerance.max_failures if spec.fault_tolerance.max_failures >= 0 else 'unlimited'})"})
+                if wait_for_storage(spec.storage, STORAGE_WAIT_S):
+                    emit({"kind": "info", "message": "storage is back: resuming from the last committed checkpoint"})
+                    continue
+            return RunResult(False, plan.run_uri, summary, error=(
+                f"storage error: {where} became unreachable during training ({first}). Committed "
+                f"checkpoints are intact; resubmit the same spec to resume from the latest one."))
+        return RunResult(False, plan.run_uri, summary, error=f"{type(err).__name__}: {st.scrub(str(err), spec.storage)}")
+
+
+def _fit_once(spec: JobSpec, fs: Any, root: str, resume_from: str | None,
+              emit: EventHandler) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One TorchTrainer.fit(), with the progress board polled while it runs."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from raytune_ft.train.recipe import train_loop
+
+    plan = make_plan(spec)
 
     board = make_board_class().options(name=board_name(spec.name), namespace=NAMESPACE,
                                        get_if_exists=True).remote()
@@ -152,14 +225,7 @@ def run(spec: JobSpec, *, fresh: bool = False, resume_from: str | None = None,
             ray.kill(board)
         except Exception:
             pass
-    uri = plan.run_uri
-    if "error" in outcome:
-        err = outcome["error"]
-        user = _user_error_in(err)
-        if user is not None:
-            raise user
-        return RunResult(False, uri, summary, error=f"{type(err).__name__}: {err}")
-    return RunResult(True, uri, summary)
+    return outcome, summary
 
 
 def main(argv: list[str] | None = None) -> int:
