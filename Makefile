@@ -22,7 +22,8 @@ $(STAMP): pyproject.toml constraints.txt
 demo: install
 	$(PY) -m raytune_ft.data.quickstart data/quickstart
 	$(VENV)/bin/rtf submit jobspecs/quickstart.yaml
-	$(VENV)/bin/rtf generate jobspecs/quickstart.yaml --prompt "Return the larger of two numbers a and b." --max-new-tokens 64
+	$(VENV)/bin/rtf generate jobspecs/quickstart.yaml --temperature 0.2 --max-new-tokens 64 \
+	  --prompt 'Write a Python function `clamp(value, lo, hi)` that: Return value limited to the range [lo, hi].' 
 
 test: install
 	$(PY) -m pytest -q
