@@ -3,7 +3,9 @@
 - every logging step: throughput, ETA and memory are added to HF's logs; rank 0 appends them to
   ``metrics.jsonl``, writes TensorBoard scalars and pushes a progress event;
 - every save: each rank's checkpoint files are reported to Ray Train (which uploads them into
-  ``{run}/checkpoint-NNNNNNNN``), then rank 0 writes the manifest — last — and prunes old ones.
+  ``{run}/checkpoint-NNNNNNNN``), then rank 0 writes the manifest — last — and prunes old ones;
+- every evaluation, with ``report_evals`` (sweep trials): the eval metrics are reported to Ray Train
+  at once, without a checkpoint, so Ray Tune's scheduler sees each one as it happens.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ def barrier() -> None:
 
 class RtfCallback(TrainerCallback):
     def __init__(self, *, run: Any, spec_hash: str, publisher: Any, work_dir: str, tb_writer: Any = None,
-                 tokens_per_sample: float | None = None) -> None:
+                 tokens_per_sample: float | None = None, report_evals: bool = False) -> None:
         self.run = run  # RunContext: rank, fs, run_path, spec
         self.spec_hash = spec_hash
         self.publisher = publisher
@@ -61,6 +63,7 @@ class RtfCallback(TrainerCallback):
         self.start_step = 0
         self.last_metrics: dict[str, Any] = {}
         self.tokens_per_sample = tokens_per_sample
+        self.report_evals = report_evals
 
     # ------------------------------------------------------------------ logging
 
@@ -106,6 +109,17 @@ class RtfCallback(TrainerCallback):
                     self.tb.add_scalar(tag, v, step)
             self.tb.flush()
         self.publisher.push(event)
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        """Report the evaluation to Ray Train now (every rank calls this, as Ray Train requires). Not the
+        one at the last step: the recipe's final report carries it, once final/ is saved."""
+        if not self.report_evals or not metrics or "eval_loss" not in metrics or state.global_step >= state.max_steps:
+            return
+        import ray.train
+
+        ev = float(metrics["eval_loss"])
+        ray.train.report({"step": state.global_step, "max_steps": state.max_steps, "epoch": state.epoch,
+                          "eval_loss": ev, "perplexity": math.exp(min(ev, 50.0)) if math.isfinite(ev) else ev})
 
     # ------------------------------------------------------------------ checkpoints
 
