@@ -103,6 +103,9 @@ def run_local(spec: JobSpec, *, fresh: bool = False, resume_from: str | None = N
     print(f"ray: {'started' if owned else 'reusing the running Ray'} in {time.time() - t0:.1f}s with "
           f"{ray.cluster_resources().get('CPU', 0):g} CPU(s); {plan.num_workers} worker(s) "
           f"× {plan.resources_per_worker}", file=out)
+    if ray.cluster_resources().get("GPU") and not spec.compute.use_gpu:
+        print("note: this machine has a GPU but compute.gpus_per_worker is 0, so training runs on CPU; "
+              "set compute.gpus_per_worker: 1 to use it", file=out)
     renderer = Renderer(out)
     try:
         result = run(spec, fresh=fresh, resume_from=resume_from, on_event=renderer.handle)
@@ -137,6 +140,9 @@ def print_summary(summary: dict[str, Any], run_uri: str, out) -> None:
     ]
     if summary.get("resumed_from_step") is not None:
         rows.append(("resumed from step", str(summary["resumed_from_step"])))
+    skipped = (summary.get("data") or {}).get("skipped_bad_rows") or {}
+    if skipped:
+        rows.append(("skipped bad rows", ", ".join(f"{k}: {v}" for k, v in skipped.items())))
     width = max(len(k) for k, _ in rows)
     print("", file=out)
     for k, v in rows:
