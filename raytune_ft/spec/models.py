@@ -8,6 +8,7 @@ the loader turns it into ``file:line dotted.path: message``.
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any, Literal, Union
 
@@ -420,6 +421,105 @@ class Monitoring(Section):
     report_to: list[Literal["tensorboard", "wandb", "mlflow", "none"]] = ["tensorboard"]
 
 
+# --------------------------------------------------------------------------- sweeps (Ray Tune)
+
+DISTRIBUTIONS = ("loguniform", "uniform", "choice", "grid")
+
+
+class Distribution(Section):
+    """One swept value, written as a one-key mapping: ``{loguniform: [lo, hi]}``, ``{uniform: [lo, hi]}``,
+    ``{choice: [a, b, ...]}`` (sampled) or ``{grid: [a, b, ...]}`` (every value). On an integer field,
+    loguniform/uniform sample integers in [lo, hi]."""
+
+    loguniform: tuple[Union[int, float], Union[int, float]] | None = None
+    uniform: tuple[Union[int, float], Union[int, float]] | None = None
+    choice: list[Any] | None = Field(None, min_length=1)
+    grid: list[Any] | None = Field(None, min_length=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_key(cls, v):
+        example = "a one-key mapping such as {loguniform: [1.0e-5, 1.0e-3]} or {choice: [8, 16]}"
+        if not isinstance(v, dict):
+            raise ValueError(f"must be {example} (got {v!r})")
+        if len(v) != 1:
+            raise ValueError(f"must be {example}; got {len(v)} keys ({', '.join(map(str, v)) or 'none'})")
+        key = next(iter(v))
+        if key not in DISTRIBUTIONS:
+            import difflib
+
+            close = difflib.get_close_matches(str(key), DISTRIBUTIONS, n=1)
+            hint = f"did you mean `{close[0]}`? " if close else ""
+            raise ValueError(f"unknown distribution `{key}`; {hint}use one of {', '.join(DISTRIBUTIONS)}")
+        return v
+
+    @model_validator(mode="after")
+    def _bounds(self) -> Distribution:
+        if self.lo_hi is not None:
+            lo, hi = self.lo_hi
+            if isinstance(lo, bool) or isinstance(hi, bool) or not (math.isfinite(lo) and math.isfinite(hi)):
+                raise ValueError(f"{self.kind} bounds must be finite numbers (got [{lo}, {hi}])")
+            if not lo < hi:
+                raise ValueError(f"{self.kind} needs lo < hi (got [{lo}, {hi}])")
+            if self.kind == "loguniform" and lo <= 0:
+                raise ValueError(f"loguniform needs lo > 0 (got {lo}); use uniform for ranges that include 0")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in DISTRIBUTIONS if getattr(self, k) is not None)
+
+    @property
+    def lo_hi(self) -> tuple[int | float, int | float] | None:
+        return self.loguniform or self.uniform
+
+    @property
+    def options(self) -> list[Any] | None:
+        """The finite values of choice/grid (None for a range)."""
+        return self.choice if self.choice is not None else self.grid
+
+
+class AshaScheduler(Section):
+    """Asynchronous successive halving over training steps: at each rung (grace_period × reduction_factor^k
+    steps) a trial whose metric is worse than the best 1/reduction_factor so far is stopped."""
+
+    type: Literal["asha"]
+    grace_period: int | None = Field(None, gt=0, description="Steps before a trial can be stopped; "
+                                     "defaults to the step interval at which the metric is reported.")
+    reduction_factor: int = Field(3, ge=2)
+
+
+class FifoScheduler(Section):
+    """Every trial runs to its end."""
+
+    type: Literal["fifo"]
+
+
+class TuneSpec(Section):
+    """A sweep: each trial is a whole run of this spec with the sampled values applied."""
+
+    space: dict[str, Distribution] = Field(..., min_length=1, description="Dotted spec path -> distribution.")
+    num_samples: int | None = Field(None, ge=1, description="Trials to sample (random, optuna); with grid "
+                                    "values, how many times the whole grid runs (default 1).")
+    max_concurrent_trials: int | None = Field(None, ge=1, description="Defaults to what the cluster fits.")
+    metric: Literal["eval_loss", "perplexity", "loss"] = "eval_loss"
+    mode: Literal["min", "max"] = "min"
+    scheduler: Union[AshaScheduler, FifoScheduler] = Field(FifoScheduler(type="fifo"), discriminator="type")
+    search: Literal["random", "grid", "optuna"] = "random"
+    seed: int | None = Field(None, description="Seed of the random search (a repeatable set of samples).")
+
+    @model_validator(mode="after")
+    def _tune_rules(self) -> TuneSpec:
+        if self.mode == "max":
+            raise ValueError(f"tune.metric {self.metric} is a loss (lower is better): tune.mode must be min")
+        sampled = [p for p, d in self.space.items() if d.kind != "grid"]
+        if self.search in ("random", "optuna") and sampled and self.num_samples is None:
+            raise ValueError(f"tune.search {self.search} samples {', '.join(sampled)}: set tune.num_samples "
+                             "(how many trials to run)")
+        return self
+
+
+
 # --------------------------------------------------------------------------- the job
 
 
@@ -438,7 +538,7 @@ class JobSpec(Section):
     storage: StorageSpec = StorageSpec()
     fault_tolerance: FaultTolerance = FaultTolerance()
     monitoring: Monitoring = Monitoring()
-    tune: dict[str, Any] | None = Field(None, description="A sweep (see the sweep docs).")
+    tune: TuneSpec | None = Field(None, description="A sweep: Ray Tune runs one trial per sampled set of values.")
     env: dict[str, str | None] = Field(
         default_factory=dict,
         description="Worker env vars: a literal value, or null to forward the submitter's variable by name.",
@@ -517,8 +617,15 @@ class JobSpec(Section):
             )
         if self.model.init is not None and m.type != "full":
             raise ValueError("model.init starts from random weights; LoRA on random weights is pointless: use method.type full")
-        if self.tune is not None and not isinstance(self.tune.get("space", {}), dict):
-            raise ValueError("tune.space must be a mapping of dotted spec paths to distributions")
+        return self
+
+    @model_validator(mode="after")
+    def _tune_space(self) -> JobSpec:
+        """Every swept path exists and every value it can take gives a valid spec (raytune_ft.sweep)."""
+        if self.tune is not None:
+            from raytune_ft.sweep import check_space
+
+            check_space(self)
         return self
 
     @property
