@@ -1,0 +1,566 @@
+"""The Ray Jobs target: run the driver on an existing Ray cluster through its Jobs API.
+
+``rtf submit SPEC --address http://HEAD:8265`` (or ``$RAY_ADDRESS``, or ``cluster.address``) sends
+``python -m raytune_ft.launch.driver rtf_spec.yaml`` to the cluster with :class:`JobSubmissionClient`.
+
+* **Authentication.** Ray's token auth (Ray >= 2.52): the token comes from ``$RAY_AUTH_TOKEN``, else
+  the file ``$RAY_AUTH_TOKEN_PATH``, else ``~/.ray/auth_token`` (Ray's own lookup order and default
+  path), and is sent as ``Authorization: Bearer``. A missing token is a one-line error (exit 2) before
+  anything is sent; ``RTF_ALLOW_NO_AUTH=1`` talks to a cluster without auth (no secrets then). A token
+  the cluster refuses is a one-line error too. The token is never printed.
+* **What is shipped** (``runtime_env``): ``working_dir`` is a small bundle made for this job: the
+  resolved spec (``rtf_spec.yaml``: local paths made absolute, secrets as names only) and, when the
+  spec forwards secrets, ``rtf_secrets.sealed`` (see :mod:`raytune_ft.launch.secrets`). It is *not*
+  the user's directory (which may hold data and checkpoints). ``py_modules`` carries this
+  ``raytune_ft`` package, so the cluster runs the submitter's version of rtf; the cluster's Python
+  must have rtf's dependencies (torch, transformers, peft, Ray Train). With ``cluster.image`` set, the
+  image is taken to have raytune_ft installed and nothing is shipped but the bundle.
+  ``cluster.pip`` becomes ``runtime_env.pip``. Literal ``env`` values go to ``runtime_env.env_vars``
+  (visible on the dashboard: the spec refuses literal values for secret-looking names).
+* **Identity.** The job's submission id is ``rtf-{name}-{UTC time}-{random}``; its metadata holds the
+  run name, storage location and spec hash, so ``rtf status|logs|stop`` accept the id or the run
+  name (its newest job). A second job for a run that is still running on the cluster is refused (two
+  drivers would write one run directory).
+* **Progress.** The driver prints ``RTF_EVENT {json}`` lines (``RTF_EVENTS=1``); ``--follow`` and
+  ``rtf logs`` turn them back into the same progress bar and messages as local mode. Ctrl-C detaches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import secrets as _random
+import shlex
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+from urllib.parse import urlsplit
+
+from raytune_ft.errors import UserError
+from raytune_ft.launch import secrets as sec
+from raytune_ft.launch.progress import EVENT_PREFIX
+
+DEFAULT_DASHBOARD_PORT = 8265
+BUNDLE_SPEC = "rtf_spec.yaml"
+DRIVER = "python -u -m raytune_ft.launch.driver"
+SETUP_HOOK = "raytune_ft.launch.secrets.setup_hook"
+EXCLUDES = ["__pycache__", "*.pyc", ".pytest_cache", ".mypy_cache", ".ruff_cache"]
+TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+ACTIVE = ("PENDING", "RUNNING")
+# in --follow, driver lines shown besides the progress events (all lines with RTF_WORKER_LOGS=1)
+DRIVER_MESSAGES = ("error:", "warning:", "rtf:", "stopped:", "interrupted")
+
+
+# --------------------------------------------------------------------------- address and token
+
+
+def dashboard_url(address: str) -> str:
+    """The Jobs API URL for an address: ``http(s)://host:port`` as is; ``ray://host[:port]`` (Ray
+    Client) is taken to mean the same head's dashboard on 8265; ``host[:port]`` gets ``http://``."""
+    a = (address or "").strip().rstrip("/")
+    if not a or a in ("auto", "local"):
+        raise UserError(f"address {address!r} does not say where the cluster is: give the Ray dashboard URL, "
+                        f"e.g. --address http://HEAD:{DEFAULT_DASHBOARD_PORT}")
+    if a.startswith(("http://", "https://")):
+        return a
+    if a.startswith("ray://"):
+        host = urlsplit(a).hostname
+        if not host:
+            raise UserError(f"cannot read a host from {address!r}")
+        return f"http://{host}:{DEFAULT_DASHBOARD_PORT}"
+    if "://" in a:
+        raise UserError(f"address {address!r}: use the Ray dashboard URL http://HEAD:{DEFAULT_DASHBOARD_PORT}")
+    return f"http://{a}" if ":" in a else f"http://{a}:{DEFAULT_DASHBOARD_PORT}"
+
+
+@dataclass(frozen=True)
+class Token:
+    value: str | None = field(repr=False)
+    source: str  # where it came from, for messages (never the value)
+
+
+def default_token_path() -> str:
+    """Ray's default token file (``ray._private.authentication.authentication_token_setup``)."""
+    return os.path.join(os.path.expanduser("~"), ".ray", "auth_token")
+
+
+def find_token() -> Token:
+    """The Ray auth token, looked up as Ray does: ``$RAY_AUTH_TOKEN``, ``$RAY_AUTH_TOKEN_PATH``,
+    ``~/.ray/auth_token``."""
+    tok = os.environ.get("RAY_AUTH_TOKEN", "").strip()
+    if tok:
+        return Token(tok, "$RAY_AUTH_TOKEN")
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    if path:
+        try:
+            with open(os.path.expanduser(path)) as f:
+                tok = f.read().strip()
+        except OSError as e:
+            raise UserError(f"$RAY_AUTH_TOKEN_PATH names {path}, which cannot be read ({e.strerror})") from None
+        if not tok:
+            raise UserError(f"$RAY_AUTH_TOKEN_PATH names {path}, which is empty")
+        return Token(tok, f"$RAY_AUTH_TOKEN_PATH ({path})")
+    path = default_token_path()
+    try:
+        with open(path) as f:
+            tok = f.read().strip()
+    except OSError:
+        tok = ""
+    return Token(tok, path) if tok else Token(None, "none")
+
+
+def _no_auth_allowed() -> bool:
+    return os.environ.get("RTF_ALLOW_NO_AUTH", "") in ("1", "true", "yes")
+
+
+@dataclass
+class Cluster:
+    client: Any  # ray.job_submission.JobSubmissionClient
+    url: str
+    token: Token
+
+    @contextlib.contextmanager
+    def calls(self, what: str) -> Iterator[None]:
+        """Jobs API failures as one-line UserErrors that never hold the token."""
+        with _api_errors(self.url, self.token, what):
+            yield
+
+
+@contextlib.contextmanager
+def _api_errors(url: str, token: Token, what: str) -> Iterator[None]:
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - classified below, re-raised otherwise
+        text = str(e)
+        name = type(e).__name__
+        status = getattr(e, "status", None)
+        if name == "AuthenticationError" or status in (401, 403) or "Unauthorized" in text[:200] \
+                or "Forbidden" in text[:200]:
+            if "Forbidden" in text or "invalid" in text.lower() or status == 403:
+                raise UserError(f"the Ray cluster at {url} refused the auth token from {token.source} "
+                                "(403 Forbidden): it is not this cluster's token") from None
+            raise UserError(f"the Ray cluster at {url} requires a Ray auth token (401 Unauthorized) and none "
+                            "was sent: set $RAY_AUTH_TOKEN or $RAY_AUTH_TOKEN_PATH") from None
+        if name in ("ConnectionError", "ConnectTimeout", "ClientConnectorError", "ServerDisconnectedError") \
+                or "Failed to connect" in text or "Connection refused" in text:
+            raise UserError(f"cannot reach the Ray Jobs API at {url} ({what}): is the cluster's dashboard "
+                            f"there? (`ray start --head` serves it on port {DEFAULT_DASHBOARD_PORT})") from None
+        if "does not exist" in text and what.startswith("job "):
+            raise UserError(f"no {what} on the cluster at {url}; `rtf jobs` lists them") from None
+        raise
+
+
+@contextlib.contextmanager
+def _without_env(*names: str) -> Iterator[None]:
+    """JobSubmissionClient prefers $RAY_ADDRESS/$RAY_API_SERVER_ADDRESS to its argument; ours wins."""
+    saved = {n: os.environ.pop(n) for n in names if n in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
+
+
+def connect(address: str) -> Cluster:
+    """A Jobs API client for ``address`` that authenticates with the Ray token."""
+    import logging
+
+    url = dashboard_url(address)
+    token = find_token()
+    if token.value is None and not _no_auth_allowed():
+        raise UserError(f"no Ray auth token for {url}: set $RAY_AUTH_TOKEN, or $RAY_AUTH_TOKEN_PATH to the "
+                        f"token file, or put the token in {default_token_path()} (`ray get-auth-token` on the "
+                        "head node prints it)")
+    headers = {"Authorization": f"Bearer {token.value}"} if token.value else None
+    from ray.job_submission import JobSubmissionClient
+
+    for name in ("ray.dashboard.modules.dashboard_sdk", "ray.dashboard.modules.job.sdk",
+                 "ray._private.runtime_env.packaging"):
+        logging.getLogger(name).setLevel(logging.WARNING)  # "Uploading package", "WebSocket closed" chatter
+    with _without_env("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"), _api_errors(url, token, "connecting"):
+        client = JobSubmissionClient(url, headers=headers)
+    return Cluster(client, url, token)
+
+
+def cluster_address(address: str | None) -> str:
+    addr = address or os.environ.get("RAY_ADDRESS")
+    if not addr:
+        raise UserError("which cluster? give --address http://HEAD:8265 or set $RAY_ADDRESS")
+    return addr
+
+
+# --------------------------------------------------------------------------- the submission
+
+
+def package_dir() -> str:
+    import raytune_ft
+
+    return os.path.dirname(os.path.abspath(raytune_ft.__file__))
+
+
+def submission_id(spec: Any) -> str:
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    return f"rtf-{spec.name}-{stamp}-{_random.token_hex(2)}"
+
+
+def job_payload(spec: Any, bundle: str, *, fresh: bool = False, resume_from: str | None = None,
+                forwarded: list[str] | None = None) -> dict[str, Any]:
+    """Everything ``submit_job`` receives. Secret values are never in it (names only)."""
+    from raytune_ft.plan import make_plan
+    from raytune_ft.spec import spec_hash
+
+    args = [BUNDLE_SPEC] + (["--fresh"] if fresh else []) + (["--resume-from", resume_from] if resume_from else [])
+    env_vars = {k: v for k, v in spec.env.items() if v is not None}
+    env_vars["RTF_EVENTS"] = "1"
+    env_vars.setdefault("PYTHONUNBUFFERED", "1")
+    runtime_env: dict[str, Any] = {"working_dir": bundle, "env_vars": env_vars}
+    if not spec.cluster.image:
+        runtime_env["py_modules"] = [package_dir()]
+        runtime_env["excludes"] = list(EXCLUDES)
+    if spec.cluster.pip:
+        runtime_env["pip"] = list(spec.cluster.pip)
+    if forwarded:
+        runtime_env["worker_process_setup_hook"] = SETUP_HOOK
+    metadata = {"rtf_name": spec.name, "rtf_run": make_plan(spec).run_uri, "rtf_spec_hash": spec_hash(spec)}
+    if forwarded:
+        metadata["rtf_forwarded_env"] = ",".join(forwarded)
+    return {"entrypoint": f"{DRIVER} {' '.join(shlex.quote(a) for a in args)}", "runtime_env": runtime_env,
+            "metadata": metadata, "submission_id": submission_id(spec)}
+
+
+def write_bundle(spec: Any, bundle: str, values: dict[str, str], token: str | None) -> None:
+    from raytune_ft.spec import to_yaml
+
+    with open(os.path.join(bundle, BUNDLE_SPEC), "w") as f:
+        f.write(to_yaml(spec))
+    if values:
+        assert token, "secrets are sealed with the cluster's token"
+        with open(os.path.join(bundle, sec.SEALED_FILE), "wb") as f:
+            f.write(sec.seal(values, token))
+
+
+def submit_cluster(spec: Any, address: str, why: str, *, fresh: bool = False, resume_from: str | None = None,
+                   follow: bool = True, out=None) -> int:
+    """Submit ``spec`` (already absolutized) as a Ray job; follow it when asked. Returns an exit code."""
+    from raytune_ft.plan import make_plan
+
+    out = out or sys.stderr
+    plan = make_plan(spec)
+    sec.check_names(spec)
+    values = sec.collect(spec)  # an unset secret fails here, before anything is sent
+    cluster = connect(address)
+    if values and not cluster.token.value:
+        raise UserError(f"env forwards {', '.join(values)}, which needs Ray token authentication (the "
+                        "secrets are sealed with the cluster's token); unset RTF_ALLOW_NO_AUTH and give the token")
+    print(f"mode: Ray cluster, Jobs API at {cluster.url} ({why})", file=out)
+    if cluster.token.value is None:
+        print("warning: no Ray auth token (RTF_ALLOW_NO_AUTH=1): anyone who reaches this cluster can run code "
+              "on it", file=out)
+    running = [j for j in _rtf_jobs(cluster) if (j.metadata or {}).get("rtf_name") == spec.name
+               and str(j.status) in ACTIVE]
+    if running:
+        jid = running[0].submission_id
+        raise UserError(f"run {spec.name} is already {running[0].status} on this cluster as job {jid} "
+                        f"(two drivers would write one run directory): `rtf logs {jid} --follow` or `rtf stop {jid}`")
+    resume = resume_from if (not resume_from or "://" in resume_from) else os.path.abspath(resume_from)
+    with tempfile.TemporaryDirectory(prefix="rtf-job-") as bundle:
+        write_bundle(spec, bundle, values, cluster.token.value)
+        payload = job_payload(spec, bundle, fresh=fresh, resume_from=resume, forwarded=sorted(values))
+        with cluster.calls("submitting the job"):
+            job_id = cluster.client.submit_job(**payload)
+    print(f"job: {job_id} submitted (run {spec.name}, {plan.num_workers} worker(s) × {plan.resources_per_worker})",
+          file=out)
+    print(f"storage: {plan.run_uri}", file=out)
+    if values:
+        print(f"secrets: {', '.join(sorted(values))} forwarded sealed (names only in the job's payload)", file=out)
+    if not spec.storage.is_s3 and plan.num_workers > 1:
+        print("note: storage is a local directory: every node of the cluster must see it (a shared filesystem)",
+              file=out)
+    if not follow:
+        print(f"follow: rtf logs {job_id} --follow   status: rtf status {job_id}   stop: rtf stop {job_id}",
+              file=out)
+        return 0
+    return follow_job(cluster, job_id, out=out, run_uri=plan.run_uri, hide=values)
+
+
+# --------------------------------------------------------------------------- logs and progress
+
+
+def parse_event(line: str) -> dict[str, Any] | None:
+    """The event on an ``RTF_EVENT {json}`` line (Ray may prefix a worker's lines: found anywhere)."""
+    i = line.find(EVENT_PREFIX)
+    if i < 0:
+        return None
+    try:
+        e = json.loads(line[i + len(EVENT_PREFIX):])
+    except ValueError:
+        return None
+    return e if isinstance(e, dict) else None
+
+
+def last_progress(text: str) -> dict[str, Any] | None:
+    """``{"step", "max_steps", "kind"}`` from the last progress event in a job's log."""
+    for line in reversed(text.splitlines()):
+        e = parse_event(line)
+        if not e:
+            continue
+        if e.get("kind") == "done":
+            s = e.get("summary") or {}
+            return {"kind": "done", "step": s.get("steps"), "max_steps": s.get("max_steps")}
+        if e.get("kind") in ("log", "checkpoint", "eval") and e.get("step") is not None:
+            return {"kind": e["kind"], "step": e.get("step"), "max_steps": e.get("max_steps")}
+    return None
+
+
+def render_log(text: str, hide: dict[str, str] | None = None) -> str:
+    """A job's log for people: event lines become the lines local mode prints; the rest as is."""
+    from raytune_ft.launch.progress import Renderer
+
+    buf = io.StringIO()
+    renderer = Renderer(buf)  # not a TTY: one line per event
+    for line in text.splitlines():
+        e = parse_event(line)
+        if e is None:
+            buf.write(line + "\n")
+        elif e.get("kind") == "done":
+            s = e.get("summary") or {}
+            buf.write(f"done: {s.get('steps')} steps, train loss {s.get('train_loss')}, outputs in {e.get('final')}\n")
+        else:
+            renderer.handle(e)
+    return sec.scrub(buf.getvalue(), hide or {})
+
+
+class _Follower:
+    def __init__(self, out, hide: dict[str, str], verbose: bool) -> None:
+        from raytune_ft.launch.progress import Renderer
+
+        self.out, self.hide, self.verbose = out, hide, verbose
+        self.renderer = Renderer(out)
+        self.partial = ""
+        self.lines = 0  # complete lines seen (to skip them when the stream reconnects)
+        self.skip = 0
+        self.summary: dict[str, Any] | None = None
+        self.shown_error = False
+
+    def feed(self, chunk: str) -> None:
+        data = self.partial + chunk
+        *complete, self.partial = data.split("\n")
+        for line in complete:
+            self.lines += 1
+            if self.skip:
+                self.skip -= 1
+                continue
+            self.line(line)
+
+    def line(self, line: str) -> None:
+        e = parse_event(line)
+        if e is not None:
+            if e.get("kind") == "done":
+                self.summary = e.get("summary") or {}
+                return
+            self.renderer.handle(e)
+            return
+        text = sec.scrub(line.rstrip("\r"), self.hide)
+        if self.verbose or text.lstrip().startswith(DRIVER_MESSAGES):
+            self.shown_error |= text.lstrip().startswith("error:")
+            self.renderer.handle({"kind": "info", "message": text})
+
+    def reconnect(self) -> None:
+        self.skip, self.lines, self.partial = self.lines, 0, ""
+
+
+def follow_job(cluster: Cluster, job_id: str, *, out=None, run_uri: str | None = None,
+               hide: dict[str, str] | None = None) -> int:
+    """Stream a job's progress until it ends (exit code from its outcome). Ctrl-C detaches."""
+    import asyncio
+
+    out = out or sys.stderr
+    verbose = bool(os.environ.get("RTF_WORKER_LOGS"))
+    f = _Follower(out, dict(hide or {}), verbose)
+
+    async def tail() -> None:
+        async for chunk in cluster.client.tail_job_logs(job_id):
+            f.feed(chunk)
+
+    try:
+        while True:
+            with cluster.calls(f"job {job_id}"):
+                asyncio.run(tail())
+            if f.partial:
+                f.feed("\n")
+            info = job_info(cluster, job_id)
+            if str(info.status) in TERMINAL:
+                break
+            time.sleep(1.0)  # the stream ended early (a network blip): reconnect, skip what was shown
+            f.reconnect()
+    except KeyboardInterrupt:
+        f.renderer.close()
+        print(f"\ndetached: job {job_id} keeps running on the cluster.\n"
+              f"  reattach: rtf logs {job_id} --follow\n"
+              f"  status:   rtf status {job_id}\n"
+              f"  stop:     rtf stop {job_id}", file=out)
+        return 130
+    f.renderer.close()
+    status = str(info.status)
+    if status == "SUCCEEDED":
+        if f.summary is not None:
+            from raytune_ft.launch import print_summary
+
+            print_summary(f.summary, run_uri or (info.metadata or {}).get("rtf_run", "?"), out)
+        print(f"job {job_id} SUCCEEDED", file=out)
+        return 0
+    code = info.driver_exit_code
+    msg = (info.message or "").strip()
+    if status == "FAILED" and not f.shown_error and msg:
+        lines = msg.splitlines()
+        tail_lines = "\n".join("  " + ln for ln in lines[-15:]) if len(lines) > 1 else ""
+        print(sec.scrub(f"error: {lines[0]}" + (f"\n{tail_lines}" if tail_lines else ""), f.hide), file=out)
+    print(f"job {job_id} {status}" + (f" (driver exit code {code})" if code is not None else "")
+          + f"; full log: rtf logs {job_id}", file=out)
+    if status == "STOPPED":
+        return 1
+    return code if code in (1, 2) else 1
+
+
+# --------------------------------------------------------------------------- status, logs, stop, jobs
+
+
+def job_info(cluster: Cluster, job_id: str) -> Any:
+    with cluster.calls(f"job {job_id}"):
+        return cluster.client.get_job_info(job_id)
+
+
+def _rtf_jobs(cluster: Cluster) -> list[Any]:
+    with cluster.calls("listing jobs"):
+        return list(cluster.client.list_jobs())
+
+
+def resolve(cluster: Cluster, job: str) -> Any:
+    """A job by submission id, or the newest job of the run named ``job``."""
+    jobs = _rtf_jobs(cluster)
+    for j in jobs:
+        if job in (j.submission_id, j.job_id):
+            return j
+    mine = [j for j in jobs if (j.metadata or {}).get("rtf_name") == job]
+    if mine:
+        return max(mine, key=lambda j: j.start_time or 0)
+    raise UserError(f"no job {job!r} on the cluster at {cluster.url} (neither a job id nor a run name); "
+                    "`rtf jobs` lists them")
+
+
+def _when(ms: int | None) -> str:
+    if not ms:
+        return "-"
+    return datetime.fromtimestamp(ms / 1000).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _progress(cluster: Cluster, job: Any) -> dict[str, Any] | None:
+    if not (job.metadata or {}).get("rtf_name"):
+        return None
+    try:
+        with cluster.calls(f"job {job.submission_id}"):
+            return last_progress(cluster.client.get_job_logs(job.submission_id))
+    except Exception:  # noqa: BLE001 - progress is a nicety; the listing must not fail on it
+        return None
+
+
+def _steps(p: dict[str, Any] | None) -> str:
+    if not p or p.get("step") is None:
+        return "-"
+    return f"{p['step']}/{p.get('max_steps') or '?'}"
+
+
+def job_record(cluster: Cluster, job: Any, progress: bool = True) -> dict[str, Any]:
+    meta = job.metadata or {}
+    p = _progress(cluster, job) if progress else None
+    return {"job": job.submission_id or job.job_id, "run": meta.get("rtf_name"), "status": str(job.status),
+            "start_time": job.start_time, "end_time": job.end_time, "driver_exit_code": job.driver_exit_code,
+            "step": (p or {}).get("step"), "max_steps": (p or {}).get("max_steps"), "storage": meta.get("rtf_run"),
+            "message": job.message, "entrypoint": job.entrypoint}
+
+
+def status(address: str | None, job: str, out=None) -> dict[str, Any]:
+    out = out or sys.stdout
+    cluster = connect(cluster_address(address))
+    rec = job_record(cluster, resolve(cluster, job))
+    rows = [("job", rec["job"]), ("run", rec["run"] or "-"), ("status", rec["status"] + (
+        f" (driver exit code {rec['driver_exit_code']})" if rec["driver_exit_code"] is not None else "")),
+            ("started", _when(rec["start_time"])), ("ended", _when(rec["end_time"])),
+            ("progress", _steps(rec)), ("storage", rec["storage"] or "-")]
+    if rec["message"] and rec["status"] != "RUNNING":
+        rows.append(("message", rec["message"].strip().splitlines()[0][:200]))
+    for k, v in rows:
+        print(f"{k + ':':<10}{v}", file=out)
+    return rec
+
+
+def logs(address: str | None, job: str, *, follow: bool = False, out=None) -> int:
+    cluster = connect(cluster_address(address))
+    j = resolve(cluster, job)
+    jid = j.submission_id or j.job_id
+    if follow:
+        return follow_job(cluster, jid, out=out or sys.stderr, run_uri=(j.metadata or {}).get("rtf_run"),
+                          hide=_local_values(j))
+    with cluster.calls(f"job {jid}"):
+        text = cluster.client.get_job_logs(jid)
+    (out or sys.stdout).write(render_log(text, _local_values(j)))
+    return 0
+
+
+def _local_values(job: Any) -> dict[str, str]:
+    """The values, in this environment, of the variables the job forwarded: masked in printed logs."""
+    names = [n for n in (job.metadata or {}).get("rtf_forwarded_env", "").split(",") if n]
+    return {n: os.environ[n] for n in names if os.environ.get(n)}
+
+
+def stop(address: str | None, job: str, *, wait_s: float = 60.0, out=None) -> int:
+    out = out or sys.stdout
+    cluster = connect(cluster_address(address))
+    j = resolve(cluster, job)
+    jid = j.submission_id or j.job_id
+    if str(j.status) in TERMINAL:
+        print(f"job {jid} already {j.status}; nothing to stop", file=out)
+        return 0
+    with cluster.calls(f"job {jid}"):
+        cluster.client.stop_job(jid)
+    deadline = time.time() + wait_s
+    st = str(j.status)
+    while time.time() < deadline:
+        st = str(job_info(cluster, jid).status)
+        if st in TERMINAL:
+            break
+        time.sleep(1.0)
+    run = (j.metadata or {}).get("rtf_run")
+    if st in TERMINAL:
+        print(f"job {jid} {st}." + (f" Committed checkpoints in {run} are intact; submit the same spec to "
+                                    "resume from the latest one." if run else ""), file=out)
+        return 0
+    print(f"job {jid} asked to stop; still {st} after {wait_s:.0f}s (`rtf status {jid}`)", file=out)
+    return 1
+
+
+def list_jobs(address: str | None, *, as_json: bool = False, limit: int = 20, out=None) -> list[dict[str, Any]]:
+    out = out or sys.stdout
+    cluster = connect(cluster_address(address))
+    jobs = sorted(_rtf_jobs(cluster), key=lambda j: j.start_time or 0, reverse=True)[:limit]
+    recs = [job_record(cluster, j) for j in jobs]
+    if as_json:
+        print(json.dumps(recs, indent=2), file=out)
+        return recs
+    if not recs:
+        print(f"no jobs on the cluster at {cluster.url}", file=out)
+        return recs
+    rows = [("JOB", "RUN", "STATUS", "STARTED", "STEP")] + [
+        (r["job"], r["run"] or "(not rtf) " + (r["entrypoint"] or "")[:30], r["status"], _when(r["start_time"]),
+         _steps(r)) for r in recs]
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip(), file=out)
+    return recs
