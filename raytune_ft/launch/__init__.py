@@ -7,7 +7,7 @@ import sys
 import time
 from typing import Any
 
-from raytune_ft.errors import NotImplementedYet, UserError
+from raytune_ft.errors import UserError
 from raytune_ft.spec.models import JobSpec
 
 
@@ -71,8 +71,10 @@ def submit(spec: JobSpec, *, address: str | None = None, fresh: bool = False, re
     out = out or sys.stderr
     mode, addr, why = choose_target(spec, address)
     if mode == "cluster":
-        raise NotImplementedYet(f"cluster submission ({why}: {addr}) is not yet implemented; "
-                                "unset it to run locally")
+        from raytune_ft.launch.ray_jobs import submit_cluster
+
+        return submit_cluster(absolutize(spec), addr, why, fresh=fresh, resume_from=resume_from,
+                              follow=follow, out=out)
     print(f"mode: local embedded Ray ({why})", file=out)
     return run_local(absolutize(spec), fresh=fresh, resume_from=resume_from, out=out)
 
