@@ -229,12 +229,18 @@ def _fit_once(spec: JobSpec, fs: Any, root: str, resume_from: str | None,
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Cluster entry point: ``python -m raytune_ft.launch.driver SPEC [--fresh] [--resume-from URI]``."""
+    """Cluster entry point: ``python -m raytune_ft.launch.driver SPEC [--fresh] [--resume-from URI]``.
+
+    With ``RTF_EVENTS=1`` (set by the Ray Jobs target) progress goes to stdout as ``RTF_EVENT {json}``
+    lines, which ``rtf submit --follow`` and ``rtf logs`` render; otherwise as readable lines."""
     import argparse
+    import json
+    import signal
 
     import ray
 
-    from raytune_ft.launch.progress import Renderer
+    from raytune_ft.launch import check_data, secrets
+    from raytune_ft.launch.progress import EVENT_PREFIX, Renderer
     from raytune_ft.spec import load_spec
 
     ap = argparse.ArgumentParser(prog="raytune_ft.launch.driver")
@@ -242,18 +248,39 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fresh", action="store_true")
     ap.add_argument("--resume-from")
     a = ap.parse_args(argv)
+    if os.environ.get("RTF_EVENTS") == "1":
+        def on_event(e: dict[str, Any]) -> None:
+            print(EVENT_PREFIX + json.dumps(e, default=str), flush=True)
+    else:
+        on_event = Renderer(sys.stdout).handle
+
+    def stopped(signum, frame):  # `rtf stop` / `ray job stop` send SIGTERM
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stopped)
     try:
+        secrets.install_sealed()  # secrets forwarded by `rtf submit --address`, before anything reads them
         spec = load_spec(a.spec)
+        on_event({"kind": "info", "message": f"storage preflight: {st.preflight(spec.storage)}"})
+        skipped = check_data(spec)
+        if skipped:
+            on_event({"kind": "info", "message": f"data: {skipped} bad row(s) will be skipped (data.on_bad_row: skip)"})
         ray.init(address=os.environ.get("RAY_ADDRESS", "auto"), log_to_driver=True)
-        renderer = Renderer(sys.stdout)
-        result = run(spec, fresh=a.fresh, resume_from=a.resume_from, on_event=renderer.handle)
+        result = run(spec, fresh=a.fresh, resume_from=a.resume_from, on_event=on_event)
+    except secrets.SealError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {e}", file=sys.stderr, flush=True)
         return e.exit_code
+    except KeyboardInterrupt:
+        print("stopped: training stopped; committed checkpoints are intact, submit the same spec to resume "
+              "from the latest one", file=sys.stderr, flush=True)
+        return 143
     if not result.ok:
-        print(f"error: training failed: {result.error}", file=sys.stderr)
+        print(f"error: training failed: {result.error}", file=sys.stderr, flush=True)
         return 1
-    print(f"done: outputs in {result.run_uri}/final")
+    print(f"done: outputs in {result.run_uri}/final", flush=True)
     return 0
 
 
