@@ -26,6 +26,7 @@ import torch
 from raytune_ft import checkpoints as ck
 from raytune_ft import storage as st
 from raytune_ft.launch.progress import Publisher
+from raytune_ft.launch.secrets import apply_env, env_report
 from raytune_ft.spec import spec_from_dict, spec_hash, to_yaml
 from raytune_ft.spec.models import JobSpec
 from raytune_ft.train.callbacks import RtfCallback, barrier, gather
@@ -217,6 +218,7 @@ def train_loop(config: dict[str, Any]) -> None:
     """Entry point of every Ray Train worker."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     spec = spec_from_dict(config["spec"])
+    apply_env(spec)  # first: literal env values, and forwarded secrets (Ray Jobs: sealed)
     run = _context(spec)
     work = tempfile.mkdtemp(prefix=f"rtf-{spec.name}-r{run.rank}-")
     publisher = Publisher(config.get("progress") if run.rank == 0 else None)
@@ -239,7 +241,8 @@ def _run(spec: JobSpec, run: RunContext, work: str, publisher: Publisher, config
     t0 = time.time()
     device = _device(run)
     seed = spec.training.seed
-    workers = gather({"rank": run.rank, "pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id()})
+    workers = gather({"rank": run.rank, "pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(),
+                      **env_report(spec)})  # forwarded env var names seen (never values)
     if run.rank == 0:
         publisher.push({"kind": "workers", "workers": workers, "message": "workers: " + ", ".join(
             f"rank {w['rank']} pid {w['pid']} node {w['node_id'][:8]}" for w in workers)})
