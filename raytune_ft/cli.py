@@ -125,7 +125,8 @@ def submit(
     address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (else RAY_ADDRESS, cluster.address, or local)."),
     fresh: bool = typer.Option(False, "--fresh", help="Start over; the old run is kept aside, never deleted."),
     resume_from: Optional[str] = typer.Option(None, "--resume-from", help="Resume from this checkpoint URI."),
-    follow: bool = typer.Option(True, "--follow/--no-follow", help="Stream progress (cluster mode)."),
+    follow: bool = typer.Option(True, "--follow/--no-follow",
+                                help="Cluster mode: stream progress until the job ends (Ctrl-C detaches)."),
 ) -> None:
     """Run a spec: locally on an embedded Ray, or on a cluster when an address is given."""
     from raytune_ft.launch import submit as do_submit
@@ -135,28 +136,60 @@ def submit(
     raise typer.Exit(code)
 
 
-@app.command()
-def status(job: str) -> None:
-    """Status of a submitted cluster job."""
-    _todo("status")
+AddressOpt = typer.Option(None, "--address", help="Ray dashboard URL, http://HEAD:8265 (else $RAY_ADDRESS).")
 
 
 @app.command()
-def logs(job: str, follow: bool = typer.Option(False, "--follow", "-f")) -> None:
-    """Logs of a submitted cluster job."""
-    _todo("logs")
+def status(
+    job: str = typer.Argument(..., help="A job id (rtf-NAME-...) or a run name (its newest job)."),
+    address: Optional[str] = AddressOpt,
+    as_json: bool = typer.Option(False, "--json", help="Print as JSON."),
+) -> None:
+    """Status of a job on a Ray cluster: state, times, step/total, storage."""
+    from raytune_ft.launch import ray_jobs
+
+    if as_json:
+        import io
+
+        rec = ray_jobs.status(address, job, out=io.StringIO())
+        _out(json.dumps(rec, indent=2))
+    else:
+        ray_jobs.status(address, job)
 
 
 @app.command()
-def stop(job: str) -> None:
-    """Stop a submitted cluster job (its last checkpoint stays)."""
-    _todo("stop")
+def logs(
+    job: str = typer.Argument(..., help="A job id or a run name (its newest job)."),
+    follow: bool = typer.Option(False, "--follow", "-f", help="Stream live with the progress bar; Ctrl-C detaches."),
+    address: Optional[str] = AddressOpt,
+) -> None:
+    """Logs of a job on a Ray cluster (progress events shown as readable lines)."""
+    from raytune_ft.launch import ray_jobs
+
+    raise typer.Exit(ray_jobs.logs(address, job, follow=follow))
 
 
 @app.command()
-def jobs() -> None:
-    """List jobs on the cluster."""
-    _todo("jobs")
+def stop(
+    job: str = typer.Argument(..., help="A job id or a run name (its newest job)."),
+    address: Optional[str] = AddressOpt,
+) -> None:
+    """Stop a job on a Ray cluster. Its committed checkpoints stay; resubmitting the spec resumes."""
+    from raytune_ft.launch import ray_jobs
+
+    raise typer.Exit(ray_jobs.stop(address, job))
+
+
+@app.command()
+def jobs(
+    address: Optional[str] = AddressOpt,
+    as_json: bool = typer.Option(False, "--json", help="Print as JSON."),
+    limit: int = typer.Option(20, "--limit", "-n", help="Newest N jobs."),
+) -> None:
+    """List jobs on a Ray cluster: id, run, status, start time, step/total."""
+    from raytune_ft.launch import ray_jobs
+
+    ray_jobs.list_jobs(address, as_json=as_json, limit=limit)
 
 
 @render_app.command("k8s")
