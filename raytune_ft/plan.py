@@ -345,7 +345,7 @@ def run_uri(spec: JobSpec) -> str:
     base = spec.storage.path
     if base.startswith("s3://"):
         return base.rstrip("/") + "/" + spec.name
-    return str((Path(base).expanduser().resolve() / spec.name))
+    return str(Path(base).expanduser().resolve() / spec.name)
 
 
 def make_plan(spec: JobSpec) -> Plan:

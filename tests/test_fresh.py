@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
-
 from raytune_ft import storage as st
 from raytune_ft.launch.driver import keep_aside
 from raytune_ft.spec import spec_from_dict

@@ -200,7 +200,9 @@ def test_missing_and_bad_yaml_files(tmp_path):
 
 def test_spec_is_frozen():
     spec = spec_from_dict(base_doc())
-    with pytest.raises(Exception):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="frozen"):
         spec.training.learning_rate = 1.0  # type: ignore[misc]
 
 
