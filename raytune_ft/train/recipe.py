@@ -284,7 +284,8 @@ def _run(spec: JobSpec, run: RunContext, work: str, publisher: Publisher, config
         from torch.utils.tensorboard import SummaryWriter
 
         tb = SummaryWriter(log_dir=os.path.join(work, "tensorboard"))
-    callback = RtfCallback(run=run, spec_hash=spec_hash(spec), publisher=publisher, work_dir=work, tb_writer=tb)
+    callback = RtfCallback(run=run, spec_hash=spec_hash(spec), publisher=publisher, work_dir=work, tb_writer=tb,
+                           report_evals=bool(config.get("report_evals")))  # a sweep trial: each eval to Tune
     callbacks: list[Any] = [callback]
     if spec.training.early_stopping:
         es = spec.training.early_stopping
