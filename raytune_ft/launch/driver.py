@@ -128,7 +128,17 @@ def run(spec: JobSpec, *, fresh: bool = False, resume_from: str | None = None,
 
     A failure is classified: a user error is raised as such; when storage dropped out, the run is
     started again (same name and storage, so it resumes from the last committed checkpoint) once
-    storage answers, within ``fault_tolerance.max_failures`` and a bounded wait."""
+    storage answers, within ``fault_tolerance.max_failures`` and a bounded wait.
+
+    A spec with a ``tune:`` section is a sweep: :func:`raytune_ft.sweep.run_sweep` runs it (one whole run
+    of the spec per Ray Tune trial) and returns the best trial's result."""
+    if spec.tune is not None:
+        if resume_from:
+            raise UserError("--resume-from names one run's checkpoint; a sweep resumes its own trials: "
+                            "resubmit the same spec to continue it")
+        from raytune_ft.sweep import run_sweep
+
+        return run_sweep(spec, fresh=fresh, on_event=on_event)
     plan = make_plan(spec)
     emit = on_event or (lambda e: None)
     fs, root = st.pyarrow_filesystem(spec.storage)
