@@ -61,6 +61,7 @@ SWEEPABLE = ("model", "tokenizer", "method", "data", "training", "deepspeed")
 EVAL_METRICS = ("eval_loss", "perplexity")
 DIVERGED = 1e30  # what Tune sees for a NaN/inf loss, so schedulers and ranking treat it as the worst
 MAX_COMBINATIONS = 256  # the whole-space check validates every combination of edge values up to this many
+TRIAL_DRIVER_MEMORY = 256 * 2**20  # a trial only drives its TorchTrainer: no CPU (its workers have theirs), some memory
 
 STATUS_COMPLETED = "completed"
 STATUS_STOPPED = "stopped early"
@@ -418,7 +419,12 @@ def _make_sweep_events() -> type:
             _say(f"{_trial_name(trial)} started: {_values_text(trial.config, self.paths)}")
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
-            if self.metric in result:
+            seen = getattr(self, "_seen", None)
+            if seen is None:
+                seen = self._seen = set()
+            key = (trial.trial_id, result.get("step"))
+            if self.metric in result and key not in seen:
+                seen.add(key)
                 value = "diverged (nan/inf)" if result.get("diverged") else f"{result[self.metric]:.4f}"
                 _say(f"{_trial_name(trial)} step {result.get('step')}: {self.metric} {value}")
 
@@ -502,7 +508,9 @@ def scheduler(spec: JobSpec) -> Any:
                          stop_last_trials=False)
 
 
-def search_algorithm(spec: JobSpec) -> Any:
+def search_algorithm(spec: JobSpec, concurrency: int) -> Any:
+    """Random/grid: Tune's variant generator, limited to ``concurrency`` trials in flight (Tune ignores
+    TuneConfig.max_concurrent_trials for a generator passed in). Optuna: limited by Tune."""
     assert spec.tune is not None
     t = spec.tune
     if t.search == "optuna":
@@ -515,7 +523,7 @@ def search_algorithm(spec: JobSpec) -> Any:
         return OptunaSearch(seed=t.seed)
     from ray.tune.search import BasicVariantGenerator
 
-    return BasicVariantGenerator(random_state=t.seed)
+    return BasicVariantGenerator(random_state=t.seed, max_concurrent=concurrency)
 
 
 def default_concurrency(spec: JobSpec) -> int:
@@ -773,7 +781,7 @@ def run_sweep(spec: JobSpec, *, fresh: bool = False, on_event: Callable[[dict[st
 
     t = spec.tune
     trainable = tune.with_resources(tune.with_parameters(_run_trial, base=trial_base(spec), metric=t.metric),
-                                    {"cpu": 0})
+                                    {"cpu": 0, "memory": TRIAL_DRIVER_MEMORY})
     if restore:
         tuner = tune.Tuner.restore(tune_path, trainable, resume_unfinished=True, resume_errored=True,
                                    storage_filesystem=fs)
@@ -788,8 +796,9 @@ def run_sweep(spec: JobSpec, *, fresh: bool = False, on_event: Callable[[dict[st
             trainable,
             param_space=param_space(spec),
             tune_config=tune.TuneConfig(
-                metric=t.metric, mode=t.mode, scheduler=scheduler(spec), search_alg=search_algorithm(spec),
-                num_samples=t.num_samples or 1, max_concurrent_trials=concurrency,
+                metric=t.metric, mode=t.mode, scheduler=scheduler(spec),
+                search_alg=search_algorithm(spec, concurrency), num_samples=t.num_samples or 1,
+                max_concurrent_trials=concurrency if t.search == "optuna" else None,
                 trial_name_creator=_trial_name, trial_dirname_creator=_trial_name,
             ),
             run_config=tune.RunConfig(
@@ -880,3 +889,12 @@ def load_results(target: str, *, storage: str = "./rtf_runs", endpoint_url: str 
         raise UserError(f"no {RESULTS_CSV} in {shown}", hint=hint)
     res = parse_results_csv(data.decode(), name=posixpath.basename(path.rstrip("/")), location=shown)
     return res, (st.join(shown, BEST_YAML) if has_best else None)
+
+
+def read_best(target: str, *, storage: str = "./rtf_runs", endpoint_url: str | None = None) -> str:
+    """The text of a sweep's best.yaml."""
+    fs, path, shown = locate(target, storage=storage, endpoint_url=endpoint_url)
+    data = st.read_bytes(fs, st.fs_join(path, BEST_YAML))
+    if data is None:
+        raise UserError(f"no {BEST_YAML} in {shown} (no trial reported the sweep's metric yet)")
+    return data.decode()
