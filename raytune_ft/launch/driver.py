@@ -267,7 +267,6 @@ def main(argv: list[str] | None = None) -> int:
     def stopped(signum, frame):  # `rtf stop` / `ray job stop` send SIGTERM
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, stopped)
     try:
         secrets.install_sealed()  # secrets forwarded by `rtf submit --address`, before anything reads them
         spec = load_spec(a.spec)
@@ -276,6 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         if skipped:
             on_event({"kind": "info", "message": f"data: {skipped} bad row(s) will be skipped (data.on_bad_row: skip)"})
         ray.init(address=os.environ.get("RAY_ADDRESS", "auto"), log_to_driver=True)
+        signal.signal(signal.SIGTERM, stopped)  # after ray.init, which sets its own (a bare sys.exit)
         result = run(spec, fresh=a.fresh, resume_from=a.resume_from, on_event=on_event)
     except secrets.SealError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
