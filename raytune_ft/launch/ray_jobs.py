@@ -7,7 +7,8 @@
   the file ``$RAY_AUTH_TOKEN_PATH``, else ``~/.ray/auth_token`` (Ray's own lookup order and default
   path), and is sent as ``Authorization: Bearer``. A missing token is a one-line error (exit 2) before
   anything is sent; ``RTF_ALLOW_NO_AUTH=1`` talks to a cluster without auth (no secrets then). A token
-  the cluster refuses is a one-line error too. The token is never printed.
+  the cluster refuses is a one-line error too. The token is never printed. A cluster that answers a
+  request *without* a token (token auth off, or Ray < 2.52) gets a warning, and no secrets.
 * **What is shipped** (``runtime_env``): ``working_dir`` is a small bundle made for this job: the
   resolved spec (``rtf_spec.yaml``: local paths made absolute, secrets as names only) and, when the
   spec forwards secrets, ``rtf_secrets.sealed`` (see :mod:`raytune_ft.launch.secrets`). It is *not*
@@ -54,7 +55,7 @@ EXCLUDES = ["__pycache__", "*.pyc", ".pytest_cache", ".mypy_cache", ".ruff_cache
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 ACTIVE = ("PENDING", "RUNNING")
 # in --follow, driver lines shown besides the progress events (all lines with RTF_WORKER_LOGS=1)
-DRIVER_MESSAGES = ("error:", "warning:", "rtf:", "stopped:", "interrupted")
+DRIVER_MESSAGES = ("error:", "hint:", "warning:", "rtf:", "stopped:", "interrupted")
 
 
 # --------------------------------------------------------------------------- address and token
@@ -189,6 +190,20 @@ def connect(address: str) -> Cluster:
     return Cluster(client, url, token)
 
 
+def checks_tokens(url: str, timeout: float = 10.0) -> bool | None:
+    """Whether the cluster refuses a request that carries no token (``None``: could not tell). A
+    cluster that answers without one has token auth off: anyone who reaches it can run code there."""
+    import requests
+
+    try:
+        r = requests.get(f"{url}/api/jobs/", timeout=timeout)
+    except requests.RequestException:
+        return None
+    if r.status_code in (401, 403):
+        return True
+    return False if r.status_code == 200 else None
+
+
 def cluster_address(address: str | None) -> str:
     addr = address or os.environ.get("RAY_ADDRESS")
     if not addr:
@@ -259,10 +274,15 @@ def submit_cluster(spec: Any, address: str, why: str, *, fresh: bool = False, re
     if values and not cluster.token.value:
         raise UserError(f"env forwards {', '.join(values)}, which needs Ray token authentication (the "
                         "secrets are sealed with the cluster's token); unset RTF_ALLOW_NO_AUTH and give the token")
+    open_cluster = checks_tokens(cluster.url) is False
+    if values and open_cluster:
+        raise UserError(f"the Ray cluster at {cluster.url} answers without a token (its token authentication is "
+                        f"off), so the secrets the spec forwards ({', '.join(values)}) cannot be sealed for it: "
+                        "start it with RAY_AUTH_MODE=token and a RAY_AUTH_TOKEN")
     print(f"mode: Ray cluster, Jobs API at {cluster.url} ({why})", file=out)
-    if cluster.token.value is None:
-        print("warning: no Ray auth token (RTF_ALLOW_NO_AUTH=1): anyone who reaches this cluster can run code "
-              "on it", file=out)
+    if open_cluster:
+        print("warning: this cluster does not check Ray auth tokens: anyone who reaches it can run code on it",
+              file=out)
     running = [j for j in _rtf_jobs(cluster) if (j.metadata or {}).get("rtf_name") == spec.name
                and str(j.status) in ACTIVE]
     if running:

@@ -1,0 +1,380 @@
+"""`rtf` against a real two-node Ray cluster with token authentication, started here (two `ray start`
+on this machine, each with its own temp dir and one CPU), through the Ray Jobs API:
+
+* a missing, absent-on-the-wire and wrong token are each one line and exit 2;
+* `rtf submit --address URL --follow` trains a tiny LoRA model with 2 workers under `strict_spread`
+  (one per node) to success, with the live progress in the output; a forwarded secret reaches both
+  workers (its SHA-256 as each rank saw it) and appears nowhere else: not in the job's entrypoint,
+  runtime_env or metadata (SDK and dashboard HTTP), not in `rtf logs`, not in any file of the run
+  directory or of either node's Ray temp dir (logs, unpacked packages);
+* a longer job: Ctrl-C on `--follow` detaches (the job runs on), `status`, `logs`, `jobs` report it,
+  `stop` ends it, and its first committed checkpoint is intact and committed.
+
+Cleanup kills only processes whose command line names this module's temp dirs (and their children)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.tiny import spec_doc, write_spec
+
+pytestmark = pytest.mark.ray
+REPO = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+RTF = [sys.executable, "-m", "raytune_ft"]
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def _base_env(**extra) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "RTF_"))}
+    env.update(PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+               TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+class TwoNodeCluster:
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.token = "rtf-test-" + secrets.token_hex(16)
+        self.temp_dirs: list[str] = []
+        self.url = ""
+
+    def _temp_dir(self) -> str:
+        d = tempfile.mkdtemp(prefix="rtfmn", dir="/tmp")  # short: Ray's socket paths are limited
+        self.temp_dirs.append(d)
+        return d
+
+    def _ray_start(self, *args: str) -> None:
+        env = _base_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=self.token)
+        p = subprocess.run([str(VENV_BIN / "ray"), "start", "--disable-usage-stats", "--num-cpus", "1",
+                            "--object-store-memory", str(200 * 1024 * 1024), "--node-ip-address", "127.0.0.1",
+                            "--temp-dir", self._temp_dir(), *args], env=env, cwd=self.tmp, stdin=subprocess.DEVNULL,
+                           capture_output=True, text=True, timeout=120, start_new_session=True)
+        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+        assert self.token not in p.stdout + p.stderr
+
+    def start(self) -> None:
+        gcs, dash, client, agent0, agent1 = _free_ports(5)
+        self._ray_start("--head", "--port", str(gcs), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
+                        "--ray-client-server-port", str(client), "--dashboard-agent-listen-port", str(agent0))
+        self.url = f"http://127.0.0.1:{dash}"
+        self._ray_start("--address", f"127.0.0.1:{gcs}", "--dashboard-agent-listen-port", str(agent1))
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                if len(self.node_ids()) == 2:
+                    return
+            except OSError:
+                pass
+            time.sleep(1)
+        raise AssertionError(f"the second node did not join: {self.node_ids()}")
+
+    def get(self, path: str, token: str | None = None) -> str:
+        req = urllib.request.Request(self.url + path, headers={"Authorization": f"Bearer {token or self.token}"})
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.read().decode()
+
+    def node_ids(self) -> set[str]:
+        data = json.loads(self.get("/api/v0/nodes?limit=100"))
+        return {n["node_id"] for n in data["data"]["result"]["result"] if n["state"] == "ALIVE"}
+
+    def env(self, **extra) -> dict[str, str]:
+        return _base_env(RAY_AUTH_TOKEN=self.token, **extra)
+
+    def rtf(self, *args: str, env: dict[str, str] | None = None, timeout: float = 120) -> tuple[int, str]:
+        p = subprocess.run([*RTF, *args], env=env or self.env(), cwd=self.tmp, capture_output=True, text=True,
+                           timeout=timeout, stdin=subprocess.DEVNULL)
+        return p.returncode, p.stdout + p.stderr
+
+    def processes(self) -> list:
+        import psutil
+
+        found: dict[int, psutil.Process] = {}
+        for proc in psutil.process_iter(["pid", "cmdline"]):
+            if any(d in a for d in self.temp_dirs for a in (proc.info.get("cmdline") or [])):
+                found[proc.pid] = proc
+                try:
+                    for c in proc.children(recursive=True):
+                        found[c.pid] = c
+                except psutil.NoSuchProcess:
+                    pass
+        return list(found.values())
+
+    def stop(self) -> None:
+        import psutil
+
+        procs = self.processes()
+        for p in procs:
+            try:
+                p.terminate()
+            except psutil.NoSuchProcess:
+                pass
+        _, alive = psutil.wait_procs(procs, timeout=5)
+        for p in alive + self.processes():
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        for d in self.temp_dirs:
+            shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    c = TwoNodeCluster(tmp_path_factory.mktemp("mn"))
+    try:
+        c.start()
+        yield c
+    finally:
+        c.stop()
+
+
+class Follow:
+    """`rtf submit ... --follow` in the background, its output collected line by line."""
+
+    def __init__(self, args: list[str], env: dict[str, str], cwd: Path) -> None:
+        self.p = subprocess.Popen([*RTF, *args], env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                  text=True, stdin=subprocess.DEVNULL)
+        self.lines: list[str] = []
+        self.t = threading.Thread(target=self._read, daemon=True)
+        self.t.start()
+
+    def _read(self) -> None:
+        for line in self.p.stdout:
+            self.lines.append(line)
+
+    @property
+    def text(self) -> str:
+        return "".join(self.lines)
+
+    def wait_for(self, pattern: str, timeout: float) -> re.Match:
+        end = time.time() + timeout
+        while time.time() < end:
+            m = re.search(pattern, self.text)
+            if m:
+                return m
+            if self.p.poll() is not None:
+                self.t.join(5)
+                m = re.search(pattern, self.text)
+                if m:
+                    return m
+                break
+            time.sleep(0.3)
+        raise AssertionError(f"{pattern!r} not seen in:\n{self.text[-5000:]}")
+
+    def finish(self, timeout: float) -> int:
+        try:
+            code = self.p.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.p.kill()
+            raise AssertionError(f"rtf did not finish within {timeout:.0f}s:\n{self.text[-5000:]}")
+        self.t.join(10)
+        return code
+
+
+SECRET = "rtf-secret-" + secrets.token_urlsafe(24)
+
+
+@pytest.fixture(scope="module")
+def trained(cluster, tiny, tmp_path_factory):
+    """One real job: 2 LoRA workers spread over the 2 nodes, with a forwarded secret."""
+    train, _, model_dir = tiny
+    tmp = tmp_path_factory.mktemp("mnjob")
+    doc = spec_doc("mn-lora", model_dir, train, None, tmp / "runs",
+                   compute={"num_workers": 2, "cpus_per_worker": 1, "placement": "strict_spread"},
+                   training={"max_steps": 4, "save_steps": 2},
+                   env={"RTF_TEST_SECRET": None, "RTF_ENV_DIGESTS": "RTF_TEST_SECRET", "RTF_TEST_LITERAL": "plain"})
+    spec = write_spec(tmp / "mn.yaml", doc)
+    t0 = time.time()
+    f = Follow(["submit", str(spec), "--address", cluster.url, "--follow"], cluster.env(RTF_TEST_SECRET=SECRET), tmp)
+    code = f.finish(240)
+    job_id = re.search(r"job: (rtf-mn-lora-\S+) submitted", f.text)
+    return {"code": code, "out": f.text, "job": job_id and job_id.group(1), "run": tmp / "runs" / "mn-lora",
+            "seconds": time.time() - t0}
+
+
+# --------------------------------------------------------------------------- authentication
+
+
+@pytest.mark.timeout(120)
+def test_token_missing_or_refused_is_one_line_exit_2(cluster, tmp_path):
+    home = tmp_path / "home"  # no ~/.ray/auth_token there
+    home.mkdir()
+    cases = [
+        (_base_env(HOME=home), "error: no Ray auth token for " + cluster.url),
+        (_base_env(HOME=home, RTF_ALLOW_NO_AUTH=1),
+         f"error: the Ray cluster at {cluster.url} requires a Ray auth token (401 Unauthorized)"),
+        (_base_env(RAY_AUTH_TOKEN="wrong-" + cluster.token[:6]),
+         f"error: the Ray cluster at {cluster.url} refused the auth token from $RAY_AUTH_TOKEN (403 Forbidden)"),
+    ]
+    for env, expected in cases:
+        code, out = cluster.rtf("jobs", "--address", cluster.url, env=env)
+        assert code == 2, out
+        assert out.strip().splitlines() == [out.strip().splitlines()[0]] and out.startswith(expected), out
+        assert "Traceback" not in out and cluster.token not in out and "wrong-" not in out
+    from raytune_ft.launch.ray_jobs import checks_tokens
+
+    assert checks_tokens(cluster.url) is True  # this cluster turns tokenless requests away
+    # a token in a file named by RAY_AUTH_TOKEN_PATH is accepted
+    tok = tmp_path / "token"
+    tok.write_text(cluster.token + "\n")
+    code, out = cluster.rtf("jobs", "--address", cluster.url, env=_base_env(HOME=home, RAY_AUTH_TOKEN_PATH=tok))
+    assert code == 0, out
+
+
+# --------------------------------------------------------------------------- the two-node training job
+
+
+@pytest.mark.timeout(300)
+def test_submit_follow_trains_on_both_nodes(cluster, trained):
+    out = trained["out"]
+    assert trained["code"] == 0, out[-6000:]
+    assert f"mode: Ray cluster, Jobs API at {cluster.url} (--address was given)" in out
+    assert trained["job"], out
+    assert f"storage: {trained['run']}" in out
+    assert "secrets: RTF_TEST_SECRET forwarded sealed" in out
+    # the live progress, as in local mode, parsed from the driver's RTF_EVENT lines
+    assert "storage preflight:" in out and "workers: rank 0 pid" in out
+    assert re.search(r"\] 4/4  loss \d", out) and "checkpoint committed: step 2" in out
+    assert "RTF_EVENT" not in out and "final train loss" in out and f"job {trained['job']} SUCCEEDED" in out
+
+    results = json.loads((trained["run"] / "final" / "final_results.json").read_text())
+    assert results["steps"] == 4
+    workers = sorted(results["workers"], key=lambda w: w["rank"])
+    assert [w["rank"] for w in workers] == [0, 1]
+    assert {w["node_id"] for w in workers} == cluster.node_ids()  # one worker on each of the two nodes
+    digest = hashlib.sha256(SECRET.encode()).hexdigest()
+    for w in workers:  # every rank, on both nodes, saw the secret's exact value
+        assert w["forwarded_env"] == ["RTF_TEST_SECRET"] and w["env_digests"] == {"RTF_TEST_SECRET": digest}
+    # rtf was shipped (py_modules) and unpacked on both nodes, not taken from an install there
+    for d in cluster.temp_dirs:
+        assert list(Path(d).glob("session_*/runtime_resources/py_modules_files/*/raytune_ft/launch/ray_jobs.py")), d
+    print(f"two-node job: {trained['seconds']:.0f}s")
+
+
+@pytest.mark.timeout(120)
+def test_secret_value_appears_nowhere_but_the_workers(cluster, trained):
+    assert trained["code"] == 0 and trained["job"], trained["out"][-3000:]
+    job = trained["job"]
+    from ray.job_submission import JobSubmissionClient
+
+    client = JobSubmissionClient(cluster.url, headers={"Authorization": f"Bearer {cluster.token}"})
+    info = client.get_job_info(job)
+    payload = json.dumps({"entrypoint": info.entrypoint, "runtime_env": info.runtime_env, "metadata": info.metadata})
+    assert SECRET not in payload
+    assert info.metadata["rtf_forwarded_env"] == "RTF_TEST_SECRET"
+    assert info.runtime_env["working_dir"].startswith("gcs://")
+    assert info.runtime_env["env_vars"]["RTF_TEST_LITERAL"] == "plain"  # literals travel in plain sight
+    assert "RTF_TEST_SECRET" not in info.runtime_env["env_vars"]
+    # what the dashboard serves: the job list, and the actors (their runtime_env included)
+    jobs_http = cluster.get("/api/jobs/")
+    assert job in jobs_http and SECRET not in jobs_http
+    actors_http = cluster.get("/api/v0/actors?limit=1000&detail=true")
+    assert "TrainController" in actors_http and SECRET not in actors_http
+    # rtf logs, run where the secret is not set (so nothing could be masked)
+    code, logs = cluster.rtf("logs", job, "--address", cluster.url)
+    assert code == 0 and "checkpoint committed: step 4" in logs and SECRET not in logs
+    assert SECRET not in trained["out"]
+    # no file of the run, nor of either node's Ray temp dir (logs, unpacked bundle), holds it
+    needle = SECRET.encode()
+    checked = 0
+    for root in [trained["run"], *map(Path, cluster.temp_dirs)]:
+        for path in root.rglob("*"):
+            if path.is_file() and not path.is_symlink() and not path.is_socket():
+                try:
+                    assert needle not in path.read_bytes(), path
+                except OSError:
+                    continue
+                checked += 1
+    sealed = list(Path(cluster.temp_dirs[1]).glob("session_*/runtime_resources/working_dir_files/*/rtf_secrets.sealed"))
+    assert sealed, "the worker node received the sealed bundle"
+    assert checked > 50
+
+
+# --------------------------------------------------------------------------- detach, status, logs, jobs, stop
+
+
+@pytest.mark.timeout(300)
+def test_detach_status_logs_jobs_stop_keeps_the_checkpoint(cluster, trained, tiny, tmp_path):
+    import pyarrow.fs as pafs
+
+    from raytune_ft import checkpoints as ck
+
+    train, _, model_dir = tiny
+    doc = spec_doc("mn-long", model_dir, train, None, tmp_path / "runs", training={"max_steps": 2000, "save_steps": 3})
+    doc["storage"]["keep_checkpoints"] = 1000  # nothing pruned: the first checkpoint must still be there
+    spec = write_spec(tmp_path / "long.yaml", doc)
+    f = Follow(["submit", str(spec), "--address", cluster.url], cluster.env(), tmp_path)
+    job = f.wait_for(r"job: (rtf-mn-long-\S+) submitted", 60).group(1)
+    f.wait_for(r"checkpoint committed: step 3 ", 200)
+    f.p.send_signal(signal.SIGINT)  # Ctrl-C: detach, the job runs on
+    assert f.finish(30) == 130, f.text[-3000:]
+    assert f"detached: job {job} keeps running" in f.text and f"rtf logs {job} --follow" in f.text
+
+    code, out = cluster.rtf("status", job, "--address", cluster.url)
+    assert code == 0 and re.search(r"status:\s+RUNNING", out), out
+    assert re.search(r"progress:\s+\d+/2000", out) and f"storage:  {tmp_path / 'runs' / 'mn-long'}" in out
+    code, out = cluster.rtf("jobs", "--address", cluster.url)
+    assert code == 0, out
+    rows = {ln.split()[0]: ln.split() for ln in out.splitlines()[1:]}
+    assert rows[job][1:3] == ["mn-long", "RUNNING"] and re.match(r"\d+/2000", rows[job][-1])
+    assert rows[trained["job"]][1:3] == ["mn-lora", "SUCCEEDED"] and rows[trained["job"]][-1] == "4/4"
+    code, out = cluster.rtf("logs", "mn-long", "--address", cluster.url)  # a run name means its newest job
+    assert code == 0 and "checkpoint committed: step 3 →" in out and "RTF_EVENT" not in out
+    code, out = cluster.rtf("submit", str(spec), "--address", cluster.url)  # one driver per run directory
+    assert code == 2 and f"run mn-long is already RUNNING on this cluster as job {job}" in out, out
+
+    code, out = cluster.rtf("stop", job, "--address", cluster.url)
+    assert code == 0 and f"job {job} STOPPED" in out and "Committed checkpoints" in out, out
+    code, out = cluster.rtf("status", job, "--address", cluster.url)
+    assert re.search(r"status:\s+STOPPED", out), out
+    code, out = cluster.rtf("stop", job, "--address", cluster.url)
+    assert code == 0 and "already STOPPED" in out
+
+    infos = ck.list_checkpoints(pafs.LocalFileSystem(), str(tmp_path / "runs" / "mn-long"), deep=True)
+    by_step = {i.step: i for i in infos}
+    assert by_step[3].committed, by_step[3].reason
+    assert all(i.committed or i.step > max(s for s, j in by_step.items() if j.committed) for i in infos)
+    # the stopped run's last step is well short of the end: it was stopped, not finished
+    assert not (tmp_path / "runs" / "mn-long" / "final").exists()
+    code, out = cluster.rtf("logs", job, "--address", cluster.url)  # the driver said why it ended
+    assert "stopped: training stopped; committed checkpoints are intact" in out, out[-3000:]
+
+
+@pytest.mark.timeout(120)
+def test_a_bad_data_row_fails_on_the_cluster_with_its_line_and_exit_2(cluster, tiny, tmp_path):
+    _, _, model_dir = tiny
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"instruction": "a", "output": "b"}\n{"instruction": 5}\n')
+    spec = write_spec(tmp_path / "bad.yaml", spec_doc("mn-bad", model_dir, data, None, tmp_path / "runs"))
+    code, out = cluster.rtf("submit", str(spec), "--address", cluster.url, "--follow", timeout=100)
+    assert code == 2, out
+    assert re.search(r"error: .*bad\.jsonl:2:", out) and "Traceback" not in out, out
+    assert re.search(r"job rtf-mn-bad-\S+ FAILED \(driver exit code 2\)", out), out
+    assert not (tmp_path / "runs" / "mn-bad").exists()  # stopped before anything was written
