@@ -7,8 +7,10 @@ on this machine, each with its own temp dir and one CPU), through the Ray Jobs A
   workers (its SHA-256 as each rank saw it) and appears nowhere else: not in the job's entrypoint,
   runtime_env or metadata (SDK and dashboard HTTP), not in `rtf logs`, not in any file of the run
   directory or of either node's Ray temp dir (logs, unpacked packages);
-* a longer job: Ctrl-C on `--follow` detaches (the job runs on), `status`, `logs`, `jobs` report it,
-  `stop` ends it, and its first committed checkpoint is intact and committed.
+* a longer job: Ctrl-C on `--follow` detaches (the job runs on), `logs --follow` reattaches, `status`,
+  `logs`, `jobs` report it, a second submit of the running run is refused,
+  `stop` ends it, and its first committed checkpoint is intact and committed;
+* a bad data row fails on the cluster (driver preflight) with its file:line, exit 2, before any worker.
 
 Cleanup kills only processes whose command line names this module's temp dirs (and their children)."""
 
@@ -336,6 +338,11 @@ def test_detach_status_logs_jobs_stop_keeps_the_checkpoint(cluster, trained, tin
     f.p.send_signal(signal.SIGINT)  # Ctrl-C: detach, the job runs on
     assert f.finish(30) == 130, f.text[-3000:]
     assert f"detached: job {job} keeps running" in f.text and f"rtf logs {job} --follow" in f.text
+
+    reattach = Follow(["logs", job, "--follow", "--address", cluster.url], cluster.env(), tmp_path)
+    reattach.wait_for(r"checkpoint committed: step 3 .*\n.*\] \d+/2000  loss", 60)  # the same live view
+    reattach.p.send_signal(signal.SIGINT)
+    assert reattach.finish(30) == 130 and f"detached: job {job} keeps running" in reattach.text
 
     code, out = cluster.rtf("status", job, "--address", cluster.url)
     assert code == 0 and re.search(r"status:\s+RUNNING", out), out
