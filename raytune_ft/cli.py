@@ -14,7 +14,7 @@ from typing import Optional
 
 import typer
 
-from raytune_ft.errors import NotImplementedYet, UserError
+from raytune_ft.errors import UserError
 
 app = typer.Typer(
     name="rtf",
@@ -109,13 +109,6 @@ def plan(
         _out(render_plan(p))
         if checked is not None:
             _out(f"storage preflight: {checked}")
-
-
-# --------------------------------------------------------------------------- not built yet
-
-
-def _todo(what: str) -> None:
-    raise NotImplementedYet(f"`rtf {what}` is not yet implemented")
 
 
 @app.command()
@@ -276,8 +269,8 @@ def data_preview(
     n: int = typer.Option(3, "-n", help="Examples to show."),
 ) -> None:
     """Show tokenized examples with the loss mask visible, and data statistics."""
-    from raytune_ft.launch import absolutize
     from raytune_ft.data.preview import preview_data
+    from raytune_ft.launch import absolutize
 
     spec = absolutize(_load(spec_path, overrides))
     _out(preview_data(spec, n=n))

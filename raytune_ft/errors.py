@@ -38,9 +38,3 @@ class DataError(UserError):
 
 class StorageError(UserError):
     """Storage is unreachable, missing, refuses the credentials or is not writable."""
-
-
-class NotImplementedYet(UserError):
-    """A command of the product that is not built yet. Exit 1, never a fake success."""
-
-    exit_code = 1

@@ -98,12 +98,6 @@ def test_plan_json_has_the_resolved_parts(tmp_path, capsys):
     assert "global batch: 64 sequences" in out
 
 
-def test_unbuilt_commands_say_so_and_exit_1(capsys):
-    code, _, err = run_cli(["sweep", "results", "x"], capsys)
-    assert code == 1
-    assert "not yet implemented" in err
-
-
 def test_schema_command_writes_json(tmp_path, capsys):
     out_file = tmp_path / "schema.json"
     code, out, _ = run_cli(["schema", "-o", str(out_file)], capsys)
