@@ -29,9 +29,11 @@ import io
 import itertools
 import json
 import math
+import time
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 
@@ -313,7 +315,8 @@ def best_name(name: str) -> str:
     return f"{name[:58]}-best"
 
 
-def _run_trial(config: dict[str, Any], base: dict | None = None, metric: str = "eval_loss") -> None:
+def _run_trial(config: dict[str, Any], base: dict | None = None, metric: str = "eval_loss",
+               registry: str = "") -> None:
     """One Tune trial: a whole TorchTrainer run of the spec with this trial's values (the Train driver)."""
     import ray.tune
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
@@ -326,7 +329,17 @@ def _run_trial(config: dict[str, Any], base: dict | None = None, metric: str = "
     name = trial_run_name(ray.tune.get_context().get_trial_id())
     spec = trial_spec(base, config, name)
     fs, root = st.pyarrow_filesystem(spec.storage)
+    done = st.read_json(fs, st.fs_join(root, name, *FINAL_RESULTS))
+    if isinstance(done, dict) and done.get("spec_hash") == spec_hash(spec):
+        # this trial finished before the sweep was stopped, but Tune had not recorded it yet: report its
+        # final results instead of training it again
+        result = to_tune_result({"step": done.get("steps"), "loss": done.get("train_loss"),
+                                 "eval_loss": done.get("eval_loss"), "done": True}, metric, False)
+        if result is not None:
+            ray.tune.report(result)
+        return
     st.write_bytes(fs, st.fs_join(root, name, "rtf_spec.yaml"), to_yaml(spec).encode())
+    _forget_train_snapshot(fs, st.fs_join(root, name))
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"spec": dump_spec(spec), "resume_from": None, "progress": None, "report_evals": True},
@@ -339,10 +352,22 @@ def _run_trial(config: dict[str, Any], base: dict | None = None, metric: str = "
             failure_config=FailureConfig(max_failures=spec.fault_tolerance.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=None),
             worker_runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}},
-            callbacks=[_lazy('ReportToTune')(metric)],
+            callbacks=[_lazy("ReportToTune")(metric), _lazy("TrackPlacementGroup")(registry, name)],
         ),
     )
     trainer.fit()
+
+
+def _forget_train_snapshot(fs: Any, run_path: str) -> None:
+    """A trial that starts again (the sweep was resubmitted) resumes from its latest *committed* checkpoint
+    (rtf's manifests, read by the recipe). Ray Train's own snapshot of the checkpoints it was told about
+    still lists the ones rtf has pruned since (storage.keep_checkpoints), and Ray Train refuses to start
+    on a snapshot whose checkpoints are gone; rtf never reads it, so it goes."""
+    try:
+        from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME as name
+    except ImportError:  # pragma: no cover - a Ray that moved it
+        name = "checkpoint_manager_snapshot.json"
+    st.delete_file(fs, st.fs_join(run_path, name))
 
 
 def to_tune_result(metrics: dict[str, Any], metric: str, has_checkpoint: bool) -> dict[str, Any] | None:
@@ -386,6 +411,73 @@ def _make_report_to_tune() -> type:
     return ReportToTune
 
 
+def _make_track_placement_group() -> type:
+    from ray.train.v2._internal.execution.callback import WorkerGroupCallback
+
+    class TrackPlacementGroup(WorkerGroupCallback):
+        """Ray Train callback (runs in the Train controller): records which placement group holds this
+        trial's workers in the sweep's registry.
+
+        When Tune stops a trial (ASHA, Ctrl-C) it ends the trial's actor, and the Train controller dies with
+        it before it can remove its workers' placement group, which belongs to the sweep's job and so
+        would hold its CPUs/GPUs until the sweep ends (ray-project/ray#54305). Ray's PlacementGroupCleaner
+        covers this only where the state API answers (a dashboard); the sweep driver frees it instead.
+        """
+
+        def __init__(self, registry: str, trial: str) -> None:
+            self.registry, self.trial = registry, trial
+
+        def after_worker_group_start(self, worker_group) -> None:
+            import ray
+
+            try:
+                pg = worker_group.get_worker_group_state().placement_group_handle.placement_group
+                ray.get_actor(self.registry, namespace=NAMESPACE).put.remote(self.trial, pg)
+            except Exception as e:  # noqa: BLE001 - never fail a trial for its bookkeeping
+                print(f"rtf: could not record the placement group of {self.trial}: {e}")
+
+    return TrackPlacementGroup
+
+
+class PlacementGroupRegistry:
+    """A small actor in the sweep driver's namespace: trial name -> its workers' placement group."""
+
+    def __init__(self) -> None:
+        self.groups: dict[str, Any] = {}
+
+    def put(self, trial: str, pg: Any) -> None:
+        self.groups[trial] = pg
+
+    def pop(self, trial: str) -> Any:
+        return self.groups.pop(trial, None)
+
+    def names(self) -> list[str]:
+        return list(self.groups)
+
+
+NAMESPACE = "rtf"
+FREE_AFTER_S = 5.0
+
+
+def registry_name(spec_name: str) -> str:
+    return f"rtf-sweep-pgs-{spec_name}"
+
+
+def free_placement_group(registry: str, trial: str) -> bool:
+    """Remove the placement group of a trial that Tune stopped (True when one was still held)."""
+    import ray
+    from ray.util.placement_group import placement_group_table, remove_placement_group
+
+    try:
+        pg = ray.get(ray.get_actor(registry, namespace=NAMESPACE).pop.remote(trial), timeout=30)
+        if pg is None or placement_group_table(pg).get("state") in (None, "REMOVED"):
+            return False
+        remove_placement_group(pg)
+        return True
+    except Exception:  # noqa: BLE001 - best effort: the sweep's end frees the rest with the job
+        return False
+
+
 # --------------------------------------------------------------------------- live events in the driver
 
 _EMIT: Callable[[dict[str, Any]], None] = lambda e: None  # noqa: E731 - set by run_sweep for this process
@@ -408,8 +500,8 @@ def _make_sweep_events() -> type:
     class SweepEvents(Callback):
         """Tune callback (runs in the driver): one line per trial start, metric, stop, end, failure."""
 
-        def __init__(self, metric: str, paths: list[str], storage: dict[str, Any]) -> None:
-            self.metric, self.paths, self.storage = metric, list(paths), dict(storage)
+        def __init__(self, metric: str, paths: list[str], storage: dict[str, Any], registry: str = "") -> None:
+            self.metric, self.paths, self.storage, self.registry = metric, list(paths), dict(storage), registry
 
         def _finished(self, name: str) -> bool:
             fs, root = st.pyarrow_filesystem(st.StorageConfig(**self.storage))
@@ -434,10 +526,25 @@ def _make_sweep_events() -> type:
             if self._finished(name):
                 _say(f"{name} completed at step {last.get('step')}")
             else:
+                self._free_later(name)
                 _say(f"{name} stopped early by the scheduler at step {last.get('step')}")
 
         def on_trial_error(self, iteration, trials, trial, **info):
+            self._free_later(_trial_name(trial))
             _say(f"{_trial_name(trial)} failed: {_error_line(trial)}")
+
+        def _free_later(self, name: str) -> None:
+            # once the trial's actor (and the Train controller with it) is gone, so that no controller is
+            # left to start its workers again in a new placement group
+            pending = self.__dict__.setdefault("_pending", {})
+            pending[name] = time.monotonic() + FREE_AFTER_S
+
+        def on_step_end(self, iteration, trials, **info):
+            pending = self.__dict__.get("_pending") or {}
+            for name, when in list(pending.items()):
+                if time.monotonic() >= when:
+                    del pending[name]
+                    free_placement_group(self.registry, name)
 
     return SweepEvents
 
@@ -445,7 +552,8 @@ def _make_sweep_events() -> type:
 def __getattr__(name: str) -> Any:
     """``ReportToTune`` and ``SweepEvents`` subclass Ray classes; they are made on first use so that
     importing this module stays light, and are module attributes so that pickles refer to them by name."""
-    makers = {"ReportToTune": _make_report_to_tune, "SweepEvents": _make_sweep_events}
+    makers = {"ReportToTune": _make_report_to_tune, "SweepEvents": _make_sweep_events,
+              "TrackPlacementGroup": _make_track_placement_group}
     if name not in makers:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     cls = makers[name]()
@@ -515,9 +623,8 @@ def search_algorithm(spec: JobSpec, concurrency: int) -> Any:
     t = spec.tune
     if t.search == "optuna":
         try:
-            from ray.tune.search.optuna import OptunaSearch
-
             import optuna  # noqa: F401
+            from ray.tune.search.optuna import OptunaSearch
         except ImportError:
             raise UserError("tune.search optuna needs the optuna package", hint="pip install optuna") from None
         return OptunaSearch(seed=t.seed)
@@ -751,6 +858,7 @@ def run_sweep(spec: JobSpec, *, fresh: bool = False, on_event: Callable[[dict[st
     Returns the driver's ``RunResult`` for the best trial (its run dir and final results). A sweep stopped
     by Ctrl-C writes what it has and raises KeyboardInterrupt: resubmitting continues it."""
     global _EMIT
+    import ray
     from ray import tune
 
     from raytune_ft.launch.driver import RunResult, keep_aside
@@ -780,7 +888,11 @@ def run_sweep(spec: JobSpec, *, fresh: bool = False, on_event: Callable[[dict[st
                    yaml.safe_dump({"identity": identity, "spec": dump_spec(spec)}, sort_keys=False).encode())
 
     t = spec.tune
-    trainable = tune.with_resources(tune.with_parameters(_run_trial, base=trial_base(spec), metric=t.metric),
+    registry = registry_name(spec.name)
+    holder = ray.remote(num_cpus=0)(PlacementGroupRegistry).options(
+        name=registry, namespace=NAMESPACE, get_if_exists=True).remote()
+    trainable = tune.with_resources(tune.with_parameters(_run_trial, base=trial_base(spec), metric=t.metric,
+                                                         registry=registry),
                                     {"cpu": 0, "memory": TRIAL_DRIVER_MEMORY})
     if restore:
         tuner = tune.Tuner.restore(tune_path, trainable, resume_unfinished=True, resume_errored=True,
@@ -804,12 +916,17 @@ def run_sweep(spec: JobSpec, *, fresh: bool = False, on_event: Callable[[dict[st
             run_config=tune.RunConfig(
                 name=TUNE_DIR, storage_path=sweep_path, storage_filesystem=fs, verbose=0,
                 failure_config=tune.FailureConfig(max_failures=0),
-                callbacks=[_lazy('SweepEvents')(t.metric, list(t.space), storage)],
+                callbacks=[_lazy("SweepEvents")(t.metric, list(t.space), storage, registry)],
             ),
         )
         emit({"kind": "info", "message": f"sweep {spec.name}: {_describe(spec)}; up to {concurrency} trial(s) "
               f"at once, each {spec.compute.num_workers} worker(s); in {uri}"})
-    tuner.fit()
+    try:
+        tuner.fit()
+    finally:  # trials Tune stopped at the end (Ctrl-C) leave their workers' placement groups behind
+        for name in ray.get(holder.names.remote()):
+            free_placement_group(registry, name)
+        ray.kill(holder)
     res = collect_results(spec, fs, tune_path)
     files = write_results(spec, fs, res)
     table = render_table(res)
