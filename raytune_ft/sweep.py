@@ -339,7 +339,9 @@ def _run_trial(config: dict[str, Any], base: dict | None = None, metric: str = "
             ray.tune.report(result)
         return
     st.write_bytes(fs, st.fs_join(root, name, "rtf_spec.yaml"), to_yaml(spec).encode())
-    _forget_train_snapshot(fs, st.fs_join(root, name))
+    from raytune_ft.launch.driver import forget_train_snapshot
+
+    forget_train_snapshot(fs, st.fs_join(root, name))
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"spec": dump_spec(spec), "resume_from": None, "progress": None, "report_evals": True},
@@ -356,18 +358,6 @@ def _run_trial(config: dict[str, Any], base: dict | None = None, metric: str = "
         ),
     )
     trainer.fit()
-
-
-def _forget_train_snapshot(fs: Any, run_path: str) -> None:
-    """A trial that starts again (the sweep was resubmitted) resumes from its latest *committed* checkpoint
-    (rtf's manifests, read by the recipe). Ray Train's own snapshot of the checkpoints it was told about
-    still lists the ones rtf has pruned since (storage.keep_checkpoints), and Ray Train refuses to start
-    on a snapshot whose checkpoints are gone; rtf never reads it, so it goes."""
-    try:
-        from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME as name
-    except ImportError:  # pragma: no cover - a Ray that moved it
-        name = "checkpoint_manager_snapshot.json"
-    st.delete_file(fs, st.fs_join(run_path, name))
 
 
 def to_tune_result(metrics: dict[str, Any], metric: str, has_checkpoint: bool) -> dict[str, Any] | None:

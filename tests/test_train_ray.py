@@ -120,3 +120,22 @@ def test_deepspeed_zero2_and_zero3_match_ddp(ray_local, tiny, tmp_path, capsys):
     assert len(losses[None]) == 3
     assert losses[2] == pytest.approx(losses[None], abs=1e-3)
     assert losses[3] == pytest.approx(losses[None], abs=1e-3)
+
+
+def test_resubmitting_a_pruned_run_resumes(ray_local, tiny, tmp_path, capsys):
+    """After rtf pruned old checkpoints, Ray Train's own snapshot still names them; a resubmission must
+    still start (rtf resumes from its manifests) instead of Ray refusing a 'corrupted run directory'."""
+    train, _, model_dir = tiny
+    doc = spec_doc("pruned", model_dir, train, None, tmp_path / "runs",
+                   training={"max_steps": 4, "save_steps": 1, "logging_steps": 1})
+    spec_path = write_spec(tmp_path / "p.yaml", doc)
+    code, out = submit([str(spec_path)], capsys)
+    assert code == 0, out
+    import pyarrow.fs as pafs
+
+    run = tmp_path / "runs" / "pruned"
+    assert [i.step for i in ck.list_checkpoints(pafs.LocalFileSystem(), str(run))] == [3, 4]  # 1 and 2 pruned
+    code, out = submit([str(spec_path), "--set", "training.max_steps=6"], capsys)
+    assert code == 0, out
+    assert f"resuming from {run / ck.checkpoint_dir_name(4)} at step 4" in out
+    assert json.loads((run / "final" / "final_results.json").read_text())["steps"] == 6

@@ -176,6 +176,17 @@ def run(spec: JobSpec, *, fresh: bool = False, resume_from: str | None = None,
         return RunResult(False, plan.run_uri, summary, error=f"{type(err).__name__}: {st.scrub(str(err), spec.storage)}")
 
 
+def forget_train_snapshot(fs: Any, run_path: str) -> None:
+    """rtf resumes from its own manifests (the recipe reads them). Ray Train's snapshot of the checkpoints
+    it was told about still lists those rtf has pruned since (storage.keep_checkpoints), and Ray Train
+    refuses to start a run whose snapshot names a checkpoint that is gone: so it goes before every fit."""
+    try:
+        from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME as name
+    except ImportError:  # pragma: no cover - a Ray that moved it
+        name = "checkpoint_manager_snapshot.json"
+    st.delete_file(fs, st.fs_join(run_path, name))
+
+
 def _fit_once(spec: JobSpec, fs: Any, root: str, resume_from: str | None,
               emit: EventHandler) -> tuple[dict[str, Any], dict[str, Any]]:
     """One TorchTrainer.fit(), with the progress board polled while it runs."""
@@ -186,7 +197,7 @@ def _fit_once(spec: JobSpec, fs: Any, root: str, resume_from: str | None,
     from raytune_ft.train.recipe import train_loop
 
     plan = make_plan(spec)
-
+    forget_train_snapshot(fs, st.fs_join(root, spec.name))
     board = make_board_class().options(name=board_name(spec.name), namespace=NAMESPACE,
                                        get_if_exists=True).remote()
     trainer = TorchTrainer(
