@@ -387,8 +387,8 @@ class StorageSpec(Section):
     def _env_name(cls, v: str) -> str:
         if not ENV_NAME_RE.match(v):
             raise ValueError(
-                f"must be the NAME of an environment variable (got something else); "
-                f"put the value in that variable, never in the spec"
+                "must be the NAME of an environment variable (got something else); "
+                "put the value in that variable, never in the spec"
             )
         return v
 
