@@ -1,0 +1,398 @@
+"""Training throughput on CPU: rtf local mode against the plain HF ``Trainer`` script users would otherwise run.
+
+Three variants train the *same* model (the quickstart's 5.3M-parameter Llama shape, loaded from one saved
+directory), on the *same* instruction data (the first ``--examples`` rows of the quickstart dataset), one
+epoch (so every variant sees every example exactly once), ``max_seq_length`` 256, batch 8, lr 1e-3
+linear, fp32, SDPA attention, ``--threads`` torch threads, each in its own process:
+
+  a  bench/hf_baseline.py: HF Trainer + DataCollatorForSeq2Seq (pad to the longest in the batch) — baseline
+  b  ``rtf submit`` with ``data.packing: true``
+  c  ``rtf submit`` with ``data.packing: false``
+
+Throughput (identical for all three): non-pad input tokens / wall seconds, between the ``on_log`` of the
+first optimizer step and the ``on_log`` of the last one, with ``logging_steps: 1``; tokens are HF's
+``num_input_tokens_seen`` in ``non_padding`` mode (attention-mask sum when there is a mask, else
+``input_ids != pad_token_id``). Startup, the first step and the final save are outside the window.
+rtf's records come from the run's ``metrics.jsonl``, the baseline's from a callback writing the same
+record. Also reported: the median of the per-step rates (robust to bursts of load on a shared machine).
+
+Work done: every variant is checked to see all examples, and the models are compared by the loss on the
+quickstart's held-out eval set (token-weighted cross-entropy on the response tokens, computed here the
+same way for each final model) and by the mean training loss of the last 5 steps.
+
+Variants run interleaved (a b c a b c …); medians over the repetitions are reported. The CPU time of every
+process of each run is sampled from /proc (common.TreeSampler), giving, for the same window: tokens per CPU
+second of the training process (robust to a busy machine: the work done per token), the share of a core
+the training process got, and the cores used by the run's other processes (for rtf: Ray's GCS, raylet,
+the driver, the Train controller and the progress actor).
+
+Then, in this process, the same examples in three batch layouts (``layouts``): where packing's time goes.
+
+    python bench/throughput.py [--examples 256] [--reps 2] [--threads 1] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common as C  # noqa: E402
+
+VARIANTS = {
+    "a": "HF Trainer, pad to longest (baseline)",
+    "b": "rtf local, packing",
+    "c": "rtf local, no packing",
+}
+
+
+def subset(src: str, dst: Path, n: int) -> Path:
+    lines = [x for x in Path(src).read_text().splitlines() if x.strip()]
+    if n > len(lines):
+        raise SystemExit(f"--examples {n}: the quickstart train set has only {len(lines)} rows")
+    dst.write_text("\n".join(lines[:n]) + "\n")
+    return dst
+
+
+# --------------------------------------------------------------------------- one run
+
+
+def run_baseline(fx: dict[str, Any], out: Path, threads: int) -> dict[str, Any]:
+    env = C.bench_env(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
+                      HF_DATASETS_CACHE=str(out.parent / "hf_datasets_cache"))
+    sampler = C.TreeSampler()
+    wall, _ = C.run([C.PY, str(C.BENCH / "hf_baseline.py"), "--model", fx["model"], "--train", fx["train_subset"],
+                     "--out", str(out), "--epochs", "1", "--batch", str(C.BATCH), "--max-len", str(C.MAX_SEQ_LEN),
+                     "--lr", "1e-3", "--logging-steps", "1", "--threads", str(threads)], env=env, sampler=sampler)
+    res = json.loads((out / "result.json").read_text())
+    records = C.read_jsonl(out / "metrics.jsonl")
+    return {
+        "wall_s": wall,
+        "records": records,
+        "steps": res["steps"],
+        "examples": res["examples"],
+        "tokens_total": res["tokens"],
+        "train_runtime": res["train_runtime"],
+        "padding_fraction": 1 - res["real_tokens"] / res["padded_tokens"],
+        "padding_how": "measured (collator counts)",
+        "final": res["final"],
+        "optimizer": res["optimizer"],
+        "torch_threads": res["torch_threads"],
+        "sampler": sampler,
+        "train_pid": sampler.root,
+    }
+
+
+def run_rtf(fx: dict[str, Any], out: Path, threads: int, packing: bool) -> dict[str, Any]:
+    name = "tp-packed" if packing else "tp-padded"
+    doc = C.rtf_spec(name, {**fx, "train": fx["train_subset"]}, str(out / "storage"), packing=packing,
+                     epochs=1.0, logging_steps=1, eval_data=False)
+    doc["compute"]["cpus_per_worker"] = threads
+    spec = C.write_yaml(out / "spec.yaml", doc)
+    env = C.bench_env(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    sampler = C.TreeSampler()
+    wall, probe = C.probe_submit(spec, out / "probe.json", env=env, sampler=sampler)
+    run_dir = out / "storage" / name
+    res = json.loads((run_dir / "final" / "final_results.json").read_text())
+    records = C.read_jsonl(run_dir / "metrics.jsonl")
+    return {
+        "wall_s": wall,
+        "records": records,
+        "steps": res["steps"],
+        "examples": res["data"]["train_examples"],
+        "tokens_total": res["tokens"],
+        "train_runtime": res["runtime_s"],
+        "final": str(run_dir / "final"),
+        "packing_efficiency": res["data"].get("packing_efficiency"),
+        "startup": C.startup_breakdown(probe),
+        "sampler": sampler,
+        "train_pid": res["workers"][0]["pid"],
+    }
+
+
+def summarize(r: dict[str, Any]) -> dict[str, Any]:
+    recs = r.pop("records")
+    w = C.steady_rate(recs)
+    logs = [x for x in recs if "loss" in x and "num_input_tokens_seen" in x]
+    per_step = []
+    for p, q in zip(logs, logs[1:]):
+        dt = q["time"] - p["time"]
+        if dt > 0 and q["step"] == p["step"] + 1:
+            per_step.append((q["num_input_tokens_seen"] - p["num_input_tokens_seen"]) / dt)
+    sampler = r.pop("sampler")
+    t0, t1 = logs[0]["time"], logs[-1]["time"]
+    cpu = sampler.cpu_between(t0, t1)
+    train_cpu = cpu.get(r["train_pid"], ("", 0.0))[1]
+    others = {f"{pid} {name}": c for pid, (name, c) in cpu.items() if pid != r["train_pid"] and c > 0}
+    r.update(train_cpu_s=train_cpu, train_cpu_share=train_cpu / w["seconds"],
+             tokens_per_cpu_s=w["tokens"] / train_cpu if train_cpu > 0 else None,
+             other_cpu_s=sum(others.values()), other_cores=sum(others.values()) / w["seconds"],
+             other_cpu_top=dict(sorted(others.items(), key=lambda kv: -kv[1])[:6]))
+    r.update(tokens_per_s=w["tokens_per_s"], window_tokens=w["tokens"], window_s=w["seconds"],
+             window_steps=w["steps"], step_rate_median=C.median(per_step),
+             s_per_step=w["seconds"] / max(w["steps"], 1),
+             runtime_tokens_per_s=r["tokens_total"] / r["train_runtime"] if r.get("train_runtime") else None,
+             last5_train_loss=sum(x["loss"] for x in logs[-5:]) / len(logs[-5:]),
+             first_loss=logs[0]["loss"])
+    return r
+
+
+# --------------------------------------------------------------------------- loss and padding
+
+
+def eval_loss(model_dir: str, eval_file: str, max_len: int = C.MAX_SEQ_LEN) -> dict[str, float]:
+    """Token-weighted cross-entropy on the response tokens of the eval set (rtf's alpaca tokenization,
+    truncated to ``max_len``), one example at a time (no padding involved)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from raytune_ft.data.formats import normalize_row, tokenize_examples
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="sdpa").eval()
+    rows = [normalize_row("alpaca", json.loads(x)) for x in Path(eval_file).read_text().splitlines() if x.strip()]
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for ex in tokenize_examples("alpaca", rows, tok):
+            ids = torch.tensor([ex["input_ids"][:max_len]])
+            labels = torch.tensor([ex["labels"][:max_len]])
+            logits = model(input_ids=ids).logits[0, :-1]
+            tgt = labels[0, 1:]
+            total += float(torch.nn.functional.cross_entropy(logits, tgt, ignore_index=-100, reduction="sum"))
+            n += int((tgt != -100).sum())
+    return {"eval_loss": total / n, "eval_tokens": n}
+
+
+def expected_padding(fx: dict[str, Any], batch: int, trials: int = 200) -> dict[str, float]:
+    """Padding fraction of rtf's unpacked batches: HF's random sampler draws batches of ``batch`` from
+    rtf's tokenized examples; the expected pad share over ``trials`` random epochs (seeded)."""
+    from transformers import AutoTokenizer
+
+    from raytune_ft.data.pipeline import build_datasets
+
+    tok = AutoTokenizer.from_pretrained(fx["model"])
+    ex, _, _ = build_datasets({"train": [{"path": fx["train_subset"], "format": "alpaca"}],
+                               "max_seq_length": C.MAX_SEQ_LEN}, tok, seed=42)
+    lengths = [len(e["input_ids"]) for e in ex]
+    rng = random.Random(0)
+    fracs = []
+    for _ in range(trials):
+        order = lengths[:]
+        rng.shuffle(order)
+        real = padded = 0
+        for i in range(0, len(order), batch):
+            chunk = order[i:i + batch]
+            real += sum(chunk)
+            padded += max(chunk) * len(chunk)
+        fracs.append(1 - real / padded)
+    return {"padding_fraction": sum(fracs) / len(fracs), "examples": len(lengths),
+            "mean_len": sum(lengths) / len(lengths)}
+
+
+# --------------------------------------------------------------------------- where packing's time goes
+
+
+def rows_collate(batch, pad_id: int):
+    """The packed layout proposed for SDPA/eager: packed rows stay rows, ``[B, longest row]``, right-padded;
+    ``position_ids`` restart at 0 for each example and for the pad tail (so transformers derives a per-row
+    block-diagonal causal mask from them); no attention_mask, as in rtf's collate_packed."""
+    import torch
+
+    width = max(len(r["input_ids"]) for r in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), -100, dtype=torch.long)
+    pos = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, r in enumerate(batch):
+        n = len(r["input_ids"])
+        ids[i, :n] = torch.tensor(r["input_ids"])
+        labels[i, :n] = torch.tensor(r["labels"])
+        pos[i, :n] = torch.tensor(r["position_ids"])
+        pos[i, n:] = torch.arange(width - n)
+    return {"input_ids": ids, "labels": labels, "position_ids": pos}
+
+
+def layouts(fx: dict[str, Any], examples: int = 32, reps: int = 2, threads: int = 1) -> dict[str, Any]:
+    """Forward + backward of the same examples in three batch layouts, in this process, timed in process
+    CPU seconds with ``threads`` torch threads (robust to a busy machine), interleaved ``reps`` times:
+
+      padded       [8, longest example]: rtf's PaddedCollator (= DataCollatorForSeq2Seq's layout)
+      rtf packed   rtf's collate_packed on 8 packed rows: one row [1, Σ], no mask; SDPA then gets a dense
+                   [Σ, Σ] block-diagonal mask built from position_ids: attention over the whole batch
+      packed rows  [8, longest row], position_ids per row (rows_collate): the same packing, per-row masks
+
+    The summed loss over all examples must agree between layouts (same work, no cross-example attention)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from raytune_ft.data.packing import PaddedCollator, collate_packed, pack_examples
+    from raytune_ft.data.pipeline import build_datasets
+
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        tok = AutoTokenizer.from_pretrained(fx["model"])
+        model = AutoModelForCausalLM.from_pretrained(fx["model"], attn_implementation="sdpa")
+        model.config.use_cache = False
+        ex, _, _ = build_datasets({"train": [{"path": fx["train_subset"], "format": "alpaca"}],
+                                   "max_seq_length": C.MAX_SEQ_LEN}, tok, seed=42)
+        ex = ex[:examples]
+        rows = pack_examples(ex, C.MAX_SEQ_LEN)
+        padded = PaddedCollator(tok.pad_token_id)
+        chunks = lambda xs: [xs[i:i + C.BATCH] for i in range(0, len(xs), C.BATCH)]  # noqa: E731
+        batches = {
+            "padded [8, longest]": [padded(b) for b in chunks(ex)],
+            "rtf packed [1, sum] (collate_packed)": [collate_packed(b) for b in chunks(rows)],
+            "packed rows [8, longest row] (proposed)": [rows_collate(b, tok.pad_token_id) for b in chunks(rows)],
+        }
+        real = sum(len(e["input_ids"]) for e in ex)
+
+        def one_pass(bs):
+            cpu = wall = loss_sum = 0.0
+            for b in bs:
+                c0, w0 = time.process_time(), time.perf_counter()
+                out = model(**b, use_cache=False)
+                out.loss.backward()
+                cpu += time.process_time() - c0
+                wall += time.perf_counter() - w0
+                model.zero_grad(set_to_none=True)
+                loss_sum += float(out.loss.detach()) * int((b["labels"][:, 1:] != -100).sum())
+            return cpu, wall, loss_sum
+
+        one_pass(batches["padded [8, longest]"][:1])  # warm-up
+        res: dict[str, Any] = {k: {"cpu_s": [], "wall_s": []} for k in batches}
+        for _ in range(reps):
+            for k, bs in batches.items():
+                cpu, wall, loss_sum = one_pass(bs)
+                res[k]["cpu_s"].append(cpu)
+                res[k]["wall_s"].append(wall)
+                res[k]["loss_sum"] = loss_sum
+                res[k]["positions"] = sum(int(b["input_ids"].numel()) for b in bs)
+                res[k]["batches"] = len(bs)
+                res[k]["shape_first"] = list(bs[0]["input_ids"].shape)
+        base = None
+        for r in res.values():
+            r["tokens_per_cpu_s"] = real / C.median(r["cpu_s"])
+            base = base or r["tokens_per_cpu_s"]
+            r["vs_padded"] = r["tokens_per_cpu_s"] / base
+        return {"examples": len(ex), "real_tokens": real, "threads": threads, "reps": reps, "layouts": res}
+    finally:
+        torch.set_num_threads(old_threads)
+
+
+def layouts_table(lay: dict[str, Any]) -> str:
+    rows = [[k, r["batches"], "×".join(map(str, r["shape_first"])), r["positions"], r["tokens_per_cpu_s"],
+             r["vs_padded"], r["loss_sum"]] for k, r in lay["layouts"].items()]
+    return C.fmt_table(["layout (same examples, fwd+bwd)", "batches", "first batch", "positions computed",
+                        "real tokens / CPU-s", "vs padded", "summed loss"], rows)
+
+
+# --------------------------------------------------------------------------- main
+
+
+def bench(examples: int = 256, reps: int = 2, threads: int = 1, work: Path | None = None,
+          with_layouts: bool = True, log=print) -> dict[str, Any]:
+    own = work is None
+    work = Path(work or tempfile.mkdtemp(prefix="rtf-bench-tp-"))
+    t0 = time.time()
+    try:
+        fx = dict(C.build_fixture(work / "fixture"))
+        fx["train_subset"] = str(subset(fx["train"], work / "fixture" / f"train_{examples}.jsonl", examples))
+        runs: dict[str, list[dict[str, Any]]] = {k: [] for k in VARIANTS}
+        for rep in range(reps):
+            for v in VARIANTS:
+                out = work / f"{v}{rep}"
+                shutil.rmtree(out, ignore_errors=True)
+                out.mkdir(parents=True)
+                t = time.time()
+                if v == "a":
+                    r = run_baseline(fx, out, threads)
+                else:
+                    r = run_rtf(fx, out, threads, packing=(v == "b"))
+                r = summarize(r)
+                r.update(eval_loss(r["final"], fx["eval"]))
+                runs[v].append(r)
+                log(f"  throughput {v} rep {rep + 1}/{reps}: {r['tokens_per_s']:,.0f} tok/s "
+                    f"(per-step median {r['step_rate_median']:,.0f}), {r['steps']} steps, "
+                    f"eval loss {r['eval_loss']:.4f}, {time.time() - t:.0f}s wall")
+        pad_c = expected_padding(fx, C.BATCH)
+        for r in runs["c"]:
+            r["padding_fraction"] = pad_c["padding_fraction"]
+            r["padding_how"] = "expected over random batches of 8 (rtf's tokenized examples)"
+        for r in runs["b"]:
+            r["padding_fraction"] = 0.0
+            r["padding_how"] = "none: collate_packed concatenates the batch's rows into one unpadded row"
+        result = {"config": {"examples": examples, "reps": reps, "threads": threads, "batch": C.BATCH,
+                             "max_seq_length": C.MAX_SEQ_LEN, "epochs": 1, "params": fx["params"],
+                             "lr": 1e-3, "logging_steps": 1},
+                  "variants": {}, "seconds": 0.0}
+        med = {}
+        for v, rs in runs.items():
+            med[v] = {k: C.median([r[k] for r in rs]) for k in
+                      ("tokens_per_s", "step_rate_median", "s_per_step", "eval_loss", "last5_train_loss",
+                       "padding_fraction", "runtime_tokens_per_s", "wall_s", "tokens_per_cpu_s",
+                       "train_cpu_share", "other_cores")}
+            med[v].update(steps=rs[0]["steps"], examples=rs[0]["examples"], tokens_total=rs[0]["tokens_total"],
+                          label=VARIANTS[v], padding_how=rs[0]["padding_how"])
+            result["variants"][v] = {"median": med[v], "runs": rs}
+        a = med["a"]
+        result["ratios"] = {
+            f"{v}/a": {"tokens_per_s": med[v]["tokens_per_s"] / a["tokens_per_s"],
+                       "step_rate_median": med[v]["step_rate_median"] / a["step_rate_median"],
+                       "tokens_per_cpu_s": med[v]["tokens_per_cpu_s"] / a["tokens_per_cpu_s"],
+                       "per_rep": [rs["tokens_per_s"] / ra["tokens_per_s"] for rs, ra in zip(runs[v], runs["a"])]}
+            for v in ("b", "c")}
+        if with_layouts:
+            t = time.time()
+            result["layouts"] = layouts(fx, threads=threads)
+            log(f"  throughput layouts (where packing's time goes): {time.time() - t:.0f}s")
+        result["seconds"] = time.time() - t0
+        return result
+    finally:
+        if own:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def table(result: dict[str, Any]) -> str:
+    rows = []
+    for v, d in result["variants"].items():
+        m = d["median"]
+        ratio = 1.0 if v == "a" else result["ratios"][f"{v}/a"]["tokens_per_s"]
+        cpu_ratio = 1.0 if v == "a" else result["ratios"][f"{v}/a"]["tokens_per_cpu_s"]
+        rows.append([f"{v}: {m['label']}", m["tokens_per_s"], ratio, m["step_rate_median"], m["tokens_per_cpu_s"],
+                     cpu_ratio, f"{m['train_cpu_share']:.2f} / {m['other_cores']:.2f}", m["steps"],
+                     m["tokens_total"], f"{100 * m['padding_fraction']:.1f}%", m["last5_train_loss"], m["eval_loss"]])
+    return C.fmt_table(["variant", "tokens/s", "vs a", "per-step median tok/s", "tokens/CPU-s", "vs a",
+                        "cores: trainer / others", "steps", "non-pad tokens", "padding", "train loss (last 5)",
+                        "eval loss"], rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--examples", type=int, default=256)
+    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--work", type=Path, default=None, help="Keep the runs here (default: a temp dir, removed).")
+    ap.add_argument("--json", type=Path, default=None, help="Write the full result here.")
+    ap.add_argument("--no-layouts", action="store_true", help="skip the in-process batch-layout comparison")
+    a = ap.parse_args(argv)
+    result = bench(a.examples, a.reps, a.threads, a.work, with_layouts=not a.no_layouts)
+    print(table(result))
+    if "layouts" in result:
+        print(layouts_table(result["layouts"]))
+    for k, r in result["ratios"].items():
+        print(f"{k}: {r['tokens_per_s']:.2f} (per rep {', '.join(f'{x:.2f}' for x in r['per_rep'])}); "
+              f"per-step median ratio {r['step_rate_median']:.2f}")
+    if a.json:
+        a.json.write_text(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
