@@ -78,14 +78,15 @@ def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return nll * (targets != IGNORE_INDEX)
 
 
+@pytest.mark.parametrize("flatten", [False, True], ids=["rows", "flattened"])
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_packed_loss_equals_unpacked_loss(tok, examples, attn):
+def test_packed_loss_equals_unpacked_loss(tok, examples, attn, flatten):
     model = tiny_llama(tok, attn)
     padded = PaddedCollator(tok.pad_token_id)(examples)
     rows = pack_examples(examples, max_seq_length=80)
-    packed = collate_packed(rows)
+    packed = collate_packed(rows, pad_token_id=tok.pad_token_id, flatten=flatten)
     assert 1 < len(rows) < len(examples)  # several rows, some holding several examples
-    assert packed["input_ids"].shape[0] == 1 and "attention_mask" not in packed
+    assert packed["input_ids"].shape[0] == (1 if flatten else len(rows)) and "attention_mask" not in packed
     n = int((padded["labels"][:, 1:] != IGNORE_INDEX).sum())
     assert n == int((packed["labels"][:, 1:] != IGNORE_INDEX).sum()) == trained_token_count(examples)
 
@@ -102,13 +103,19 @@ def test_packed_loss_equals_unpacked_loss(tok, examples, attn):
     assert out_p.loss.item() == pytest.approx(nll_p.sum().item() / n, abs=1e-5)
     assert abs(out_u.loss.item() - out_p.loss.item()) < 1e-4
 
-    # stronger: every example's summed loss is the same packed and unpacked
+    # stronger: every example's summed loss is the same packed and unpacked (pad tails match no example)
     unpacked = {tuple(ex["input_ids"]): nll_u[i].sum().item() for i, ex in enumerate(examples)}
-    flat_ids, positions = packed["input_ids"][0].tolist(), packed["position_ids"][0].tolist()
-    starts = [j for j, p in enumerate(positions) if p == 0] + [len(positions)]
-    nll_p_flat = torch.cat([nll_p[0], torch.zeros(1)])  # index t = loss of predicting token t+1
-    for a, b in zip(starts, starts[1:], strict=False):
-        assert nll_p_flat[a : b - 1].sum().item() == pytest.approx(unpacked[tuple(flat_ids[a:b])], abs=1e-4)
+    checked = 0
+    for r in range(packed["input_ids"].shape[0]):
+        flat_ids, positions = packed["input_ids"][r].tolist(), packed["position_ids"][r].tolist()
+        starts = [j for j, p in enumerate(positions) if p == 0] + [len(positions)]
+        nll_p_flat = torch.cat([nll_p[r], torch.zeros(1)])  # index t = loss of predicting token t+1
+        for a, b in zip(starts, starts[1:], strict=False):
+            key = tuple(flat_ids[a:b])
+            if key in unpacked:
+                assert nll_p_flat[a : b - 1].sum().item() == pytest.approx(unpacked[key], abs=1e-4)
+                checked += 1
+    assert checked == len(examples)
 
     # control: without position_ids the examples see each other and the loss changes
     assert abs(leaky.loss.item() - out_u.loss.item()) > 1e-3
@@ -164,10 +171,18 @@ def test_padded_collator_pads_right_and_masks_pads():
 
 def test_packed_collator_flattens_rows_and_plain_examples():
     rows = pack_examples([{"input_ids": [5, 6], "labels": [5, 6]}, {"input_ids": [7], "labels": [7]}], 4)
-    out = collate_packed(rows + [{"input_ids": [8, 9], "labels": [8, 9]}])
+    out = collate_packed(rows + [{"input_ids": [8, 9], "labels": [8, 9]}], flatten=True)
     assert out["input_ids"].tolist() == [[5, 6, 7, 8, 9]]
     assert out["labels"].tolist() == [[-100, 6, -100, -100, 9]]
     assert out["position_ids"].tolist() == [[0, 1, 0, 0, 1]]
+
+
+def test_packed_collator_keeps_rows_with_a_separate_pad_block():
+    rows = pack_examples([{"input_ids": [5, 6], "labels": [5, 6]}, {"input_ids": [7], "labels": [7]}], 4)
+    out = collate_packed(rows + [{"input_ids": [8, 9, 10, 11, 12], "labels": [8, 9, 10, 11, 12]}], pad_token_id=0)
+    assert out["input_ids"].tolist() == [[5, 6, 7, 0, 0], [8, 9, 10, 11, 12]]
+    assert out["labels"].tolist() == [[-100, 6, -100, -100, -100], [-100, 9, 10, 11, 12]]
+    assert out["position_ids"].tolist() == [[0, 1, 0, 0, 1], [0, 1, 2, 3, 4]]
 
 
 def test_padding_efficiency_counts_per_batch_padding():

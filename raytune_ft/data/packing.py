@@ -10,7 +10,8 @@ last token of one example would learn to predict the first token of the next. Wi
 equals the unpacked loss.
 
 The model must see the boundaries. :func:`collate_packed` returns no ``attention_mask``, and transformers'
-mask builders (sdpa, eager, flex) then derive per-example causal masks from ``position_ids``; flash-attention
+mask builders (sdpa, eager, flex) then derive per-example causal masks from ``position_ids`` (row by row, so
+packed rows stay rows unless flash-attention's varlen kernel can take one flattened row); flash-attention
 reads them too. They only do so when no KV cache is passed: call the model with ``use_cache=False``
 (``Trainer`` sets ``model.config.use_cache = args.use_cache``, False by default). With a cache, the
 examples of a row silently attend to each other.
@@ -65,30 +66,41 @@ def _concat(examples: Sequence[Row]) -> dict[str, list[int]]:
     return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
 
 
-def collate_packed(batch: Sequence[Row]) -> dict[str, torch.Tensor]:
-    """Flatten a batch into one row ``[1, total]`` with no padding and no attention mask.
+def collate_packed(batch: Sequence[Row], pad_token_id: int = 0, flatten: bool = False) -> dict[str, torch.Tensor]:
+    """Collate packed rows, with ``position_ids`` and no attention mask.
+
+    Default: keep rows as rows, ``[B, longest row]``, right-padded with ``pad_token_id``; the pad tail gets
+    labels -100 and its own ``position_ids`` from 0, so it is a separate block no real token attends to.
+    SDPA/eager then mask each row block-diagonally: attention costs ``B·L²``, as for padded batches.
+    ``flatten=True`` concatenates the batch into one row ``[1, Σ]``: right for flash-attention, whose varlen
+    kernel reads the boundaries from ``position_ids`` and wastes nothing, but with SDPA/eager it would
+    compute a masked ``Σ×Σ`` attention (the benchmark measured packing losing all its gain that way).
 
     Rows that already carry ``position_ids`` (from :func:`pack_examples`) keep them; plain examples get
-    ``position_ids`` from 0 and their first label set to -100, so unpacked examples can be flattened too.
+    ``position_ids`` from 0 and their first label set to -100.
     """
-    input_ids: list[int] = []
-    labels: list[int] = []
-    position_ids: list[int] = []
-    for row in batch:
-        if "position_ids" in row:
-            input_ids += row["input_ids"]
-            labels += row["labels"]
-            position_ids += row["position_ids"]
-        else:
-            packed = _concat([row])
-            input_ids += packed["input_ids"]
-            labels += packed["labels"]
-            position_ids += packed["position_ids"]
-    return {
-        "input_ids": torch.tensor([input_ids], dtype=torch.long),
-        "labels": torch.tensor([labels], dtype=torch.long),
-        "position_ids": torch.tensor([position_ids], dtype=torch.long),
-    }
+    rows = [row if "position_ids" in row else _concat([row]) for row in batch]
+    if flatten:
+        rows = [_join(rows)]
+    longest = max(len(r["input_ids"]) for r in rows)
+    input_ids = torch.full((len(rows), longest), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(rows), longest), IGNORE_INDEX, dtype=torch.long)
+    position_ids = torch.zeros((len(rows), longest), dtype=torch.long)
+    for i, r in enumerate(rows):
+        n = len(r["input_ids"])
+        input_ids[i, :n] = torch.as_tensor(list(r["input_ids"]), dtype=torch.long)
+        labels[i, :n] = torch.as_tensor(list(r["labels"]), dtype=torch.long)
+        position_ids[i, :n] = torch.as_tensor(list(r["position_ids"]), dtype=torch.long)
+        position_ids[i, n:] = torch.arange(longest - n)
+    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+
+
+def _join(rows: Sequence[Row]) -> dict[str, list[int]]:
+    out: dict[str, list[int]] = {"input_ids": [], "labels": [], "position_ids": []}
+    for r in rows:
+        for k in out:
+            out[k] += list(r[k])
+    return out
 
 
 @dataclass(frozen=True)

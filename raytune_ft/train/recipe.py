@@ -19,6 +19,7 @@ import shutil
 import tempfile
 import time
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -291,7 +292,11 @@ def _run(spec: JobSpec, run: RunContext, work: str, publisher: Publisher, config
         es = spec.training.early_stopping
         callbacks.append(EarlyStoppingCallback(es.patience, es.threshold))
 
-    collator = collate_packed if spec.data.packing else PaddedCollator(tokenizer.pad_token_id)
+    if spec.data.packing:  # rows stay rows except for flash-attention's varlen kernel (see data/packing.py)
+        flatten = getattr(model.config, "_attn_implementation", None) == "flash_attention_2"
+        collator = partial(collate_packed, pad_token_id=tokenizer.pad_token_id, flatten=flatten)
+    else:
+        collator = PaddedCollator(tokenizer.pad_token_id)
     trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds or None,
                       data_collator=collator, processing_class=tokenizer, callbacks=callbacks)
     info(f"setup took {time.time() - t0:.1f}s (data {t_data - t0:.1f}s, model {t_model - t_data:.1f}s)")
