@@ -200,7 +200,8 @@ def build_model(root: Path) -> dict[str, str]:
     cfg = LlamaConfig(pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                       **LLAMA_32_1B)
     torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):  # random init of 1.2B weights: seconds on a GPU
+        model = LlamaForCausalLM(cfg).to(torch.bfloat16)
     model_dir = root / "llama-3.2-1b-shape"
     model.save_pretrained(model_dir)
     tok.save_pretrained(model_dir)

@@ -116,6 +116,7 @@ def main(argv: list[str] | None = None) -> None:
         "real_tokens": counts["real"],
         "optimizer": args.optim,
         "torch_threads": torch.get_num_threads(),
+        "pid": os.getpid(),
         "setup_s": t_setup - t_process,
         "train_s": t_train - t_setup,
         "final": final,

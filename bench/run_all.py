@@ -40,9 +40,9 @@ def summary(res: dict) -> str:
         ["tokens/s a (HF Trainer, padded)", f"{v['a']['median']['tokens_per_s']:,.0f}"],
         ["tokens/s b (rtf, packing)", f"{v['b']['median']['tokens_per_s']:,.0f}"],
         ["tokens/s c (rtf, no packing)", f"{v['c']['median']['tokens_per_s']:,.0f}"],
-        *[[f"{k} (per rep; per-step-median ratio; tokens/CPU-s ratio)",
-           f"{r['tokens_per_s']:.2f} ({', '.join(f'{x:.2f}' for x in r['per_rep'])}; {r['step_rate_median']:.2f}; "
-           f"{r['tokens_per_cpu_s']:.2f})"] for k, r in tp["ratios"].items()],
+        *[[f"{k} (per rep; ratios of per-step median, tokens/CPU-s, positions/s)",
+           f"{r['tokens_per_s']:.2f} ({', '.join(f'{x:.2f}' for x in r['per_rep'])}; {r['step_rate_median']:.2f}, "
+           f"{r['tokens_per_cpu_s']:.2f}, {r['positions_per_s']:.2f})"] for k, r in tp["ratios"].items()],
         ["padding a / b / c", " / ".join(f"{100 * v[k]['median']['padding_fraction']:.1f}%" for k in "abc")],
         ["eval loss a / b / c", " / ".join(f"{v[k]['median']['eval_loss']:.3f}" for k in "abc")],
         ["optimizer steps a / b / c", " / ".join(str(v[k]['median']['steps']) for k in "abc")],

@@ -16,6 +16,12 @@ first optimizer step and the ``on_log`` of the last one, with ``logging_steps: 1
 rtf's records come from the run's ``metrics.jsonl``, the baseline's from a callback writing the same
 record. Also reported: the median of the per-step rates (robust to bursts of load on a shared machine).
 
+Padding fraction: a's is counted in its collator; b's and c's are exact too: HF's sampler batches are
+reproduced (same sampler and seed; checked against a's count) over rtf's example (c) or packed-row (b) order;
+b's padding is the tail of each packed row up to the longest row of its batch.
+"positions/s" counts every computed position, padding included: with a's and c's different random batch
+compositions, it compares raw speed without the luck of the draw.
+
 Work done: every variant is checked to see all examples, and the models are compared by the loss on the
 quickstart's held-out eval set (token-weighted cross-entropy on the response tokens, computed here the
 same way for each final model) and by the mean training loss of the last 5 steps.
@@ -35,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import shutil
 import sys
 import tempfile
@@ -50,7 +55,10 @@ VARIANTS = {
     "a": "HF Trainer, pad to longest (baseline)",
     "b": "rtf local, packing",
     "c": "rtf local, no packing",
+    "d": "c with Ray workers at nice 0",  # optional (--variants): RAY_worker_niceness=0, Ray's default is 15
+    "e": "a's script as a Ray Train worker",  # optional: bench/_ray_baseline.py (Ray's environment, not rtf)
 }
+DEFAULT_VARIANTS = "abc"
 
 
 def subset(src: str, dst: Path, n: int) -> Path:
@@ -64,11 +72,12 @@ def subset(src: str, dst: Path, n: int) -> Path:
 # --------------------------------------------------------------------------- one run
 
 
-def run_baseline(fx: dict[str, Any], out: Path, threads: int) -> dict[str, Any]:
+def run_baseline(fx: dict[str, Any], out: Path, threads: int, in_ray: bool = False) -> dict[str, Any]:
     env = C.bench_env(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
                       HF_DATASETS_CACHE=str(out.parent / "hf_datasets_cache"))
     sampler = C.TreeSampler()
-    wall, _ = C.run([C.PY, str(C.BENCH / "hf_baseline.py"), "--model", fx["model"], "--train", fx["train_subset"],
+    script = "_ray_baseline.py" if in_ray else "hf_baseline.py"
+    wall, _ = C.run([C.PY, str(C.BENCH / script), "--model", fx["model"], "--train", fx["train_subset"],
                      "--out", str(out), "--epochs", "1", "--batch", str(C.BATCH), "--max-len", str(C.MAX_SEQ_LEN),
                      "--lr", "1e-3", "--logging-steps", "1", "--threads", str(threads)], env=env, sampler=sampler)
     res = json.loads((out / "result.json").read_text())
@@ -81,22 +90,25 @@ def run_baseline(fx: dict[str, Any], out: Path, threads: int) -> dict[str, Any]:
         "tokens_total": res["tokens"],
         "train_runtime": res["train_runtime"],
         "padding_fraction": 1 - res["real_tokens"] / res["padded_tokens"],
+        "padded_tokens": res["padded_tokens"],
         "padding_how": "measured (collator counts)",
         "final": res["final"],
         "optimizer": res["optimizer"],
         "torch_threads": res["torch_threads"],
         "sampler": sampler,
-        "train_pid": sampler.root,
+        "train_pid": res.get("pid", sampler.root),
     }
 
 
-def run_rtf(fx: dict[str, Any], out: Path, threads: int, packing: bool) -> dict[str, Any]:
+def run_rtf(fx: dict[str, Any], out: Path, threads: int, packing: bool, niceness: int | None = None) -> dict[str, Any]:
     name = "tp-packed" if packing else "tp-padded"
     doc = C.rtf_spec(name, {**fx, "train": fx["train_subset"]}, str(out / "storage"), packing=packing,
                      epochs=1.0, logging_steps=1, eval_data=False)
     doc["compute"]["cpus_per_worker"] = threads
     spec = C.write_yaml(out / "spec.yaml", doc)
     env = C.bench_env(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    if niceness is not None:
+        env["RAY_worker_niceness"] = str(niceness)
     sampler = C.TreeSampler()
     wall, probe = C.probe_submit(spec, out / "probe.json", env=env, sampler=sampler)
     run_dir = out / "storage" / name
@@ -170,62 +182,69 @@ def eval_loss(model_dir: str, eval_file: str, max_len: int = C.MAX_SEQ_LEN) -> d
     return {"eval_loss": total / n, "eval_tokens": n}
 
 
-def expected_padding(fx: dict[str, Any], batch: int, trials: int = 200) -> dict[str, float]:
-    """Padding fraction of rtf's unpacked batches: HF's random sampler draws batches of ``batch`` from
-    rtf's tokenized examples; the expected pad share over ``trials`` random epochs (seeded)."""
+def sampler_batches(n: int, batch: int, seed: int = 42) -> list[list[int]]:
+    """The example indices of each training batch, as HF's Trainer draws them for a dataset of ``n`` rows
+    (its sampler, seeded by ``TrainingArguments.seed`` at the start of ``train()``): a Trainer on ``n``
+    placeholder rows is built and its train dataloader iterated after ``set_seed(seed)``. a and c use the
+    same sampler, seed and ``n``, so both get these index batches (over their own row order)."""
+    import torch
+    from transformers import Trainer, TrainingArguments, set_seed
+
+    class Nothing(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, input_ids=None, **kw):
+            return {"loss": self.w.sum()}
+
+    with tempfile.TemporaryDirectory() as tmp:
+        args = TrainingArguments(output_dir=tmp, per_device_train_batch_size=batch, seed=seed, use_cpu=True,
+                                 report_to="none", remove_unused_columns=False, disable_tqdm=True)
+        tr = Trainer(model=Nothing(), args=args, train_dataset=[{"input_ids": [i]} for i in range(n)],
+                     data_collator=lambda f: {"input_ids": torch.tensor([x["input_ids"][0] for x in f])})
+        set_seed(seed)
+        return [b["input_ids"].tolist() for b in tr.get_train_dataloader()]
+
+
+def padded_positions(fx: dict[str, Any], batch: int) -> dict[str, Any]:
+    """Exact positions computed per batch (longest example × batch size) for a (file order) and c (rtf's
+    shuffled order), from the sampler's index batches and the examples' token lengths (rtf's tokenization;
+    the baseline's token sequences are the same, as their equal totals show)."""
     from transformers import AutoTokenizer
 
+    from raytune_ft.data.formats import normalize_row, tokenize_examples
     from raytune_ft.data.pipeline import build_datasets
 
     tok = AutoTokenizer.from_pretrained(fx["model"])
+    rows = [normalize_row("alpaca", json.loads(x)) for x in Path(fx["train_subset"]).read_text().splitlines() if x.strip()]
+    len_a = [min(len(e["input_ids"]), C.MAX_SEQ_LEN) for e in tokenize_examples("alpaca", rows, tok)]
     ex, _, _ = build_datasets({"train": [{"path": fx["train_subset"], "format": "alpaca"}],
                                "max_seq_length": C.MAX_SEQ_LEN}, tok, seed=42)
-    lengths = [len(e["input_ids"]) for e in ex]
-    rng = random.Random(0)
-    fracs = []
-    for _ in range(trials):
-        order = lengths[:]
-        rng.shuffle(order)
-        real = padded = 0
-        for i in range(0, len(order), batch):
-            chunk = order[i:i + batch]
-            real += sum(chunk)
-            padded += max(chunk) * len(chunk)
-        fracs.append(1 - real / padded)
-    return {"padding_fraction": sum(fracs) / len(fracs), "examples": len(lengths),
-            "mean_len": sum(lengths) / len(lengths)}
+    len_c = [len(e["input_ids"]) for e in ex]
+    rows, _, _ = build_datasets({"train": [{"path": fx["train_subset"], "format": "alpaca"}],
+                                 "max_seq_length": C.MAX_SEQ_LEN, "packing": True}, tok, seed=42)
+    len_b = [len(r["input_ids"]) for r in rows]
+    order = sampler_batches(len(len_c), batch)
+    order_b = sampler_batches(len(len_b), batch)
+    per = {name: [max(lens[i] for i in b) * len(b) for b in o]
+           for name, lens, o in (("a", len_a, order), ("c", len_c, order), ("b", len_b, order_b))}
+    return {"positions": per, "real": {"a": sum(len_a), "b": sum(len_b), "c": sum(len_c)}}
 
 
 # --------------------------------------------------------------------------- where packing's time goes
-
-
-def rows_collate(batch, pad_id: int):
-    """The packed layout proposed for SDPA/eager: packed rows stay rows, ``[B, longest row]``, right-padded;
-    ``position_ids`` restart at 0 for each example and for the pad tail (so transformers derives a per-row
-    block-diagonal causal mask from them); no attention_mask, as in rtf's collate_packed."""
-    import torch
-
-    width = max(len(r["input_ids"]) for r in batch)
-    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(batch), width), -100, dtype=torch.long)
-    pos = torch.zeros((len(batch), width), dtype=torch.long)
-    for i, r in enumerate(batch):
-        n = len(r["input_ids"])
-        ids[i, :n] = torch.tensor(r["input_ids"])
-        labels[i, :n] = torch.tensor(r["labels"])
-        pos[i, :n] = torch.tensor(r["position_ids"])
-        pos[i, n:] = torch.arange(width - n)
-    return {"input_ids": ids, "labels": labels, "position_ids": pos}
 
 
 def layouts(fx: dict[str, Any], examples: int = 32, reps: int = 2, threads: int = 1) -> dict[str, Any]:
     """Forward + backward of the same examples in three batch layouts, in this process, timed in process
     CPU seconds with ``threads`` torch threads (robust to a busy machine), interleaved ``reps`` times:
 
-      padded       [8, longest example]: rtf's PaddedCollator (= DataCollatorForSeq2Seq's layout)
-      rtf packed   rtf's collate_packed on 8 packed rows: one row [1, Σ], no mask; SDPA then gets a dense
-                   [Σ, Σ] block-diagonal mask built from position_ids: attention over the whole batch
-      packed rows  [8, longest row], position_ids per row (rows_collate): the same packing, per-row masks
+      padded     [8, longest example]: rtf's PaddedCollator (= DataCollatorForSeq2Seq's layout)
+      flattened  collate_packed(flatten=True): the 8 packed rows as one row [1, Σ], no mask — the layout
+                 for flash-attention's varlen kernel, and rtf's only layout before commit 3b75b87; with SDPA
+                 the mask built from position_ids is a dense [Σ, Σ] block diagonal: attention over the batch
+      rows       collate_packed (rtf's default since 3b75b87): [8, longest row], position_ids per row,
+                 pad tail as its own block: per-row masks
 
     The summed loss over all examples must agree between layouts (same work, no cross-example attention)."""
     import torch
@@ -248,8 +267,10 @@ def layouts(fx: dict[str, Any], examples: int = 32, reps: int = 2, threads: int 
         chunks = lambda xs: [xs[i:i + C.BATCH] for i in range(0, len(xs), C.BATCH)]  # noqa: E731
         batches = {
             "padded [8, longest]": [padded(b) for b in chunks(ex)],
-            "rtf packed [1, sum] (collate_packed)": [collate_packed(b) for b in chunks(rows)],
-            "packed rows [8, longest row] (proposed)": [rows_collate(b, tok.pad_token_id) for b in chunks(rows)],
+            "packed, flattened [1, sum] (flash-attn layout; rtf before 3b75b87)":
+                [collate_packed(b, tok.pad_token_id, flatten=True) for b in chunks(rows)],
+            "packed rows [8, longest row] (rtf's collate_packed now)":
+                [collate_packed(b, tok.pad_token_id) for b in chunks(rows)],
         }
         real = sum(len(e["input_ids"]) for e in ex)
 
@@ -297,37 +318,48 @@ def layouts_table(lay: dict[str, Any]) -> str:
 
 
 def bench(examples: int = 256, reps: int = 2, threads: int = 1, work: Path | None = None,
-          with_layouts: bool = True, log=print) -> dict[str, Any]:
+          with_layouts: bool = True, variants: str = DEFAULT_VARIANTS, log=print) -> dict[str, Any]:
     own = work is None
     work = Path(work or tempfile.mkdtemp(prefix="rtf-bench-tp-"))
     t0 = time.time()
     try:
         fx = dict(C.build_fixture(work / "fixture"))
         fx["train_subset"] = str(subset(fx["train"], work / "fixture" / f"train_{examples}.jsonl", examples))
-        runs: dict[str, list[dict[str, Any]]] = {k: [] for k in VARIANTS}
+        if "a" not in variants:
+            raise ValueError("variant a (the baseline) is needed: every ratio is against it")
+        runs: dict[str, list[dict[str, Any]]] = {k: [] for k in VARIANTS if k in variants}
         for rep in range(reps):
-            for v in VARIANTS:
+            for v in runs:
                 out = work / f"{v}{rep}"
                 shutil.rmtree(out, ignore_errors=True)
                 out.mkdir(parents=True)
                 t = time.time()
-                if v == "a":
-                    r = run_baseline(fx, out, threads)
+                if v in ("a", "e"):
+                    r = run_baseline(fx, out, threads, in_ray=(v == "e"))
                 else:
-                    r = run_rtf(fx, out, threads, packing=(v == "b"))
+                    r = run_rtf(fx, out, threads, packing=(v == "b"), niceness=0 if v == "d" else None)
                 r = summarize(r)
                 r.update(eval_loss(r["final"], fx["eval"]))
                 runs[v].append(r)
                 log(f"  throughput {v} rep {rep + 1}/{reps}: {r['tokens_per_s']:,.0f} tok/s "
                     f"(per-step median {r['step_rate_median']:,.0f}), {r['steps']} steps, "
                     f"eval loss {r['eval_loss']:.4f}, {time.time() - t:.0f}s wall")
-        pad_c = expected_padding(fx, C.BATCH)
-        for r in runs["c"]:
-            r["padding_fraction"] = pad_c["padding_fraction"]
-            r["padding_how"] = "expected over random batches of 8 (rtf's tokenized examples)"
-        for r in runs["b"]:
-            r["padding_fraction"] = 0.0
-            r["padding_how"] = "none: collate_packed concatenates the batch's rows into one unpadded row"
+        pos = padded_positions(fx, C.BATCH)
+        for v, rs in runs.items():
+            per = pos["positions"][{"d": "c", "e": "a"}.get(v, v)]
+            for r in rs:
+                if v in ("a", "e"):
+                    r["padding_check"] = {"measured": r["padded_tokens"], "reproduced": sum(per)}
+                elif v == "b":
+                    r["padding_fraction"] = 1 - pos["real"]["b"] / sum(per)
+                    r["padding_how"] = ("exact: packed rows padded to the longest row of each batch (rtf's "
+                                        "collate_packed), HF's sampler batches reproduced over rtf's row order")
+                else:
+                    r["padding_fraction"] = 1 - pos["real"]["c"] / sum(per)
+                    r["padding_how"] = ("exact: HF's sampler batches (same seed and size as a's, reproduced) "
+                                        "over rtf's example order")
+                # window = steps 2..N: every batch but the first
+                r["positions_per_s"] = sum(per[1:]) / r["window_s"] if len(per) == r["steps"] else None
         result = {"config": {"examples": examples, "reps": reps, "threads": threads, "batch": C.BATCH,
                              "max_seq_length": C.MAX_SEQ_LEN, "epochs": 1, "params": fx["params"],
                              "lr": 1e-3, "logging_steps": 1},
@@ -337,7 +369,7 @@ def bench(examples: int = 256, reps: int = 2, threads: int = 1, work: Path | Non
             med[v] = {k: C.median([r[k] for r in rs]) for k in
                       ("tokens_per_s", "step_rate_median", "s_per_step", "eval_loss", "last5_train_loss",
                        "padding_fraction", "runtime_tokens_per_s", "wall_s", "tokens_per_cpu_s",
-                       "train_cpu_share", "other_cores")}
+                       "train_cpu_share", "other_cores", "positions_per_s")}
             med[v].update(steps=rs[0]["steps"], examples=rs[0]["examples"], tokens_total=rs[0]["tokens_total"],
                           label=VARIANTS[v], padding_how=rs[0]["padding_how"])
             result["variants"][v] = {"median": med[v], "runs": rs}
@@ -346,8 +378,9 @@ def bench(examples: int = 256, reps: int = 2, threads: int = 1, work: Path | Non
             f"{v}/a": {"tokens_per_s": med[v]["tokens_per_s"] / a["tokens_per_s"],
                        "step_rate_median": med[v]["step_rate_median"] / a["step_rate_median"],
                        "tokens_per_cpu_s": med[v]["tokens_per_cpu_s"] / a["tokens_per_cpu_s"],
+                       "positions_per_s": med[v]["positions_per_s"] / a["positions_per_s"],
                        "per_rep": [rs["tokens_per_s"] / ra["tokens_per_s"] for rs, ra in zip(runs[v], runs["a"])]}
-            for v in ("b", "c")}
+            for v in runs if v != "a"}
         if with_layouts:
             t = time.time()
             result["layouts"] = layouts(fx, threads=threads)
@@ -366,11 +399,12 @@ def table(result: dict[str, Any]) -> str:
         ratio = 1.0 if v == "a" else result["ratios"][f"{v}/a"]["tokens_per_s"]
         cpu_ratio = 1.0 if v == "a" else result["ratios"][f"{v}/a"]["tokens_per_cpu_s"]
         rows.append([f"{v}: {m['label']}", m["tokens_per_s"], ratio, m["step_rate_median"], m["tokens_per_cpu_s"],
-                     cpu_ratio, f"{m['train_cpu_share']:.2f} / {m['other_cores']:.2f}", m["steps"],
-                     m["tokens_total"], f"{100 * m['padding_fraction']:.1f}%", m["last5_train_loss"], m["eval_loss"]])
+                     cpu_ratio, m["positions_per_s"], f"{m['train_cpu_share']:.2f} / {m['other_cores']:.2f}",
+                     m["steps"], m["tokens_total"], f"{100 * m['padding_fraction']:.1f}%", m["last5_train_loss"],
+                     m["eval_loss"]])
     return C.fmt_table(["variant", "tokens/s", "vs a", "per-step median tok/s", "tokens/CPU-s", "vs a",
-                        "cores: trainer / others", "steps", "non-pad tokens", "padding", "train loss (last 5)",
-                        "eval loss"], rows)
+                        "positions/s (incl. pad)", "cores: trainer / others", "steps", "non-pad tokens", "padding",
+                        "train loss (last 5)", "eval loss"], rows)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -381,8 +415,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", type=Path, default=None, help="Keep the runs here (default: a temp dir, removed).")
     ap.add_argument("--json", type=Path, default=None, help="Write the full result here.")
     ap.add_argument("--no-layouts", action="store_true", help="skip the in-process batch-layout comparison")
+    ap.add_argument("--variants", default=DEFAULT_VARIANTS,
+                    help="which of a b c d e to run (d: c with RAY_worker_niceness=0; e: a's script as a Ray "
+                         "Train worker); a is always needed")
     a = ap.parse_args(argv)
-    result = bench(a.examples, a.reps, a.threads, a.work, with_layouts=not a.no_layouts)
+    result = bench(a.examples, a.reps, a.threads, a.work, with_layouts=not a.no_layouts, variants=a.variants)
     print(table(result))
     if "layouts" in result:
         print(layouts_table(result["layouts"]))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -96,3 +97,21 @@ def test_startup_breakdown_phases_add_up():
                                "trainer_setup", "first_step"))
     assert parts == b["submit_to_first_step"] == 26.0
     assert b["last_log_to_done"] == 1.0 and b["done_to_exit"] == 3.0 and b["total"] == 31.0
+
+
+def test_tree_sampler_sees_a_child_process_cpu():
+    sampler = C.TreeSampler(interval=0.1)
+    t0 = time.time()
+    code = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.6: pass"
+    C.run([sys.executable, "-c", code], sampler=sampler)
+    used = sampler.cpu_between(t0, time.time() + 1)
+    assert used[sampler.root][1] >= 0.4
+
+
+def test_sampler_batches_cover_every_example_once():
+    import throughput
+
+    batches = throughput.sampler_batches(20, 8)
+    assert [len(b) for b in batches] == [8, 8, 4]
+    assert sorted(i for b in batches for i in b) == list(range(20))
+    assert batches == throughput.sampler_batches(20, 8)  # seeded: what a and c both draw
