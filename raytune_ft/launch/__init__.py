@@ -81,10 +81,15 @@ def submit(spec: JobSpec, *, address: str | None = None, fresh: bool = False, re
 
 def run_local(spec: JobSpec, *, fresh: bool = False, resume_from: str | None = None, out=None) -> int:
     from raytune_ft import storage as st
+    from raytune_ft.launch.driver import finished_run
     from raytune_ft.plan import make_plan
 
     out = out or sys.stderr
     plan = make_plan(spec)
+    done = None if (fresh or resume_from) else finished_run(spec)
+    if done is not None:  # before the preflight's marker and before Ray: nothing starts, nothing is written
+        print(done.message(), file=out)
+        return 0
     print(f"storage: {st.preflight(spec.storage)}", file=out)
     skipped = check_data(spec)
     if skipped:

@@ -66,6 +66,55 @@ def keep_aside(spec: JobSpec) -> str | None:
     return aside
 
 
+@dataclass(frozen=True)
+class Finished:
+    """A run whose ``final/`` is committed for the length the spec asks for."""
+
+    run_uri: str
+    steps: int
+    epoch: float | None
+    reason: str
+
+    def message(self) -> str:
+        sep = "/" if self.run_uri.startswith("s3://") else os.sep
+        return (f"already complete: {self.reason}; outputs in {self.run_uri}{sep}final. Nothing was changed. "
+                f"To train on, raise training.max_steps or training.num_epochs (for example "
+                f"--set training.max_steps={self.steps * 2}); to start over, --fresh.")
+
+
+def finished_run(spec: JobSpec) -> Finished | None:
+    """The run is finished when ``final/`` holds its results and they reach the spec's length: the
+    steps of ``final_results.json`` against ``training.max_steps``, or the epoch of ``final/``'s
+    ``trainer_state.json`` against ``training.num_epochs``. Reads two JSON files; writes nothing.
+
+    Resubmitting a finished run must not resume it: Trainer, resumed from a checkpoint at max_steps,
+    takes one more step before its stop check, commits it and prunes the real checkpoints."""
+    if spec.tune is not None:  # a sweep's trials keep their own state (results.csv)
+        return None
+    fs, root = st.pyarrow_filesystem(spec.storage)
+    final = st.fs_join(root, spec.name, "final")
+    try:
+        res = st.read_json(fs, st.fs_join(final, "final_results.json"))
+        state = st.read_json(fs, st.fs_join(final, "trainer_state.json")) or {}
+    except (ValueError, OSError):  # not JSON, or storage unreachable: the preflight and training decide
+        return None
+    if not isinstance(res, dict) or not isinstance(res.get("steps"), int) or not isinstance(state, dict):
+        return None
+    steps = res["steps"]
+    epoch = state.get("epoch") if isinstance(state.get("epoch"), (int, float)) else None
+    uri = make_plan(spec).run_uri
+    t = spec.training
+    if t.max_steps:
+        if steps >= t.max_steps:
+            return Finished(uri, steps, epoch, f"final/ was written at step {steps} "
+                            f"(training.max_steps: {t.max_steps})")
+        return None
+    if t.num_epochs and epoch is not None and epoch >= t.num_epochs - 1e-6:
+        return Finished(uri, steps, epoch, f"final/ was written after epoch {epoch:g} at step {steps} "
+                        f"(training.num_epochs: {t.num_epochs:g})")
+    return None
+
+
 STORAGE_MARKERS = ("AWS Error", "NETWORK_CONNECTION", "Could not connect to server", "curlCode",
                    "EndpointConnectionError", "Connection refused", "Could not resolve host", "SlowDown",
                    "ServiceUnavailable")
@@ -141,6 +190,11 @@ def run(spec: JobSpec, *, fresh: bool = False, resume_from: str | None = None,
         return run_sweep(spec, fresh=fresh, on_event=on_event)
     plan = make_plan(spec)
     emit = on_event or (lambda e: None)
+    if not fresh and not resume_from:
+        done = finished_run(spec)
+        if done is not None:
+            emit({"kind": "info", "message": done.message()})
+            return RunResult(True, plan.run_uri, {"already_complete": done.message()})
     fs, root = st.pyarrow_filesystem(spec.storage)
     run_path = st.fs_join(root, spec.name)
     if fresh:
@@ -281,6 +335,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         secrets.install_sealed()  # secrets forwarded by `rtf submit --address`, before anything reads them
         spec = load_spec(a.spec)
+        done = None if (a.fresh or a.resume_from) else finished_run(spec)
+        if done is not None:  # before the preflight's marker and before Ray: nothing starts, nothing is written
+            print(f"done: {done.message()}", flush=True)
+            return 0
         on_event({"kind": "info", "message": f"storage preflight: {st.preflight(spec.storage)}"})
         skipped = check_data(spec)
         if skipped:

@@ -48,6 +48,21 @@ def barrier() -> None:
         torch.distributed.barrier()
 
 
+class AtMaxSteps(Exception):
+    """Raised by :class:`StopAtMaxSteps` before any step when a resumed run has nothing left to train."""
+
+
+class StopAtMaxSteps(TrainerCallback):
+    """Gap in transformers' Trainer: resumed from a checkpoint at ``max_steps`` mid-epoch, it runs one more
+    optimizer step before its first ``should_training_stop`` check (``_run_epoch`` checks only after a
+    step), commits step max_steps+1 and lets pruning drop the real checkpoints. This stops it at
+    ``on_train_begin``, after the checkpoint's weights and state are loaded, so final/ is written from them."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.max_steps and state.global_step >= state.max_steps:
+            raise AtMaxSteps(f"resumed at step {state.global_step} of {state.max_steps}")
+
+
 class RtfCallback(TrainerCallback):
     def __init__(self, *, run: Any, spec_hash: str, publisher: Any, work_dir: str, tb_writer: Any = None,
                  tokens_per_sample: float | None = None, report_evals: bool = False) -> None:

@@ -30,7 +30,7 @@ from raytune_ft.launch.progress import Publisher
 from raytune_ft.launch.secrets import apply_env, env_report
 from raytune_ft.spec import spec_from_dict, spec_hash, to_yaml
 from raytune_ft.spec.models import JobSpec
-from raytune_ft.train.callbacks import RtfCallback, barrier, gather
+from raytune_ft.train.callbacks import AtMaxSteps, RtfCallback, StopAtMaxSteps, barrier, gather
 from raytune_ft.train.modeling import apply_method, build_model, count_parameters, hf_token
 
 log = logging.getLogger("raytune_ft")
@@ -287,7 +287,7 @@ def _run(spec: JobSpec, run: RunContext, work: str, publisher: Publisher, config
         tb = SummaryWriter(log_dir=os.path.join(work, "tensorboard"))
     callback = RtfCallback(run=run, spec_hash=spec_hash(spec), publisher=publisher, work_dir=work, tb_writer=tb,
                            report_evals=bool(config.get("report_evals")))  # a sweep trial: each eval to Tune
-    callbacks: list[Any] = [callback]
+    callbacks: list[Any] = [StopAtMaxSteps(), callback]
     if spec.training.early_stopping:
         es = spec.training.early_stopping
         callbacks.append(EarlyStoppingCallback(es.patience, es.threshold))
@@ -302,7 +302,13 @@ def _run(spec: JobSpec, run: RunContext, work: str, publisher: Publisher, config
     info(f"setup took {time.time() - t0:.1f}s (data {t_data - t0:.1f}s, model {t_model - t_data:.1f}s)")
 
     # ---- train
-    result = trainer.train(resume_from_checkpoint=local_resume)
+    try:
+        result = trainer.train(resume_from_checkpoint=local_resume)
+    except AtMaxSteps as e:  # the last checkpoint is at max_steps but final/ was never written
+        from transformers.trainer_utils import TrainOutput
+
+        info(f"{e}: nothing left to train; writing final/ from that checkpoint")
+        result = TrainOutput(trainer.state.global_step, None, {"train_runtime": 0.0})
     eval_metrics = _final_eval(trainer) if eval_ds else {}
 
     probe = fingerprint(trainer.model, (eval_ds or train_ds)[0]["input_ids"][:32], device)
