@@ -38,35 +38,22 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
+from raytune_ft import rundir as rd
 from raytune_ft import storage as st
 from raytune_ft.errors import StorageError, UserError
+from raytune_ft.rundir import MANIFEST, parse_step
 
 if TYPE_CHECKING:  # pragma: no cover
     import pyarrow.fs
 
-MANIFEST = "rtf_checkpoint.json"
 MANIFEST_FORMAT = "rtf-checkpoint"
 MANIFEST_VERSION = 1
-CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
-STEP_DIGITS = 8
 _CHUNK = 1 << 20
+checkpoint_dir_name = rd.checkpoint_name  # the names come from the run dir's layout (raytune_ft.rundir)
 
 
 class ManifestError(StorageError):
     """A manifest exists but cannot be read, or describes files that are not there."""
-
-
-def checkpoint_dir_name(step: int) -> str:
-    """``checkpoint-00000100`` for step 100."""
-    if int(step) < 0:
-        raise ValueError(f"step must be >= 0, got {step}")
-    return f"checkpoint-{int(step):0{STEP_DIGITS}d}"
-
-
-def parse_step(name: str) -> int | None:
-    """The step of a dir named ``checkpoint-<digits>``, else ``None``."""
-    m = CHECKPOINT_RE.match(posixpath.basename(str(name).rstrip("/")))
-    return int(m.group(1)) if m else None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -346,7 +333,7 @@ def inspect_checkpoint(fs: pyarrow.fs.FileSystem, ckpt_path: str, *, deep: bool 
     name = posixpath.basename(ckpt_path.rstrip("/"))
     step = parse_step(name)
     if step is None:
-        raise UserError(f"{ckpt_path} is not a checkpoint dir (expected checkpoint-<step>)")
+        raise UserError(f"{ckpt_path} is not a checkpoint dir (expected {rd.CHECKPOINT_PREFIX}<step>)")
     listing = st.list_files(fs, ckpt_path)
     info = CheckpointInfo(
         name=name,

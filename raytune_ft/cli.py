@@ -15,6 +15,7 @@ from typing import Optional
 import typer
 
 from raytune_ft.errors import UserError
+from raytune_ft.rundir import BEST_YAML
 
 app = typer.Typer(
     name="rtf",
@@ -227,14 +228,15 @@ def sweep_results(
     target: str = typer.Argument(..., metavar="NAME|URI", help="Sweep name (under --storage), its dir, an s3:// URI, or its spec."),
     storage: str = typer.Option("./rtf_runs", "--storage", help="Where a bare NAME is looked up."),
     endpoint_url: Optional[str] = typer.Option(None, "--endpoint-url", help="S3-compatible endpoint (else $AWS_ENDPOINT_URL)."),
-    best_out: Optional[Path] = typer.Option(None, "--best-out", help="Also copy the winner's spec (best.yaml) here."),
+    best_out: Optional[Path] = typer.Option(None, "--best-out", help=f"Also copy the winner's spec ({BEST_YAML}) here."),
 ) -> None:
     """Show a sweep's results table again (from its results.csv), and where its best.yaml is."""
+    from raytune_ft.rundir import RESULTS_CSV
     from raytune_ft.sweep import load_results, read_best, render_table
 
     res, best_uri = load_results(target, storage=storage, endpoint_url=endpoint_url)
     _out(render_table(res))
-    _out(f"results: {res.location.rstrip('/')}/results.csv")
+    _out(f"results: {res.location.rstrip('/')}/{RESULTS_CSV}")
     if best_uri:
         _out(f"best spec: {best_uri}   (promote the winner: rtf submit {best_out or best_uri})")
         if best_out:

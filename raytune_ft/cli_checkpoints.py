@@ -30,9 +30,9 @@ KEY_METRICS = ("loss", "eval_loss", "train_loss", "learning_rate", "grad_norm")
 
 
 def _open(uri: str, endpoint_url: str | None, region: str | None):
-    cfg = st.StorageConfig.from_uri(uri, endpoint_url=endpoint_url, region=region)
+    cfg = st.config_for(uri, endpoint_url=endpoint_url, region=region)
     with st.storage_errors(cfg, "open"):
-        fs, path = st.pyarrow_filesystem(cfg)
+        fs, path = st.open(cfg)
     return cfg, fs, path
 
 

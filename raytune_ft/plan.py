@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from raytune_ft import rundir
 from raytune_ft.spec.loader import dump_spec, spec_hash
 from raytune_ft.spec.models import JobSpec
 
@@ -342,10 +343,7 @@ PLACEMENT = {"pack": "PACK", "spread": "SPREAD", "strict_spread": "STRICT_SPREAD
 
 
 def run_uri(spec: JobSpec) -> str:
-    base = spec.storage.path
-    if base.startswith("s3://"):
-        return base.rstrip("/") + "/" + spec.name
-    return str(Path(base).expanduser().resolve() / spec.name)
+    return rundir.run_uri(spec.storage.path, spec.name)
 
 
 def make_plan(spec: JobSpec) -> Plan:

@@ -25,7 +25,9 @@ pyarrow and boto3 are imported lazily so that importing this module (and the CLI
 
 from __future__ import annotations
 
+import builtins
 import contextlib
+import dataclasses
 import json
 import os
 import posixpath
@@ -124,6 +126,34 @@ class StorageConfig:
     @classmethod
     def from_uri(cls, uri: str, *, endpoint_url: str | None = None, region: str | None = None) -> StorageConfig:
         return cls(path=str(uri), endpoint_url=endpoint_url or None, region=region or None)
+
+
+def config_for(target: str, *, storage: Any = None, endpoint_url: str | None = None,
+               region: str | None = None) -> StorageConfig:
+    """The settings that reach ``target`` (a local path or an s3:// URI): ``storage``'s endpoint and
+    credentials when given (``endpoint_url`` overriding its endpoint), else ``endpoint_url``/``region``
+    (or the environment's). A local path comes back absolute."""
+    target = str(target)
+    if "://" in target and not is_s3(target) and not target.startswith("file://"):
+        raise UserError(f"{target}: not a local path or an s3:// URI")
+    if not is_s3(target):
+        return StorageConfig(path=local_path(target))
+    if storage is None:
+        return StorageConfig.from_uri(target, endpoint_url=endpoint_url, region=region)
+    cfg = with_path(storage, target)
+    if endpoint_url:
+        cfg = dataclasses.replace(cfg, endpoint_url=endpoint_url)
+    return cfg
+
+
+def open(target: Any, *, storage: Any = None, endpoint_url: str | None = None,
+         region: str | None = None) -> tuple[pyarrow.fs.FileSystem, str]:
+    """``(filesystem, path native to it)`` for a local path or an s3:// URI (reached as :func:`config_for`
+    says), or for a storage settings object (the spec's ``storage``: its root). The one place where a
+    location becomes something to read and write."""
+    if isinstance(target, (str, os.PathLike)):
+        target = config_for(os.fspath(target), storage=storage, endpoint_url=endpoint_url, region=region)
+    return pyarrow_filesystem(target)
 
 
 def with_path(storage: Any, path: str) -> StorageConfig:
@@ -609,7 +639,7 @@ def _preflight_local(storage: Any) -> str:
         raise _fail_local(root, f"cannot create it: {exc.strerror or exc}")
     marker = os.path.join(root, f"{PREFLIGHT_MARKER}-{uuid.uuid4().hex[:12]}")
     try:
-        with open(marker, "wb") as f:
+        with builtins.open(marker, "wb") as f:
             f.write(b"rtf preflight marker; safe to delete\n")
         os.remove(marker)
     except OSError as exc:

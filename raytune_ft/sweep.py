@@ -37,8 +37,10 @@ from typing import Any
 
 import yaml
 
+from raytune_ft import rundir as rd
 from raytune_ft import storage as st
 from raytune_ft.errors import UserError
+from raytune_ft.rundir import BEST_YAML, RESULTS_CSV, SWEEP_SPEC, TUNE_DIR, RunDir
 from raytune_ft.spec.loader import (
     Source,
     _model_at,
@@ -52,12 +54,7 @@ from raytune_ft.spec.loader import (
 )
 from raytune_ft.spec.models import JobSpec
 
-TRIAL_PREFIX = "trial-"
-TUNE_DIR = "tune"
-RESULTS_CSV = "results.csv"
-BEST_YAML = "best.yaml"
-SWEEP_SPEC = "sweep_spec.yaml"
-FINAL_RESULTS = ("final", "final_results.json")
+FINAL_RESULTS = (rd.FINAL, rd.FINAL_RESULTS)
 
 SWEEPABLE = ("model", "tokenizer", "method", "data", "training", "deepspeed")
 EVAL_METRICS = ("eval_loss", "perplexity")
@@ -270,10 +267,7 @@ def check_space(spec: JobSpec) -> None:
 
 def trial_run_name(trial_id: str) -> str:
     """``trial-003`` for Tune's ``<experiment>_00003`` ids (random and grid search), else ``trial-<id>``."""
-    head, _, tail = str(trial_id).rpartition("_")
-    if head and tail.isdigit():
-        return f"{TRIAL_PREFIX}{int(tail):03d}"
-    return f"{TRIAL_PREFIX}{trial_id}"
+    return rd.trial_name(trial_id)
 
 
 def _trial_name(trial: Any) -> str:
@@ -305,10 +299,7 @@ def trial_spec(base: dict, values: dict[str, Any], name: str) -> JobSpec:
 
 
 def sweep_dir_uri(spec: JobSpec) -> str:
-    base = spec.storage.path
-    if st.is_s3(base):
-        return st.join(base, spec.name)
-    return st.join(st.local_path(base), spec.name)
+    return rd.run_uri(spec.storage.path, spec.name)
 
 
 def best_name(name: str) -> str:
@@ -338,10 +329,9 @@ def _run_trial(config: dict[str, Any], base: dict | None = None, metric: str = "
         if result is not None:
             ray.tune.report(result)
         return
-    st.write_bytes(fs, st.fs_join(root, name, "rtf_spec.yaml"), to_yaml(spec).encode())
-    from raytune_ft.launch.driver import forget_train_snapshot
-
-    forget_train_snapshot(fs, st.fs_join(root, name))
+    run_dir = RunDir.of(spec)
+    run_dir.write_spec(to_yaml(spec))
+    run_dir.forget_train_snapshot()
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"spec": dump_spec(spec), "resume_from": None, "progress": None, "report_evals": True},
@@ -761,11 +751,11 @@ def results_csv(res: SweepResults) -> str:
 def parse_results_csv(text: str, *, name: str = "", location: str = "") -> SweepResults:
     rows = list(csv.reader(io.StringIO(text)))
     if not rows or not rows[0] or rows[0][0] != "trial":
-        raise UserError(f"{location or 'results.csv'}: not a sweep results file")
+        raise UserError(f"{location or RESULTS_CSV}: not a sweep results file")
     header = rows[0]
     metrics = [c for c in header if c in ("eval_loss", "perplexity", "loss")]
     if len(metrics) != 1:
-        raise UserError(f"{location or 'results.csv'}: no metric column in {header}")
+        raise UserError(f"{location or RESULTS_CSV}: no metric column in {header}")
     metric = metrics[0]
     paths = [c for c in header if c not in FIXED_COLUMNS and c != metric]
     out = []
@@ -964,11 +954,10 @@ def locate(target: str, *, storage: str = "./rtf_runs", endpoint_url: str | None
         from raytune_ft.spec import load_spec
 
         spec = load_spec(target)
-        fs, root = st.pyarrow_filesystem(spec.storage)
-        return fs, st.fs_join(root, spec.name), sweep_dir_uri(spec)
+        run = RunDir.of(spec)
+        return run.fs, run.path, run.uri
     if st.is_s3(target):
-        cfg = st.StorageConfig.from_uri(target, endpoint_url=endpoint_url or os.environ.get("AWS_ENDPOINT_URL"))
-        fs, path = st.pyarrow_filesystem(cfg)
+        fs, path = st.open(target, endpoint_url=endpoint_url or os.environ.get("AWS_ENDPOINT_URL"))
         return fs, path, target.rstrip("/")
     if os.path.isdir(target) or os.sep in target or target.startswith("."):
         path = st.local_path(target)

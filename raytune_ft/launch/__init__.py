@@ -26,15 +26,17 @@ def choose_target(spec: JobSpec, address: str | None) -> tuple[str, str | None, 
 def check_data(spec: JobSpec) -> int:
     """Read every data row once before anything starts, so a bad row fails in seconds with its
     file and line, not after Ray and the model are up. Returns the number of rows skipped."""
+    from functools import partial
+
+    from raytune_ft import storage as st
     from raytune_ft.data.pipeline import read_source
-    from raytune_ft.train.recipe import _filesystem_for
 
     skipped = 0
     for src in [*spec.data.train_sources, *spec.data.eval_sources]:
         if "://" not in src.path and not os.path.exists(src.path):
             raise UserError(f"data source not found: {src.path}",
                             hint="paths are relative to the directory you run rtf from")
-        _, n = read_source(src, on_bad_row=spec.data.on_bad_row, filesystem_for=_filesystem_for(spec))
+        _, n = read_source(src, on_bad_row=spec.data.on_bad_row, filesystem_for=partial(st.open, storage=spec.storage))
         skipped += n
     return skipped
 
@@ -154,5 +156,7 @@ def print_summary(summary: dict[str, Any], run_uri: str, out) -> None:
     print("", file=out)
     for k, v in rows:
         print(f"  {k:<{width}}  {v}", file=out)
-    sep = "/" if run_uri.startswith("s3://") else os.sep
-    print(f"\noutputs: {run_uri}{sep}final", file=out)
+    from raytune_ft import storage as st
+    from raytune_ft.rundir import FINAL
+
+    print(f"\noutputs: {st.join(run_uri, FINAL)}", file=out)

@@ -12,13 +12,13 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from typing import Any
 
 from raytune_ft import storage as st
 from raytune_ft.errors import UserError
 from raytune_ft.launch.progress import NAMESPACE, board_name, make_board_class
 from raytune_ft.plan import make_plan
+from raytune_ft.rundir import FINAL, RunDir
 from raytune_ft.spec import dump_spec, to_yaml
 from raytune_ft.spec.models import JobSpec
 
@@ -51,19 +51,7 @@ def scaling_config(spec: JobSpec):
 
 def keep_aside(spec: JobSpec) -> str | None:
     """``--fresh``: move an existing run dir aside (never delete it). Returns where it went."""
-    fs, root = st.pyarrow_filesystem(spec.storage)
-    run_path = st.fs_join(root, spec.name)
-    if not st.exists(fs, run_path):
-        return None
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    aside = f"{run_path}.old-{stamp}"
-    if st.is_local_fs(fs):
-        os.rename(run_path, aside)
-    else:
-        for rel in st.list_files(fs, run_path):
-            fs.copy_file(st.fs_join(run_path, rel), st.fs_join(aside, rel))
-        st.delete_dir(fs, run_path)
-    return aside
+    return RunDir.of(spec).move_aside()
 
 
 @dataclass(frozen=True)
@@ -76,33 +64,31 @@ class Finished:
     reason: str
 
     def message(self) -> str:
-        sep = "/" if self.run_uri.startswith("s3://") else os.sep
-        return (f"already complete: {self.reason}; outputs in {self.run_uri}{sep}final. Nothing was changed. "
+        return (f"already complete: {self.reason}; outputs in {st.join(self.run_uri, FINAL)}. Nothing was changed. "
                 f"To train on, raise training.max_steps or training.num_epochs (for example "
                 f"--set training.max_steps={self.steps * 2}); to start over, --fresh.")
 
 
 def finished_run(spec: JobSpec) -> Finished | None:
     """The run is finished when ``final/`` holds its results and they reach the spec's length: the
-    steps of ``final_results.json`` against ``training.max_steps``, or the epoch of ``final/``'s
-    ``trainer_state.json`` against ``training.num_epochs``. Reads two JSON files; writes nothing.
+    steps of its final results against ``training.max_steps``, or the epoch of its trainer state against
+    ``training.num_epochs``. Reads two JSON files; writes nothing.
 
     Resubmitting a finished run must not resume it: Trainer, resumed from a checkpoint at max_steps,
     takes one more step before its stop check, commits it and prunes the real checkpoints."""
     if spec.tune is not None:  # a sweep's trials keep their own state (results.csv)
         return None
-    fs, root = st.pyarrow_filesystem(spec.storage)
-    final = st.fs_join(root, spec.name, "final")
+    run = RunDir.of(spec)
     try:
-        res = st.read_json(fs, st.fs_join(final, "final_results.json"))
-        state = st.read_json(fs, st.fs_join(final, "trainer_state.json")) or {}
+        res = run.read_final_results()
+        state = run.read_final_state() or {}
     except (ValueError, OSError):  # not JSON, or storage unreachable: the preflight and training decide
         return None
     if not isinstance(res, dict) or not isinstance(res.get("steps"), int) or not isinstance(state, dict):
         return None
     steps = res["steps"]
     epoch = state.get("epoch") if isinstance(state.get("epoch"), (int, float)) else None
-    uri = make_plan(spec).run_uri
+    uri = run.uri
     t = spec.training
     if t.max_steps:
         if steps >= t.max_steps:
@@ -195,17 +181,16 @@ def run(spec: JobSpec, *, fresh: bool = False, resume_from: str | None = None,
         if done is not None:
             emit({"kind": "info", "message": done.message()})
             return RunResult(True, plan.run_uri, {"already_complete": done.message()})
-    fs, root = st.pyarrow_filesystem(spec.storage)
-    run_path = st.fs_join(root, spec.name)
+    run_dir = RunDir.of(spec)
     if fresh:
         aside = keep_aside(spec)
         if aside:
             emit({"kind": "info", "message": f"--fresh: the previous run was moved aside to {aside}"})
-    st.write_bytes(fs, st.fs_join(run_path, "rtf_spec.yaml"), to_yaml(spec).encode())
+    run_dir.write_spec(to_yaml(spec))
     attempt = 0
     while True:
         attempt += 1
-        outcome, summary = _fit_once(spec, fs, root, resume_from if attempt == 1 else None, emit)
+        outcome, summary = _fit_once(spec, run_dir, resume_from if attempt == 1 else None, emit)
         if "error" not in outcome:
             return RunResult(True, plan.run_uri, summary)
         err = outcome["error"]
@@ -230,18 +215,7 @@ def run(spec: JobSpec, *, fresh: bool = False, resume_from: str | None = None,
         return RunResult(False, plan.run_uri, summary, error=f"{type(err).__name__}: {st.scrub(str(err), spec.storage)}")
 
 
-def forget_train_snapshot(fs: Any, run_path: str) -> None:
-    """rtf resumes from its own manifests (the recipe reads them). Ray Train's snapshot of the checkpoints
-    it was told about still lists those rtf has pruned since (storage.keep_checkpoints), and Ray Train
-    refuses to start a run whose snapshot names a checkpoint that is gone: so it goes before every fit."""
-    try:
-        from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME as name
-    except ImportError:  # pragma: no cover - a Ray that moved it
-        name = "checkpoint_manager_snapshot.json"
-    st.delete_file(fs, st.fs_join(run_path, name))
-
-
-def _fit_once(spec: JobSpec, fs: Any, root: str, resume_from: str | None,
+def _fit_once(spec: JobSpec, run_dir: RunDir, resume_from: str | None,
               emit: EventHandler) -> tuple[dict[str, Any], dict[str, Any]]:
     """One TorchTrainer.fit(), with the progress board polled while it runs."""
     import ray
@@ -251,7 +225,8 @@ def _fit_once(spec: JobSpec, fs: Any, root: str, resume_from: str | None,
     from raytune_ft.train.recipe import train_loop
 
     plan = make_plan(spec)
-    forget_train_snapshot(fs, st.fs_join(root, spec.name))
+    run_dir.forget_train_snapshot()
+    fs, root = st.open(spec.storage)
     board = make_board_class().options(name=board_name(spec.name), namespace=NAMESPACE,
                                        get_if_exists=True).remote()
     trainer = TorchTrainer(
@@ -359,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     if not result.ok:
         print(f"error: training failed: {result.error}", file=sys.stderr, flush=True)
         return 1
-    print(f"done: outputs in {result.run_uri}/final", flush=True)
+    print(f"done: outputs in {st.join(result.run_uri, FINAL)}", flush=True)
     return 0
 
 

@@ -43,12 +43,13 @@ from datetime import datetime, timezone
 from typing import Any
 from urllib.parse import urlsplit
 
+from raytune_ft import rundir as rd
 from raytune_ft.errors import UserError
 from raytune_ft.launch import secrets as sec
 from raytune_ft.launch.progress import EVENT_PREFIX
 
 DEFAULT_DASHBOARD_PORT = 8265
-BUNDLE_SPEC = "rtf_spec.yaml"
+BUNDLE_SPEC = rd.SPEC  # the resolved spec, under the name it has in a run dir
 DRIVER = "python -u -m raytune_ft.launch.driver"
 SETUP_HOOK = "raytune_ft.launch.secrets.setup_hook"
 EXCLUDES = ["__pycache__", "*.pyc", ".pytest_cache", ".mypy_cache", ".ruff_cache"]

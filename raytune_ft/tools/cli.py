@@ -11,6 +11,8 @@ import json
 
 import typer
 
+from raytune_ft import rundir as rd
+
 COMMANDS = ("generate", "merge", "eval", "plot", "runs")
 
 
@@ -77,7 +79,7 @@ def eval_cmd(
 
 
 def plot_cmd(
-    source: str = typer.Argument(..., metavar="SOURCE", help="Job spec, run dir, sweep dir, metrics.jsonl, or s3:// URI."),
+    source: str = typer.Argument(..., metavar="SOURCE", help=f"Job spec, run dir, sweep dir, {rd.METRICS}, or s3:// URI."),
     out: str = typer.Option("loss.png", "--out", "-o", help="PNG file to write."),
     log_scale: bool = typer.Option(False, "--log", help="Log scale for the loss axis."),
 ) -> None:
@@ -88,7 +90,7 @@ def plot_cmd(
     points = ", ".join(f"{k}: {v}" for k, v in result["series"].items())
     typer.echo(f"wrote {result['out']} ({result['size'][0]}x{result['size'][1]}) points: {points}")
     if result["bad_lines"]:
-        typer.echo(f"skipped {result['bad_lines']} unreadable line(s) of metrics.jsonl")
+        typer.echo(f"skipped {result['bad_lines']} unreadable line(s) of {rd.METRICS}")
 
 
 def runs_cmd(

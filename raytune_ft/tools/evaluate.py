@@ -19,8 +19,10 @@ import math
 import os
 import time
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
+from raytune_ft import rundir as rd
 from raytune_ft import storage as st
 from raytune_ft.errors import UserError
 from raytune_ft.tools.loading import load_base_for_full, load_model
@@ -120,7 +122,7 @@ def eval_examples(
     else:
         if data is None:
             raise UserError(
-                f"{src.origin}: no rtf_spec.yaml found, so the run's eval data is unknown",
+                f"{src.origin}: no {rd.SPEC} found, so the run's eval data is unknown",
                 hint="pass the data with --data FILE",
             )
         if not data.has_eval:
@@ -144,13 +146,7 @@ def eval_examples(
 
 
 def _fs_for(src: Source):
-    storage = src.spec.storage if src.spec is not None else None
-
-    def filesystem_for(uri: str):
-        cfg = st.with_path(storage, uri) if storage is not None else st.StorageConfig.from_uri(uri)
-        return st.pyarrow_filesystem(cfg)
-
-    return filesystem_for
+    return partial(st.open, storage=src.spec.storage if src.spec is not None else None)
 
 
 def _sniff_format(path: str, filesystem_for) -> str:
@@ -229,9 +225,9 @@ def _write(src: Source, result: dict[str, Any], out: str | None) -> str:
     payload = {k: v for k, v in result.items() if k != "written"}
     payload = _finite(payload)
     if st.is_s3(target):
-        storage = st.with_path(src.spec.storage, target) if src.spec is not None else st.StorageConfig.from_uri(target)
+        storage = st.config_for(target, storage=src.spec.storage if src.spec is not None else None)
         with st.storage_errors(storage, "write"):
-            fs, path = st.pyarrow_filesystem(storage)
+            fs, path = st.open(storage)
             st.write_json(fs, path, payload)
     else:
         import pyarrow.fs as pafs

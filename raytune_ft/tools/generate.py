@@ -16,6 +16,7 @@ import shutil
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from raytune_ft import rundir as rd
 from raytune_ft.errors import UserError
 from raytune_ft.tools.loading import Loaded, load_base_for_full, load_model
 from raytune_ft.tools.source import Source, resolve_source
@@ -55,7 +56,7 @@ def generate(
     notes = list(src.notes)
     if fmt is None:
         fmt = "text"
-        notes.append("no rtf_spec.yaml with a data format next to this model: prompts are used as raw text")
+        notes.append(f"no {rd.SPEC} with a data format next to this model: prompts are used as raw text")
     loaded = load_model(src, dtype=dtype)
     notes += loaded.notes
     tok = loaded.tokenizer

@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from raytune_ft import rundir as rd
 from raytune_ft.errors import UserError
 from raytune_ft.tools.source import Source
 
@@ -196,7 +197,7 @@ def load_base_for_full(src: Source, *, dtype, device):
     if src.from_scratch:
         return None, "the run trained its model from scratch (model.init): there is no base model to compare with"
     if not src.base_model:
-        return None, "no base model is known for this model (no rtf_spec.yaml with model.name_or_path next to it)"
+        return None, f"no base model is known for this model (no {rd.SPEC} with model.name_or_path next to it)"
     try:
         return load_pretrained(src.base_model, src, dtype=dtype, device=device, local_only=True), None
     except UserError as e:

@@ -20,10 +20,11 @@ import time
 import uuid
 from typing import Any
 
+from raytune_ft import rundir as rd
 from raytune_ft import storage as st
 from raytune_ft.errors import UserError
 from raytune_ft.tools.loading import load_tokenizer, quiet_transformers, torch_dtype
-from raytune_ft.tools.source import MODEL_CONFIG, SPEC_FILE, Source, resolve_source
+from raytune_ft.tools.source import MODEL_CONFIG, Source, resolve_source
 
 MERGE_INFO = "rtf_merge.json"
 
@@ -78,7 +79,7 @@ def merge(source: str | Source, out_dir: str, dtype: str = "float32", *, overwri
         merged.save_pretrained(work, safe_serialization=True)
         tok.save_pretrained(work)
         if src.spec_path and os.path.isfile(src.spec_path):
-            shutil.copyfile(src.spec_path, os.path.join(work, SPEC_FILE))
+            shutil.copyfile(src.spec_path, os.path.join(work, rd.SPEC))
         info = {
             "source": src.origin,
             "adapter": src.remote or src.path,
@@ -92,9 +93,9 @@ def merge(source: str | Source, out_dir: str, dtype: str = "float32", *, overwri
         with open(os.path.join(work, MERGE_INFO), "w", encoding="utf-8") as f:
             json.dump(info, f, indent=2)
         if remote_out:
-            cfg = st.StorageConfig.from_uri(remote_out)
+            cfg = st.config_for(remote_out)
             with st.storage_errors(cfg, "write"):
-                fs, path = st.pyarrow_filesystem(cfg)
+                fs, path = st.open(cfg)
                 st.upload_dir(work, fs, path)
         else:
             if os.path.exists(local_out):

@@ -17,9 +17,9 @@ import posixpath
 from dataclasses import dataclass, field
 from typing import Any
 
+from raytune_ft import rundir as rd
 from raytune_ft import storage as st
 from raytune_ft.errors import UserError
-from raytune_ft.tools.source import METRICS_FILE, SPEC_FILE, TRIAL_PREFIX
 
 SERIES = (("train_loss", "loss"), ("eval_loss", "eval_loss"), ("learning_rate", "learning_rate"))
 FIGSIZE = (10.0, 7.0)
@@ -46,7 +46,7 @@ def plot(source: str, out: str = "loss.png", *, log_scale: bool = False, endpoin
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
-    sweep = len(runs) > 1 or (runs and runs[0].name.startswith(TRIAL_PREFIX))
+    sweep = len(runs) > 1 or (runs and runs[0].name.startswith(rd.TRIAL_PREFIX))
     fig, (ax_loss, ax_lr) = plt.subplots(2, 1, figsize=FIGSIZE, dpi=DPI, sharex=True, height_ratios=(2, 1))
     counts: dict[str, int] = {}
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -68,7 +68,7 @@ def plot(source: str, out: str = "loss.png", *, log_scale: bool = False, endpoin
                 ax_lr.plot(xs, ys, "-", color=color or "C2", label=f"{label}learning rate", linewidth=1.2)
     if not any(counts.values()):
         plt.close(fig)
-        raise UserError(f"{source}: metrics.jsonl has no loss, eval_loss or learning_rate values to plot")
+        raise UserError(f"{source}: {rd.METRICS} has no loss, eval_loss or learning_rate values to plot")
 
     title = runs[0].name if len(runs) == 1 else f"{_sweep_name(source)} ({len(runs)} trials)"
     ax_loss.set_title(title)
@@ -117,21 +117,19 @@ def load_metrics(source: str, *, endpoint_url: str | None = None) -> list[Metric
     storage: Any = None
     if not st.is_s3(source):
         local = st.local_path(source)
-        if os.path.isfile(local) and local.endswith((".yaml", ".yml")) and posixpath.basename(local) != SPEC_FILE:
+        if os.path.isfile(local) and local.endswith((".yaml", ".yml")) and posixpath.basename(local) != rd.SPEC:
             from raytune_ft.spec.loader import load_spec
 
             spec = load_spec(local)
             source = st.join(spec.storage.path, spec.name)
             storage = spec.storage
-        elif os.path.isfile(local) and posixpath.basename(local) == SPEC_FILE:
+        elif os.path.isfile(local) and posixpath.basename(local) == rd.SPEC:
             source = os.path.dirname(local)
         elif not os.path.exists(local):
             raise UserError(f"{source}: no such file or directory")
-    cfg = st.with_path(storage, source) if storage is not None else st.StorageConfig.from_uri(source, endpoint_url=endpoint_url)
-    if not st.is_s3(cfg.path):
-        cfg = st.StorageConfig(path=st.local_path(cfg.path))
+    cfg = st.config_for(source, storage=storage, endpoint_url=None if storage is not None else endpoint_url)
     with st.storage_errors(cfg, "read"):
-        fs, path = st.pyarrow_filesystem(cfg)
+        fs, path = st.open(cfg)
         return _collect(fs, path, source, st.is_s3(cfg.path))
 
 
@@ -143,24 +141,24 @@ def _collect(fs, path: str, source: str, remote: bool) -> list[Metrics]:
 
     kind = fs.get_file_info(path).type
     if kind == pafs.FileType.File:
-        if posixpath.basename(path) == METRICS_FILE or path.endswith(".jsonl"):
+        if posixpath.basename(path) == rd.METRICS or path.endswith(".jsonl"):
             return [_read(fs, path, posixpath.basename(posixpath.dirname(path)), shown(path))]
-        raise UserError(f"{source}: not a metrics.jsonl file or a run dir")
+        raise UserError(f"{source}: not a {rd.METRICS} file or a run dir")
     for d in (path, posixpath.dirname(path.rstrip("/"))):  # the run dir, or final/ / checkpoint-* inside it
-        p = st.fs_join(d, METRICS_FILE)
+        p = st.fs_join(d, rd.METRICS)
         if fs.get_file_info(p).type == pafs.FileType.File:
             return [_read(fs, p, posixpath.basename(d.rstrip("/")), shown(p))]
-    trials = [d for d in st.list_dirs(fs, path) if d.startswith(TRIAL_PREFIX)]
+    trials = [d for d in st.list_dirs(fs, path) if d.startswith(rd.TRIAL_PREFIX)]
     runs = []
     for t in trials:
-        p = st.fs_join(path, t, METRICS_FILE)
+        p = st.fs_join(path, t, rd.METRICS)
         if fs.get_file_info(p).type == pafs.FileType.File:
             runs.append(_read(fs, p, t, shown(p)))
     if runs:
         return runs
     if trials:
-        raise UserError(f"{source}: a sweep whose {len(trials)} trial(s) have no {METRICS_FILE} yet")
-    raise UserError(f"{source}: no {METRICS_FILE} here (not a run dir, nor a sweep dir)")
+        raise UserError(f"{source}: a sweep whose {len(trials)} trial(s) have no {rd.METRICS} yet")
+    raise UserError(f"{source}: no {rd.METRICS} here (not a run dir, nor a sweep dir)")
 
 
 def _read(fs, path: str, name: str, where: str) -> Metrics:

@@ -20,9 +20,9 @@ import posixpath
 import time
 from typing import Any
 
+from raytune_ft import rundir as rd
 from raytune_ft import storage as st
 from raytune_ft.errors import UserError
-from raytune_ft.tools.source import FINAL_DIR, FINAL_RESULTS, METRICS_FILE, SPEC_FILE, TRIAL_PREFIX
 
 RUNNING_WINDOW_S = 15 * 60
 
@@ -32,12 +32,10 @@ def list_runs(storage_path: str = "./rtf_runs", *, endpoint_url: str | None = No
     ``train_loss``, ``eval_loss``, ``outputs`` (final/ or the latest committed checkpoint), ``updated``
     (unix time of the newest file seen), ``method``. Sorted by name."""
     storage_path = str(storage_path)
-    cfg = st.StorageConfig.from_uri(storage_path, endpoint_url=endpoint_url)
-    if not st.is_s3(storage_path):
-        cfg = st.StorageConfig(path=st.local_path(storage_path))
+    cfg = st.config_for(storage_path, endpoint_url=endpoint_url)
     now = time.time() if now is None else now
     with st.storage_errors(cfg, "list"):
-        fs, root = st.pyarrow_filesystem(cfg)
+        fs, root = st.open(cfg)
         if not st.is_s3(storage_path):
             import os
 
@@ -53,7 +51,7 @@ def list_runs(storage_path: str = "./rtf_runs", *, endpoint_url: str | None = No
                 runs.append(_describe(fs, d, name, remote, now))
                 continue
             for t in st.list_dirs(fs, d):
-                if t.startswith(TRIAL_PREFIX) and _is_run(fs, st.fs_join(d, t)):
+                if t.startswith(rd.TRIAL_PREFIX) and _is_run(fs, st.fs_join(d, t)):
                     runs.append(_describe(fs, st.fs_join(d, t), f"{name}/{t}", remote, now))
     return sorted(runs, key=lambda r: r["name"])
 
@@ -69,7 +67,7 @@ def _is_run(fs, path: str) -> bool:
 
     for info in _entries(fs, path):
         name = posixpath.basename(info.path.rstrip("/"))
-        if name in (SPEC_FILE, METRICS_FILE, FINAL_DIR) or ck.parse_step(name) is not None:
+        if name in (rd.SPEC, rd.METRICS, rd.FINAL) or ck.parse_step(name) is not None:
             return True
     return False
 
@@ -93,7 +91,7 @@ def _describe(fs, path: str, name: str, remote: bool, now: float) -> dict[str, A
         "method": None,
     }
     mtimes = [i.mtime.timestamp() for i in _entries(fs, path) if i.mtime is not None]
-    spec = _read_text(fs, st.fs_join(path, SPEC_FILE))
+    spec = _read_text(fs, st.fs_join(path, rd.SPEC))
     if spec:
         row["method"] = _method(spec)
     infos = ck.list_checkpoints(fs, path)
@@ -102,7 +100,7 @@ def _describe(fs, path: str, name: str, remote: bool, now: float) -> dict[str, A
         row["checkpoint"] = committed[-1].step
         row["outputs"] = uri(committed[-1].path)
     mtimes += [i.time.timestamp() for i in infos if i.time is not None]
-    metrics_path = st.fs_join(path, METRICS_FILE)
+    metrics_path = st.fs_join(path, rd.METRICS)
     last = _last_metrics(fs, metrics_path)
     if last:
         row["steps"] = last.get("step")
@@ -112,10 +110,10 @@ def _describe(fs, path: str, name: str, remote: bool, now: float) -> dict[str, A
     if m_info.mtime is not None:
         mtimes.append(m_info.mtime.timestamp())
 
-    results = _read_json(fs, st.fs_join(path, FINAL_DIR, FINAL_RESULTS))
+    results = _read_json(fs, st.fs_join(path, rd.FINAL, rd.FINAL_RESULTS))
     if isinstance(results, dict):
         row["status"] = "finished"
-        row["outputs"] = uri(st.fs_join(path, FINAL_DIR))
+        row["outputs"] = uri(st.fs_join(path, rd.FINAL))
         row["steps"] = results.get("steps", row["steps"])
         row["train_loss"] = _num(results.get("train_loss"), row["train_loss"])
         row["eval_loss"] = _num(results.get("eval_loss"), row["eval_loss"])

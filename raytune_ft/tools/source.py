@@ -18,7 +18,6 @@ base model. Everything is found by looking at files; nothing heavy (torch, trans
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -28,17 +27,13 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from raytune_ft import rundir as rd
 from raytune_ft import storage as st
 from raytune_ft.errors import UserError
 
-SPEC_FILE = "rtf_spec.yaml"
-FINAL_DIR = "final"
 ADAPTER_CONFIG = "adapter_config.json"
 MODEL_CONFIG = "config.json"
-METRICS_FILE = "metrics.jsonl"
-FINAL_RESULTS = "final_results.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
-TRIAL_PREFIX = "trial-"
 _CACHE_MARK = ".rtf_source.json"
 
 
@@ -95,9 +90,9 @@ def resolve_source(source: str | os.PathLike, *, endpoint_url: str | None = None
         raise UserError("no SOURCE given: pass a job spec, a run dir, a checkpoint dir or a model dir")
     spec = spec_path = None
     if st.is_s3(origin):
-        storage = st.StorageConfig.from_uri(origin.rstrip("/"), endpoint_url=endpoint_url)
-        if posixpath.basename(origin.rstrip("/")) == SPEC_FILE:
-            storage = st.StorageConfig.from_uri(posixpath.dirname(origin.rstrip("/")), endpoint_url=endpoint_url)
+        storage = st.config_for(origin.rstrip("/"), endpoint_url=endpoint_url)
+        if posixpath.basename(origin.rstrip("/")) == rd.SPEC:
+            storage = st.config_for(posixpath.dirname(origin.rstrip("/")), endpoint_url=endpoint_url)
     else:
         local = st.local_path(origin)
         if os.path.isfile(local):
@@ -107,13 +102,9 @@ def resolve_source(source: str | os.PathLike, *, endpoint_url: str | None = None
                     hint="pass a job spec, a run dir, a checkpoint dir or a model dir",
                 )
             spec, spec_path = _read_user_spec(local), local
-            run = st.join(spec.storage.path, spec.name)
-            if st.is_s3(run):
-                storage = st.with_path(spec.storage, run)
-                if endpoint_url:
-                    storage = dataclasses.replace(storage, endpoint_url=endpoint_url)
-            else:
-                storage = st.StorageConfig(path=st.local_path(run))
+            storage = st.config_for(rd.run_uri(spec.storage.path, spec.name), storage=spec.storage,
+                                    endpoint_url=endpoint_url)
+            if not st.is_s3(storage.path):
                 if not os.path.isdir(storage.path):
                     raise UserError(
                         f"no run dir for spec {origin}: {storage.path} does not exist",
@@ -122,9 +113,9 @@ def resolve_source(source: str | os.PathLike, *, endpoint_url: str | None = None
         else:
             if not os.path.exists(local):
                 raise UserError(f"{origin}: no such file or directory")
-            storage = st.StorageConfig(path=local)
+            storage = st.config_for(local)
     with st.storage_errors(storage, "read"):
-        fs, root = st.pyarrow_filesystem(storage)
+        fs, root = st.open(storage)
         src = _resolve_on(fs, root, origin, storage, spec, spec_path)
     return src
 
@@ -151,12 +142,6 @@ def read_run_spec(path: str):
 
 def cache_root() -> str:
     return os.environ.get("RTF_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "raytune_ft", "sources")
-
-
-def open_dir(uri: str, *, endpoint_url: str | None = None, storage: Any = None):
-    """``(fs, path)`` for a local dir or an s3:// URI (with ``storage``'s endpoint and keys when given)."""
-    cfg = st.with_path(storage, uri) if storage is not None else st.StorageConfig.from_uri(uri, endpoint_url=endpoint_url)
-    return st.pyarrow_filesystem(cfg)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -218,7 +203,7 @@ def _resolve_on(fs, root: str, origin: str, storage: Any, spec, spec_path: str |
         model_dir = root
         parent = posixpath.dirname(root.rstrip("/"))
         parent_files, _ = _entries(fs, parent) if parent else (set(), set())
-        if SPEC_FILE in parent_files or METRICS_FILE in parent_files:
+        if rd.SPEC in parent_files or rd.METRICS in parent_files:
             run_dir = parent
         step = ck.parse_step(name)
         if step is not None and run_dir is not None:
@@ -228,17 +213,17 @@ def _resolve_on(fs, root: str, origin: str, storage: Any, spec, spec_path: str |
                     f"{origin} is an incomplete checkpoint ({ckinfo.reason}); it is never loaded",
                     hint="pick a committed checkpoint (rtf checkpoints list RUN_DIR) or the run dir itself",
                 )
-    elif FINAL_DIR in dirs or SPEC_FILE in files or METRICS_FILE in files or any(ck.parse_step(d) is not None for d in dirs):
+    elif rd.FINAL in dirs or rd.SPEC in files or rd.METRICS in files or any(ck.parse_step(d) is not None for d in dirs):
         run_dir = root
-        final = st.fs_join(root, FINAL_DIR)
-        final_kind = _model_kind(_entries(fs, final)[0]) if FINAL_DIR in dirs else None
+        final = st.fs_join(root, rd.FINAL)
+        final_kind = _model_kind(_entries(fs, final)[0]) if rd.FINAL in dirs else None
         if final_kind is not None:
             model_dir, kind = final, final_kind
         else:
             latest = ck.latest_committed(fs, root)
             if latest is None:
                 ckpts = [d for d in dirs if ck.parse_step(d) is not None]
-                why = "an empty final/" if FINAL_DIR in dirs else "no final/"
+                why = "an empty final/" if rd.FINAL in dirs else "no final/"
                 extra = f" and {len(ckpts)} incomplete checkpoint dir(s)" if ckpts else " and no checkpoint"
                 raise UserError(
                     f"{origin}: nothing loadable in this run dir ({why}{extra})",
@@ -251,8 +236,8 @@ def _resolve_on(fs, root: str, origin: str, storage: Any, spec, spec_path: str |
             notes.append(
                 f"no final/ in {origin}: using the latest committed checkpoint {latest.name} (step {latest.step})"
             )
-    elif any(d.startswith(TRIAL_PREFIX) for d in dirs):
-        trials = sorted(d for d in dirs if d.startswith(TRIAL_PREFIX))
+    elif any(d.startswith(rd.TRIAL_PREFIX) for d in dirs):
+        trials = sorted(d for d in dirs if d.startswith(rd.TRIAL_PREFIX))
         raise UserError(
             f"{origin} is a sweep with {len(trials)} trials; pick one: "
             + ", ".join(_uri(storage, fs, st.fs_join(root, t)) for t in trials[:5])
@@ -263,7 +248,7 @@ def _resolve_on(fs, root: str, origin: str, storage: Any, spec, spec_path: str |
         shown = ", ".join(sorted(files | {d + "/" for d in dirs})[:8]) or "empty"
         raise UserError(
             f"{origin}: nothing loadable here ({shown})",
-            hint="expected a job spec, a run dir (final/ or checkpoint-*), a checkpoint, "
+            hint=f"expected a job spec, a run dir ({rd.FINAL}/ or {rd.CHECKPOINT_PREFIX}*), a checkpoint, "
             "a model dir (config.json + weights) or an adapter dir (adapter_config.json)",
         )
 
@@ -302,13 +287,13 @@ def _resolve_on(fs, root: str, origin: str, storage: Any, spec, spec_path: str |
 
 def _fetch_spec(fs, d: str, storage: Any) -> str | None:
     """A local path of ``d/rtf_spec.yaml`` (downloaded into the cache for s3), or None."""
-    p = st.fs_join(d, SPEC_FILE)
+    p = st.fs_join(d, rd.SPEC)
     if not st.is_s3(storage.path):
         return p if os.path.isfile(p) else None
     data = st.read_bytes(fs, p)
     if data is None:
         return None
-    dest = os.path.join(cache_root(), "specs", hashlib.sha256(p.encode()).hexdigest()[:16], SPEC_FILE)
+    dest = os.path.join(cache_root(), "specs", hashlib.sha256(p.encode()).hexdigest()[:16], rd.SPEC)
     os.makedirs(os.path.dirname(dest), exist_ok=True)
     with open(dest, "wb") as f:
         f.write(data)
@@ -373,7 +358,7 @@ def _adapter_base(src: Source, cfg: dict) -> str:
     if os.path.isabs(cand) or cand.startswith((".", "~")) or cand.count("/") > 1:
         raise UserError(
             f"the adapter's base model {cand} is not on this machine",
-            hint="copy the base model there, or point model.name_or_path in the run's rtf_spec.yaml at a local copy",
+            hint=f"copy the base model there, or point model.name_or_path in the run's {rd.SPEC} at a local copy",
         )
     return cand  # a hub id: transformers loads it from its cache (or downloads it unless HF_HUB_OFFLINE=1)
 
@@ -397,7 +382,7 @@ def _tokenizer_dir(src: Source, files: set[str], fs, storage: Any) -> str | None
         return src.path
     # a checkpoint saved without its tokenizer: the run's final/, else the spec's tokenizer, else the base
     if src.run_dir is not None and not st.is_s3(storage.path):
-        final = os.path.join(src.run_dir, FINAL_DIR)
+        final = os.path.join(src.run_dir, rd.FINAL)
         if os.path.isdir(final) and set(os.listdir(final)) & set(TOKENIZER_FILES):
             return final
     spec = src.spec

@@ -21,6 +21,7 @@ import torch
 from transformers import TrainerCallback
 
 from raytune_ft import checkpoints as ck
+from raytune_ft import rundir as rd
 from raytune_ft import storage as st
 
 
@@ -66,12 +67,12 @@ class StopAtMaxSteps(TrainerCallback):
 class RtfCallback(TrainerCallback):
     def __init__(self, *, run: Any, spec_hash: str, publisher: Any, work_dir: str, tb_writer: Any = None,
                  tokens_per_sample: float | None = None, report_evals: bool = False) -> None:
-        self.run = run  # RunContext: rank, fs, run_path, spec
+        self.run = run  # RunContext: rank, spec, dir (the RunDir)
         self.spec_hash = spec_hash
         self.publisher = publisher
         self.work_dir = work_dir
         self.tb = tb_writer
-        self.metrics_path = os.path.join(work_dir, "metrics.jsonl")
+        self.metrics_path = os.path.join(work_dir, rd.METRICS)
         self.t_start = self.t_last = time.time()
         self.tokens_last = 0
         self.step_last = 0
@@ -142,30 +143,30 @@ class RtfCallback(TrainerCallback):
         import ray.train
 
         step = state.global_step
-        local = os.path.join(args.output_dir, f"checkpoint-{step}")
+        local = os.path.join(args.output_dir, rd.hf_checkpoint_name(step))
         os.makedirs(local, exist_ok=True)
         digests = ck.file_digests(local)
         all_digests = gather(digests)
         metrics = {k: v for k, v in self.last_metrics.items() if k in ("loss", "eval_loss", "perplexity",
                                                                           "learning_rate", "epoch")}
         metrics["step"] = step
-        name = ck.checkpoint_dir_name(step)
+        name = rd.checkpoint_name(step)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(local), checkpoint_dir_name=name)
         barrier()
         if self.run.rank == 0:
-            path = st.fs_join(self.run.run_path, name)
+            path = self.run.dir.join(name)
             files: dict[str, dict[str, Any]] = {}
             for per_rank in reversed(all_digests):  # rank 0 wins on shared names
                 files.update({f["path"]: f for f in per_rank})
-            ck.write_manifest(self.run.fs, path, step=step, epoch=state.epoch, files=list(files.values()),
+            ck.write_manifest(self.run.dir.fs, path, step=step, epoch=state.epoch, files=list(files.values()),
                               spec_hash=self.spec_hash, metrics=metrics)
             spec = self.run.spec
             best = spec.training.metric_for_best_model if spec.training.load_best_model_at_end else None
             mode = "max" if spec.training.greater_is_better else "min"
-            ck.prune(self.run.fs, self.run.run_path, keep_last=spec.storage.keep_checkpoints,
+            ck.prune(self.run.dir.fs, self.run.dir.path, keep_last=spec.storage.keep_checkpoints,
                      best_metric=best, mode=mode)
             self.sync_logs()
-            self.publisher.push({"kind": "checkpoint", "step": step, "path": self.run.uri(name)})
+            self.publisher.push({"kind": "checkpoint", "step": step, "path": self.run.dir.uri_of(name)})
         barrier()
 
     def sync_logs(self) -> None:
@@ -174,10 +175,10 @@ class RtfCallback(TrainerCallback):
             self.tb.flush()
         if os.path.exists(self.metrics_path):
             with open(self.metrics_path, "rb") as f:
-                st.write_bytes(self.run.fs, st.fs_join(self.run.run_path, "metrics.jsonl"), f.read())
-        tb_dir = os.path.join(self.work_dir, "tensorboard")
+                st.write_bytes(self.run.dir.fs, self.run.dir.metrics_file, f.read())
+        tb_dir = os.path.join(self.work_dir, rd.TENSORBOARD)
         if os.path.isdir(tb_dir):
-            st.upload_dir(tb_dir, self.run.fs, st.fs_join(self.run.run_path, "tensorboard"))
+            st.upload_dir(tb_dir, self.run.dir.fs, self.run.dir.tensorboard_dir)
 
 
 def _plain(v: Any) -> Any:

@@ -25,16 +25,17 @@ from typing import Any
 import torch
 
 from raytune_ft import checkpoints as ck
+from raytune_ft import rundir as rd
 from raytune_ft import storage as st
 from raytune_ft.launch.progress import Publisher
 from raytune_ft.launch.secrets import apply_env, env_report
+from raytune_ft.rundir import RunDir
 from raytune_ft.spec import spec_from_dict, spec_hash, to_yaml
 from raytune_ft.spec.models import JobSpec
 from raytune_ft.train.callbacks import AtMaxSteps, RtfCallback, StopAtMaxSteps, barrier, gather
 from raytune_ft.train.modeling import apply_method, build_model, count_parameters, hf_token
 
 log = logging.getLogger("raytune_ft")
-TOKENIZER_DIR = "tokenizer"
 
 
 @dataclass
@@ -43,24 +44,14 @@ class RunContext:
     rank: int
     world_size: int
     local_rank: int
-    fs: Any
-    root: str
-    run_path: str
-
-    def uri(self, *parts: str) -> str:
-        base = self.spec.storage.path.rstrip("/")
-        if base.startswith("s3://"):
-            return "/".join([base, self.spec.name, *parts])
-        return os.path.join(self.run_path, *parts)
+    dir: RunDir
 
 
 def _context(spec: JobSpec) -> RunContext:
     import ray.train
 
     ctx = ray.train.get_context()
-    fs, root = st.pyarrow_filesystem(spec.storage)
-    return RunContext(spec, ctx.get_world_rank(), ctx.get_world_size(), ctx.get_local_rank(), fs, root,
-                      st.fs_join(root, spec.name))
+    return RunContext(spec, ctx.get_world_rank(), ctx.get_world_size(), ctx.get_local_rank(), RunDir.of(spec))
 
 
 def _device(run: RunContext) -> torch.device:
@@ -69,17 +60,6 @@ def _device(run: RunContext) -> torch.device:
 
         return ray.train.torch.get_device()
     return torch.device("cpu")
-
-
-def _filesystem_for(spec: JobSpec):
-    def resolve(uri: str):
-        if not uri.startswith("s3://"):
-            raise ValueError(uri)
-        fs, _ = st.pyarrow_filesystem(spec.storage)
-        bucket, key = st.split_s3(uri)
-        return fs, f"{bucket}/{key}"
-
-    return resolve
 
 
 # --------------------------------------------------------------------------- setup
@@ -96,21 +76,21 @@ def setup_tokenizer(run: RunContext, work: str) -> Any:
         tok = AutoTokenizer.from_pretrained(src, revision=spec.model.revision if not spec.tokenizer.name_or_path else None,
                                             trust_remote_code=spec.model.trust_remote_code, token=hf_token())
     else:
-        remote = st.fs_join(run.run_path, TOKENIZER_DIR)
-        local = os.path.join(work, TOKENIZER_DIR)
-        if run.rank == 0 and not st.exists(run.fs, st.fs_join(remote, "tokenizer.json")):
+        remote = run.dir.tokenizer_dir
+        local = os.path.join(work, rd.TOKENIZER)
+        if run.rank == 0 and not st.exists(run.dir.fs, st.fs_join(remote, "tokenizer.json")):
             from raytune_ft.data.pipeline import training_texts
             from raytune_ft.data.tokenizer import train_tokenizer
 
             t0 = time.time()
             tr = spec.tokenizer.train
-            tok = train_tokenizer(training_texts(spec.data, filesystem_for=_filesystem_for(spec)),
+            tok = train_tokenizer(training_texts(spec.data, filesystem_for=partial(st.open, storage=spec.storage)),
                                   tr.vocab_size, min_frequency=tr.min_frequency)
             tok.save_pretrained(local)
-            st.upload_dir(local, run.fs, remote)
+            st.upload_dir(local, run.dir.fs, remote)
             log.info("trained a BPE tokenizer (%d tokens) in %.1fs", len(tok), time.time() - t0)
         barrier()
-        st.download_dir(run.fs, remote, local)
+        st.download_dir(run.dir.fs, remote, local)
         tok = AutoTokenizer.from_pretrained(local)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
@@ -177,27 +157,17 @@ def find_resume_point(run: RunContext, config: dict[str, Any]) -> ck.CheckpointI
     checkpoint of this run (never one without a valid manifest), else None."""
     explicit = config.get("resume_from")
     if explicit:
-        fs, path = explicit_checkpoint(run, explicit)
+        fs, path = st.open(explicit, storage=run.spec.storage)
         info = ck.inspect_checkpoint(fs, path)
         if not info.committed:
             raise RuntimeError(f"--resume-from {explicit}: not a committed checkpoint ({info.reason})")
         return info
-    return ck.latest_committed(run.fs, run.run_path)
-
-
-def explicit_checkpoint(run: RunContext, uri: str) -> tuple[Any, str]:
-    if uri.startswith("s3://"):
-        fs, _ = st.pyarrow_filesystem(run.spec.storage)
-        bucket, key = st.split_s3(uri)
-        return fs, f"{bucket}/{key}"
-    import pyarrow.fs as pafs
-
-    return pafs.LocalFileSystem(), os.path.abspath(uri)
+    return ck.latest_committed(run.dir.fs, run.dir.path)
 
 
 def restore_metrics(run: RunContext, work: str, upto_step: int | None) -> None:
     """Carry the run's metrics.jsonl on (rank 0), dropping lines logged after the resume point."""
-    data = st.read_bytes(run.fs, st.fs_join(run.run_path, "metrics.jsonl"))
+    data = st.read_bytes(run.dir.fs, run.dir.metrics_file)
     if not data:
         return
     keep = []
@@ -208,7 +178,7 @@ def restore_metrics(run: RunContext, work: str, upto_step: int | None) -> None:
             continue
         if upto_step is not None and rec.get("step", 0) <= upto_step:
             keep.append(line)
-    with open(os.path.join(work, "metrics.jsonl"), "w") as f:
+    with open(os.path.join(work, rd.METRICS), "w") as f:
         f.write("".join(x + "\n" for x in keep))
 
 
@@ -251,7 +221,7 @@ def _run(spec: JobSpec, run: RunContext, work: str, publisher: Publisher, config
     # ---- setup
     tokenizer = setup_tokenizer(run, work)
     train_ds, eval_ds, stats = build_datasets(spec.data, tokenizer, seed=spec.training.data_seed if spec.training.data_seed is not None else seed,
-                                              filesystem_for=_filesystem_for(spec),
+                                              filesystem_for=partial(st.open, storage=spec.storage),
                                               batch_size=spec.training.per_device_train_batch_size)
     if spec.training.eval_strategy == "no":
         eval_ds = []
@@ -273,10 +243,10 @@ def _run(spec: JobSpec, run: RunContext, work: str, publisher: Publisher, config
     resume = None if config.get("fresh_start") else find_resume_point(run, config)
     local_resume = None
     if resume is not None:
-        fs = explicit_checkpoint(run, config["resume_from"])[0] if config.get("resume_from") else run.fs
+        fs = st.open(config["resume_from"], storage=spec.storage)[0] if config.get("resume_from") else run.dir.fs
         local_resume = os.path.join(work, "resume", resume.name)
         ck.download(fs, resume.path, local_resume)
-        info(f"resuming from {config.get('resume_from') or run.uri(resume.name)} at step {resume.step}")
+        info(f"resuming from {config.get('resume_from') or run.dir.uri_of(resume.name)} at step {resume.step}")
     if run.rank == 0:
         restore_metrics(run, work, resume.step if resume else None)
 
@@ -284,7 +254,7 @@ def _run(spec: JobSpec, run: RunContext, work: str, publisher: Publisher, config
     if run.rank == 0 and "tensorboard" in spec.monitoring.report_to:
         from torch.utils.tensorboard import SummaryWriter
 
-        tb = SummaryWriter(log_dir=os.path.join(work, "tensorboard"))
+        tb = SummaryWriter(log_dir=os.path.join(work, rd.TENSORBOARD))
     callback = RtfCallback(run=run, spec_hash=spec_hash(spec), publisher=publisher, work_dir=work, tb_writer=tb,
                            report_evals=bool(config.get("report_evals")))  # a sweep trial: each eval to Tune
     callbacks: list[Any] = [StopAtMaxSteps(), callback]
@@ -314,11 +284,11 @@ def _run(spec: JobSpec, run: RunContext, work: str, publisher: Publisher, config
     probe = fingerprint(trainer.model, (eval_ds or train_ds)[0]["input_ids"][:32], device)
 
     # ---- save
-    final = os.path.join(work, "final")
+    final = os.path.join(work, rd.FINAL)
     trainer.save_model(final)
     if run.rank == 0:
         tokenizer.save_pretrained(final)
-        trainer.state.save_to_json(os.path.join(final, "trainer_state.json"))
+        trainer.state.save_to_json(os.path.join(final, rd.TRAINER_STATE))
         runtime = result.metrics.get("train_runtime") or (time.time() - t0)
         tokens = int(trainer.state.num_input_tokens_seen or 0)
         summary = {
@@ -342,13 +312,13 @@ def _run(spec: JobSpec, run: RunContext, work: str, publisher: Publisher, config
             "fingerprint": probe,
             "workers": workers,
         }
-        with open(os.path.join(final, "final_results.json"), "w") as f:
+        with open(os.path.join(final, rd.FINAL_RESULTS), "w") as f:
             json.dump(summary, f, indent=2)
-        with open(os.path.join(final, "rtf_spec.yaml"), "w") as f:
+        with open(os.path.join(final, rd.SPEC), "w") as f:
             f.write(to_yaml(spec))
-        st.upload_dir(final, run.fs, st.fs_join(run.run_path, "final"))
+        st.upload_dir(final, run.dir.fs, run.dir.final_dir)
         callback.sync_logs()
-        publisher.push({"kind": "done", "summary": summary, "final": run.uri("final")})
+        publisher.push({"kind": "done", "summary": summary, "final": run.dir.final_uri})
     barrier()
     ray.train.report({"step": trainer.state.global_step, "loss": _last_train_loss(trainer.state.log_history),
                       **({"eval_loss": eval_metrics["eval_loss"]} if "eval_loss" in eval_metrics else {}),
