@@ -101,13 +101,14 @@ def callback_bench(n: int) -> dict:
 
     import ray
 
-    from raytune_ft.launch.progress import NAMESPACE, Publisher, board_name, make_board_class
+    from raytune_ft.launch.progress import make_board_class
     from raytune_ft.train.callbacks import RtfCallback
+    from raytune_ft.train.progress import NAMESPACE, Publisher, board_name
 
     name = "bench-callback"
     board = make_board_class().options(name=board_name(name), namespace=NAMESPACE, get_if_exists=True).remote()
     ray.get(board.since.remote(0))
-    pub = Publisher(name)
+    pub = Publisher(board_name(name))
     work = tempfile.mkdtemp(prefix="rtf-bench-cb-")
     cb = RtfCallback(run=types.SimpleNamespace(rank=0), spec_hash="bench", publisher=pub, work_dir=work)
     args = types.SimpleNamespace(per_device_train_batch_size=8, gradient_accumulation_steps=1, world_size=1)

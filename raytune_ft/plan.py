@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from raytune_ft import rundir
-from raytune_ft.spec.loader import dump_spec, spec_hash
+from raytune_ft.spec import dump_spec, spec_hash
 from raytune_ft.spec.models import JobSpec
 
 GIB = 1024**3

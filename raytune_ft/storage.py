@@ -32,7 +32,7 @@ import json
 import os
 import posixpath
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -257,10 +257,18 @@ def _secret_values(storage: Any | None) -> list[str]:
     return sorted({v for v in vals if v and len(v) >= 4}, key=len, reverse=True)
 
 
-def scrub(text: str, storage: Any | None = None) -> str:
-    """``text`` with every credential value (from the env vars ``storage`` names) replaced by ***."""
+def scrub(text: str, secrets: Any = None) -> str:
+    """``text`` with every secret value replaced by ``***``: the values given (a mapping's values, or a
+    list), or else the storage credentials (from the env vars ``secrets``, a storage config, names, and the
+    default AWS variables). The one scrubber: storage errors, driver messages, Ray Jobs logs."""
     text = str(text)
-    for v in _secret_values(storage):
+    if isinstance(secrets, Mapping):
+        values = sorted({v for v in secrets.values() if v and len(v) >= 4}, key=len, reverse=True)
+    elif isinstance(secrets, (list, tuple, set, frozenset)):
+        values = sorted({v for v in secrets if v and len(v) >= 4}, key=len, reverse=True)
+    else:
+        values = _secret_values(secrets)
+    for v in values:
         text = text.replace(v, "***")
     return text
 

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from raytune_ft import checkpoints as ck
 from raytune_ft import storage as st
-from raytune_ft.cli_checkpoints import app
+from raytune_ft.cli.checkpoints import app
 from raytune_ft.errors import StorageError, UserError
 from tests.s3server import FAKE_ACCESS_KEY, FAKE_SECRET_KEY, free_port
 
@@ -142,7 +142,7 @@ def test_bad_secret_is_classified_and_never_printed(s3_env, s3_bucket, monkeypat
 
 def test_importing_the_cli_stays_light():
     code = (
-        "import sys, raytune_ft.cli_checkpoints; "
+        "import sys, raytune_ft.cli.checkpoints; "
         "print(sorted(m for m in ('torch', 'transformers', 'ray', 'pyarrow', 'boto3', 'botocore') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)

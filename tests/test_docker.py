@@ -23,7 +23,7 @@ from raytune_ft.launch import k8s, runpod
 
 REPO = Path(__file__).resolve().parents[1]
 DOCKER = REPO / "docker"
-ENTRYPOINT = DOCKER / "entrypoint.sh"
+ENTRYPOINT = REPO / "raytune_ft" / "launch" / "bootstrap.sh"  # the bootstrap the images copy
 
 
 @dataclass
@@ -109,7 +109,7 @@ def test_multi_stage_non_root_with_bootstrap_entrypoint(dockerfile):
     entry = final.ops("ENTRYPOINT")
     assert entry and json.loads(entry[-1].args) == runpod.DOCKER_ENTRYPOINT
     assert first_index(final, lambda i: i.op == "USER") < first_index(final, lambda i: i.op == "ENTRYPOINT")
-    assert any("docker/entrypoint.sh" in c.args and c.args.endswith(runpod.ENTRYPOINT_PATH) for c in final.ops("COPY"))
+    assert any("raytune_ft/launch/bootstrap.sh" in c.args and c.args.endswith(runpod.ENTRYPOINT_PATH) for c in final.ops("COPY"))
     # KubeRay's probes run wget inside the Ray container
     assert any(re.search(r"\bwget\b", r.args) for r in final.ops("RUN")), f"{name}: no wget for KubeRay's probes"
 
@@ -179,7 +179,7 @@ def test_entrypoint_is_valid_bash():
     r = subprocess.run(["bash", "-n", str(ENTRYPOINT)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert ENTRYPOINT.read_text().startswith("#!/usr/bin/env bash\n")
-    assert ENTRYPOINT.stat().st_mode & 0o111, "docker/entrypoint.sh is not executable"
+    assert ENTRYPOINT.stat().st_mode & 0o111, "raytune_ft/launch/bootstrap.sh is not executable"
     code = [ln for ln in ENTRYPOINT.read_text().splitlines() if not ln.lstrip().startswith("#")]
     assert not [ln for ln in code if re.search(r"\bset\s+(-\w*x|-o\s+xtrace)", ln)]  # would print the token
 

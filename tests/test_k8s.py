@@ -326,7 +326,7 @@ def test_examples_in_k8s_dir_are_up_to_date():
         path = REPO / "k8s" / fname
         assert path.is_file(), f"missing {path}"
         assert path.read_text() == render_k8s(spec, cluster_only=cluster_only), (
-            f"k8s/{fname} is stale: python -m raytune_ft.launch.k8s jobspecs/k8s.yaml"
+            f"k8s/{fname} is stale: rtf render k8s jobspecs/k8s.yaml [--cluster-only]"
             f"{' --cluster-only' if cluster_only else ''} > k8s/{fname}"
         )
 

@@ -15,6 +15,7 @@ from raytune_ft.launch import ray_jobs as rj
 from raytune_ft.launch import secrets as sec
 from raytune_ft.launch.progress import EVENT_PREFIX
 from raytune_ft.spec import spec_from_dict
+from raytune_ft.train import env as worker_env
 from tests.tiny import spec_doc
 
 SECRET = "s3cr3t-Value-/+=-0123456789"
@@ -96,28 +97,28 @@ def test_commands_need_an_address(clean_env):
 
 def test_seal_round_trip_and_refusals():
     values = {"HF_TOKEN": SECRET, "OTHER": "x" * 1000}
-    blob = sec.seal(values, "cluster-token")
+    blob = worker_env.seal(values, "cluster-token")
     assert SECRET.encode() not in blob and b"xxxx" not in blob
-    assert sec.sealed_names(blob) == ["HF_TOKEN", "OTHER"]
-    assert sec.unseal(blob, "cluster-token") == values
-    assert sec.seal(values, "cluster-token") != blob  # fresh salt and nonce each time
-    with pytest.raises(sec.SealError, match="another Ray auth token") as ei:
-        sec.unseal(blob, "other-token")
+    assert worker_env.sealed_names(blob) == ["HF_TOKEN", "OTHER"]
+    assert worker_env.unseal(blob, "cluster-token") == values
+    assert worker_env.seal(values, "cluster-token") != blob  # fresh salt and nonce each time
+    with pytest.raises(worker_env.SealError, match="another Ray auth token") as ei:
+        worker_env.unseal(blob, "other-token")
     assert SECRET not in str(ei.value)
-    with pytest.raises(sec.SealError, match="no Ray auth token"):
-        sec.unseal(blob, None)
+    with pytest.raises(worker_env.SealError, match="no Ray auth token"):
+        worker_env.unseal(blob, None)
     doc = json.loads(blob)
     ct = bytearray(__import__("base64").b64decode(doc["ciphertext"]))
     ct[3] ^= 1
     doc["ciphertext"] = __import__("base64").b64encode(bytes(ct)).decode()
-    with pytest.raises(sec.SealError):  # tampering is detected, not decrypted to garbage
-        sec.unseal(json.dumps(doc).encode(), "cluster-token")
-    with pytest.raises(sec.SealError, match="damaged"):
-        sec.unseal(b"{not json", "cluster-token")
+    with pytest.raises(worker_env.SealError):  # tampering is detected, not decrypted to garbage
+        worker_env.unseal(json.dumps(doc).encode(), "cluster-token")
+    with pytest.raises(worker_env.SealError, match="damaged"):
+        worker_env.unseal(b"{not json", "cluster-token")
 
 
 def test_install_sealed_from_the_working_dir(tmp_path, monkeypatch):
-    (tmp_path / sec.SEALED_FILE).write_bytes(sec.seal({"RTF_UNIT_SECRET": SECRET}, "tok"))
+    (tmp_path / worker_env.SEALED_FILE).write_bytes(worker_env.seal({"RTF_UNIT_SECRET": SECRET}, "tok"))
     monkeypatch.setenv("RAY_AUTH_TOKEN", "tok")
     monkeypatch.delenv("RTF_UNIT_SECRET", raising=False)
     monkeypatch.chdir(tmp_path)
@@ -129,20 +130,20 @@ def test_install_sealed_from_the_working_dir(tmp_path, monkeypatch):
     assert "RTF_UNIT_SECRET" not in os.environ
     spec = _spec(tmp_path, env={"RTF_UNIT_SECRET": None, "RTF_LITERAL": "lit"})
     with pytest.raises(UserError, match="another Ray auth token"):  # ...train_loop says what is wrong
-        sec.apply_env(spec)
+        worker_env.apply_env(spec)
     monkeypatch.setenv("RAY_AUTH_TOKEN", "tok")
-    monkeypatch.setenv(sec.DIGESTS_ENV, "RTF_UNIT_SECRET")
-    assert sec.apply_env(spec) == ["RTF_UNIT_SECRET"] and os.environ["RTF_LITERAL"] == "lit"
-    report = sec.env_report(spec)
+    monkeypatch.setenv(worker_env.DIGESTS_ENV, "RTF_UNIT_SECRET")
+    assert worker_env.apply_env(spec) == ["RTF_UNIT_SECRET"] and os.environ["RTF_LITERAL"] == "lit"
+    report = worker_env.env_report(spec)
     assert report == {"forwarded_env": ["RTF_UNIT_SECRET"],
                       "env_digests": {"RTF_UNIT_SECRET": hashlib.sha256(SECRET.encode()).hexdigest()}}
 
 
 def test_apply_env_without_a_sealed_file_is_local_mode(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(sec, "_found", None)
+    monkeypatch.setattr(worker_env, "_found", None)
     monkeypatch.delenv("RTF_NOT_SET", raising=False)
-    assert sec.apply_env(_spec(tmp_path, env={"RTF_NOT_SET": None})) == []
+    assert worker_env.apply_env(_spec(tmp_path, env={"RTF_NOT_SET": None})) == []
 
 
 def test_collect_and_reserved_names(tmp_path):
@@ -176,7 +177,7 @@ def test_payload_carries_names_never_values(tmp_path, monkeypatch):
     # the bundle: the spec with the name only, and the value sealed
     assert "HF_TOKEN: null" in (bundle / "rtf_spec.yaml").read_text()
     files = {f.name: f.read_bytes() for f in bundle.iterdir()}
-    assert set(files) == {"rtf_spec.yaml", sec.SEALED_FILE}
+    assert set(files) == {"rtf_spec.yaml", worker_env.SEALED_FILE}
     assert all(SECRET.encode() not in b for b in files.values())
     # an image with rtf installed: nothing but the bundle; cluster.pip becomes runtime_env.pip
     spec2 = _spec(tmp_path, cluster={"image": "me/rtf:1", "pip": ["einops==0.8.0"]})

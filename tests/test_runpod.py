@@ -1,6 +1,6 @@
 """The RunPod target: pod settings rendered from a spec, and the bootstrap run for real.
 
-The bootstrap (docker/entrypoint.sh) is run as two "pods" on this machine: two processes with the
+The bootstrap (raytune_ft/launch/bootstrap.sh) is run as two "pods" on this machine: two processes with the
 environment a RunPod Instant Cluster would give them (rank, node count, head address) through the
 generic RTF_* overrides, each with its own Ray temp dir, one CPU and a custom resource naming its
 rank. Rank 0's job is a Ray program that puts one task on each node and checks where they ran.
@@ -34,7 +34,7 @@ from raytune_ft.spec import load_spec, spec_from_dict
 from tests.specs import base_doc
 
 REPO = Path(__file__).resolve().parents[1]
-BOOTSTRAP = REPO / "docker" / "entrypoint.sh"
+BOOTSTRAP = REPO / "raytune_ft" / "launch" / "bootstrap.sh"
 VENV_BIN = Path(sys.executable).parent
 TOK = "tok-never-printed-4711"
 
@@ -80,11 +80,15 @@ def test_runpod_preset_renders(monkeypatch, tmp_path):
     assert render_runpod(spec) == files  # deterministic
 
 
-def test_bootstrap_copy_in_package_matches_docker_file():
-    assert runpod.BOOTSTRAP_SCRIPT == BOOTSTRAP.read_text(), (
-        "docker/entrypoint.sh and raytune_ft.launch.runpod.BOOTSTRAP_SCRIPT differ: "
-        "python -m raytune_ft.launch.runpod --write-bootstrap docker/entrypoint.sh"
-    )
+def test_the_bootstrap_exists_once_and_ships_with_the_package():
+    assert runpod.bootstrap_script() == BOOTSTRAP.read_text()
+    copies = [p for d in ("docker", "raytune_ft", "k8s", "bench") for p in (REPO / d).rglob("*.sh")
+              if p.read_text(errors="replace").startswith("#!/usr/bin/env bash\n# raytune_ft bootstrap")]
+    assert copies == [BOOTSTRAP], copies
+    assert "launch/bootstrap.sh" in (REPO / "pyproject.toml").read_text()  # package data
+    for dockerfile in ("Dockerfile", "Dockerfile.cpu"):
+        assert f"COPY --chmod=0755 raytune_ft/launch/bootstrap.sh {runpod.ENTRYPOINT_PATH}" in (
+            REPO / "docker" / dockerfile).read_text()
 
 
 def _spec(**over):

@@ -49,7 +49,7 @@ SECTIONS = ["", "training", "method", "method.lora", "data", "compute", "storage
 
 
 def _valid_keys(section: str) -> set[str]:
-    from raytune_ft.spec.loader import _model_at
+    from raytune_ft.spec.document import model_at as _model_at
 
     model = _model_at(tuple(section.split("."))) if section else JobSpec
     return set(model.model_fields)

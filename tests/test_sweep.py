@@ -15,9 +15,9 @@ import pyarrow.fs as pafs
 import pytest
 
 from raytune_ft import checkpoints as ck
-from raytune_ft import sweep as sweep_mod
 from raytune_ft.cli import main
 from raytune_ft.spec import load_spec
+from raytune_ft.sweep import tune as sweep_tune
 from tests.tiny import spec_doc, write_spec
 
 pytestmark = pytest.mark.ray
@@ -146,8 +146,8 @@ def test_interrupted_sweep_continues_without_rerunning_finished_trials(ray_local
     short, long = sweep / "trial-000", sweep / "trial-001"
     snapshot: dict[str, tuple[int, bytes]] = {}
     said: list[str] = []  # the sweep's progress lines, as the driver emits them
-    say = sweep_mod._say
-    monkeypatch.setattr(sweep_mod, "_say", lambda m: (said.append(m), say(m)))
+    say = sweep_tune.SweepEvents.say
+    monkeypatch.setattr(sweep_tune.SweepEvents, "say", lambda self, m: (said.append(m), say(self, m)))
 
     def interrupt_when_ready():
         deadline = time.time() + 400

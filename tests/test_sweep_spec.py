@@ -9,10 +9,12 @@ import re
 import pytest
 import yaml
 
-from raytune_ft import sweep
 from raytune_ft.cli import main
 from raytune_ft.errors import SpecError
-from raytune_ft.spec import load_spec, spec_from_dict
+from raytune_ft.rundir import trial_name
+from raytune_ft.spec import dump_spec, load_spec, spec_from_dict, to_yaml
+from raytune_ft.sweep import results
+from raytune_ft.sweep import tune as sweep_tune
 from tests.specs import base_doc
 
 SPACE = {"training.learning_rate": {"loguniform": [1.0e-5, 1.0e-3]}, "method.lora.r": {"choice": [4, 8, 16]}}
@@ -41,7 +43,7 @@ def test_a_valid_sweep_loads_and_round_trips():
     t = spec.tune
     assert t.space["training.learning_rate"].kind == "loguniform" and t.space["method.lora.r"].options == [4, 8, 16]
     assert (t.metric, t.mode, t.search, t.scheduler.type, t.scheduler.grace_period) == ("eval_loss", "min", "random", "asha", 4)
-    assert spec_from_dict(sweep.dump_spec(spec)) == spec  # the dump validates again (tuples as lists)
+    assert spec_from_dict(dump_spec(spec)) == spec  # the dump validates again (tuples as lists)
     assert spec_from_dict(sweep_doc()).tune.scheduler.type == "fifo"
 
 
@@ -125,7 +127,7 @@ def test_param_space_samples_integers_for_integer_fields_and_grids_choices_under
                                                "method.lora.r": {"uniform": [4, 64]},
                                                "method.lora.alpha": {"loguniform": [8, 64]},
                                                "training.lr_scheduler_type": {"choice": ["cosine", "linear"]}}}))
-    space = sweep.param_space(spec)
+    space = sweep_tune.param_space(spec)
     assert isinstance(space["training.learning_rate"], tune.search.sample.Float)
     r = space["method.lora.r"]
     assert isinstance(r, tune.search.sample.Integer) and (r.lower, r.upper) == (4, 65)  # inclusive of 64
@@ -133,13 +135,13 @@ def test_param_space_samples_integers_for_integer_fields_and_grids_choices_under
     assert all(4 <= v <= 64 and isinstance(v, int) for v in (r.sample() for _ in range(50)))
     grid = spec_from_dict(sweep_doc({"space": {"method.lora.r": {"choice": [4, 8]},
                                                "training.learning_rate": {"grid": [1e-4, 1e-3]}}, "search": "grid"}))
-    assert sweep.param_space(grid) == {"method.lora.r": {"grid_search": [4, 8]},
+    assert sweep_tune.param_space(grid) == {"method.lora.r": {"grid_search": [4, 8]},
                                        "training.learning_rate": {"grid_search": [1e-4, 1e-3]}}
 
 
 def test_scheduler_rungs_fall_on_reported_steps_and_never_at_the_end():
     spec = spec_from_dict(sweep_doc({"scheduler": {"type": "asha", "reduction_factor": 2}}))
-    asha = sweep.scheduler(spec)
+    asha = sweep_tune.scheduler(spec)
     assert asha._time_attr == "step" and asha._max_t == 10 and not asha._stop_last_trials
     rungs = sorted(m for m, _ in asha._brackets[0]._rungs)
     assert rungs == [2, 4, 8]  # grace_period defaulted to eval_steps
@@ -147,57 +149,57 @@ def test_scheduler_rungs_fall_on_reported_steps_and_never_at_the_end():
 
 def test_a_train_report_reaches_tune_only_with_a_fresh_metric():
     # an evaluation (no checkpoint): forwarded, with perplexity
-    r = sweep.to_tune_result({"step": 2, "eval_loss": 2.0, "max_steps": 10}, "eval_loss", has_checkpoint=False)
+    r = sweep_tune.to_tune_result({"step": 2, "eval_loss": 2.0, "max_steps": 10}, "eval_loss", has_checkpoint=False)
     assert r["eval_loss"] == 2.0 and r["perplexity"] == pytest.approx(math.exp(2.0)) and r["final"] is False
     # a checkpoint repeats the last eval: not for an eval metric, yes for the training loss
     ckpt = {"step": 4, "loss": 1.5, "eval_loss": 2.0}
-    assert sweep.to_tune_result(ckpt, "eval_loss", has_checkpoint=True) is None
-    assert sweep.to_tune_result(ckpt, "loss", has_checkpoint=True)["loss"] == 1.5
-    assert sweep.to_tune_result({"step": 2, "eval_loss": 2.0}, "loss", has_checkpoint=False) is None
+    assert sweep_tune.to_tune_result(ckpt, "eval_loss", has_checkpoint=True) is None
+    assert sweep_tune.to_tune_result(ckpt, "loss", has_checkpoint=True)["loss"] == 1.5
+    assert sweep_tune.to_tune_result({"step": 2, "eval_loss": 2.0}, "loss", has_checkpoint=False) is None
     # the final report: done is renamed (Tune would stop the trial before its trainer returns)
-    final = sweep.to_tune_result({"step": 10, "loss": 1.0, "eval_loss": 1.8, "done": True}, "eval_loss", False)
+    final = sweep_tune.to_tune_result({"step": 10, "loss": 1.0, "eval_loss": 1.8, "done": True}, "eval_loss", False)
     assert final["final"] is True and "done" not in final
     # a diverged loss is the worst value, flagged
-    nan = sweep.to_tune_result({"step": 2, "eval_loss": float("nan")}, "eval_loss", False)
-    assert nan["eval_loss"] == sweep.DIVERGED and nan["diverged"] is True
+    nan = sweep_tune.to_tune_result({"step": 2, "eval_loss": float("nan")}, "eval_loss", False)
+    assert nan["eval_loss"] == sweep_tune.DIVERGED and nan["diverged"] is True
 
 
 def test_trial_names_and_trial_specs():
-    assert sweep.trial_run_name("a1b2c_00003") == "trial-003"
-    assert sweep.trial_run_name("a1b2c_01234") == "trial-1234"
-    assert sweep.trial_run_name("9f8e7d6c") == "trial-9f8e7d6c"
+    assert trial_name("a1b2c_00003") == "trial-003"
+    assert trial_name("a1b2c_01234") == "trial-1234"
+    assert trial_name("9f8e7d6c") == "trial-9f8e7d6c"
     spec = spec_from_dict(sweep_doc(storage={"path": "/data/runs"}, name="lr-sweep"))
-    base = sweep.trial_base(spec)
+    base = sweep_tune.trial_base(spec)
     assert "tune" not in base and base["storage"]["path"] == "/data/runs/lr-sweep"
-    t = sweep.trial_spec(base, {"training.learning_rate": 3e-4, "method.lora.r": 16}, "trial-002")
+    t = sweep_tune.trial_spec(base, {"training.learning_rate": 3e-4, "method.lora.r": 16}, "trial-002")
     assert (t.name, t.training.learning_rate, t.method.lora.r, t.tune) == ("trial-002", 3e-4, 16, None)
     assert t.storage.path == "/data/runs/lr-sweep"
     s3 = spec_from_dict(sweep_doc(storage={"path": "s3://bucket/runs"}, name="lr-sweep"))
-    assert sweep.trial_base(s3)["storage"]["path"] == "s3://bucket/runs/lr-sweep"
+    assert sweep_tune.trial_base(s3)["storage"]["path"] == "s3://bucket/runs/lr-sweep"
 
 
 def _results(rows):
-    return sweep.SweepResults("lr-sweep", "eval_loss", "min", ["training.learning_rate", "method.lora.r"],
-                              [sweep.TrialRow(*r) for r in rows], location="/runs/lr-sweep")
+    return results.SweepResults("lr-sweep", "eval_loss", "min", ["training.learning_rate", "method.lora.r"],
+                              [results.TrialRow(*r) for r in rows], location="/runs/lr-sweep")
 
 
 def test_results_csv_round_trips_and_the_best_excludes_diverged_and_unmeasured_trials():
     res = _results([
-        ("trial-000", {"training.learning_rate": 1e-4, "method.lora.r": 8}, 2.5, 10, sweep.STATUS_COMPLETED, "/r/0"),
-        ("trial-001", {"training.learning_rate": 9e-1, "method.lora.r": 8}, 1.0, 4, sweep.STATUS_COMPLETED, "/r/1",
+        ("trial-000", {"training.learning_rate": 1e-4, "method.lora.r": 8}, 2.5, 10, results.STATUS_COMPLETED, "/r/0"),
+        ("trial-001", {"training.learning_rate": 9e-1, "method.lora.r": 8}, 1.0, 4, results.STATUS_COMPLETED, "/r/1",
          None, True),  # was finite once, then diverged: never the best
-        ("trial-002", {"training.learning_rate": 3e-4, "method.lora.r": 16}, 2.25, 2, sweep.STATUS_STOPPED, "/r/2"),
-        ("trial-003", {"training.learning_rate": 1e-3, "method.lora.r": 4}, None, None, sweep.STATUS_ERROR, "/r/3",
+        ("trial-002", {"training.learning_rate": 3e-4, "method.lora.r": 16}, 2.25, 2, results.STATUS_STOPPED, "/r/2"),
+        ("trial-003", {"training.learning_rate": 1e-3, "method.lora.r": 4}, None, None, results.STATUS_ERROR, "/r/3",
          "CUDA out of memory"),
     ])
     assert res.best.trial == "trial-002"
-    text = sweep.results_csv(res)
+    text = results.results_csv(res)
     header = text.splitlines()[0]
     assert header == ("trial,training.learning_rate,method.lora.r,eval_loss,steps,status,stopped_early,error,run_dir")
-    back = sweep.parse_results_csv(text, name="lr-sweep")
+    back = results.parse_results_csv(text, name="lr-sweep")
     assert [(r.trial, r.values, r.best, r.steps, r.status, r.stopped_early, r.diverged, r.error) for r in back.rows] == [
         (r.trial, r.values, r.best, r.steps, r.status, r.stopped_early, r.diverged, r.error) for r in res.rows]
-    table = sweep.render_table(back)
+    table = results.render_table(back)
     assert "trial-002                  0.0003             16          2.2500      2  stopped early" in table
     assert "completed, diverged" in table and "error: CUDA out of memory" in table
     assert table.splitlines()[-1] == "best: trial-002 (eval_loss 2.2500): training.learning_rate=0.0003 method.lora.r=16"
@@ -206,23 +208,23 @@ def test_results_csv_round_trips_and_the_best_excludes_diverged_and_unmeasured_t
 def test_best_spec_is_a_complete_spec_with_the_winning_values(tmp_path):
     spec = spec_from_dict(sweep_doc(name="lr-sweep", extends=None))
     res = _results([("trial-001", {"training.learning_rate": 3e-4, "method.lora.r": 16}, 2.0, 10,
-                     sweep.STATUS_COMPLETED, "/r/1")])
-    best = sweep.best_spec(spec, res)
+                     results.STATUS_COMPLETED, "/r/1")])
+    best = results.best_spec(spec, res)
     assert best.tune is None and best.name == "lr-sweep-best"
     assert (best.training.learning_rate, best.method.lora.r) == (3e-4, 16)
     assert best.model == spec.model and best.data == spec.data and best.storage == spec.storage
     path = tmp_path / "best.yaml"
-    path.write_text(sweep.to_yaml(best))
+    path.write_text(to_yaml(best))
     assert load_spec(path) == best
-    assert sweep.best_name("x" * 63) == "x" * 58 + "-best"
+    assert results.best_name("x" * 63) == "x" * 58 + "-best"
 
 
 def test_sweep_results_reads_results_csv_and_says_when_there_is_none(tmp_path, capsys):
     d = tmp_path / "runs" / "lr-sweep"
     d.mkdir(parents=True)
     res = _results([("trial-000", {"training.learning_rate": 1e-4, "method.lora.r": 8}, 2.5, 10,
-                     sweep.STATUS_COMPLETED, str(d / "trial-000"))])
-    (d / "results.csv").write_text(sweep.results_csv(res))
+                     results.STATUS_COMPLETED, str(d / "trial-000"))])
+    (d / "results.csv").write_text(results.results_csv(res))
     (d / "best.yaml").write_text("name: x\n")
     with pytest.raises(SystemExit) as ei:
         main(["sweep", "results", "lr-sweep", "--storage", str(tmp_path / "runs")])

@@ -1,4 +1,4 @@
-"""The tools' Typer commands (registered on a fresh app, as the main CLI registers them)."""
+"""The tools' Typer commands (their own app, which the main CLI merges into its own)."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ import subprocess
 import sys
 
 import pytest
-import typer
 from typer.testing import CliRunner
 
+from raytune_ft.cli.tools import COMMANDS
+from raytune_ft.cli.tools import app as tools_app
 from raytune_ft.errors import UserError
-from raytune_ft.tools.cli import COMMANDS, register
 from raytune_ft.tools.generate import generate
 from tests import test_tools_support as support
 
@@ -21,9 +21,7 @@ _tools_cache = support._tools_cache
 
 @pytest.fixture(scope="module")
 def app():
-    app = typer.Typer()
-    register(app)
-    return app
+    return tools_app
 
 
 def _run(app, *args):
@@ -75,6 +73,6 @@ def test_eval_plot_runs_merge(app, workspace, tmp_path):
 
 
 def test_cli_module_is_import_light():
-    code = "import sys, raytune_ft.tools.cli; print(sorted(m for m in ('torch', 'transformers', 'peft', 'matplotlib') if m in sys.modules))"
+    code = "import sys, raytune_ft.cli.tools; print(sorted(m for m in ('torch', 'transformers', 'peft', 'matplotlib') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

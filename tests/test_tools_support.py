@@ -95,7 +95,7 @@ def write_jsonl(path: Path, rows) -> Path:
 def write_spec(path: Path, doc: dict):
     import yaml
 
-    from raytune_ft.spec.loader import dump_spec, spec_from_dict
+    from raytune_ft.spec import dump_spec, spec_from_dict
 
     spec = spec_from_dict(doc)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -185,7 +185,7 @@ def build_workspace(root: Path) -> Workspace:
     (final / "trainer_state.json").write_text(json.dumps({"global_step": 10}))
     (final / "final_results.json").write_text(json.dumps(
         {"train_loss": 2.25, "eval_loss": 2.5, "steps": 10, "tokens": 1234, "runtime_s": 3.0, "tokens_per_s": 411.3}))
-    from raytune_ft.spec.loader import spec_hash
+    from raytune_ft.spec import spec_hash
 
     save_checkpoint(lora_run, 5, model, tok, spec_hash=spec_hash(spec))
     save_checkpoint(lora_run, 10, model, tok, commit=False)

@@ -22,10 +22,12 @@ from __future__ import annotations
 import bisect
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from raytune_ft.data.formats import IGNORE_INDEX
+
+if TYPE_CHECKING:  # torch loads in the workers' collators only: the driver reads data without it
+    import torch
 
 Row = Mapping[str, Sequence[int]]
 
@@ -79,6 +81,8 @@ def collate_packed(batch: Sequence[Row], pad_token_id: int = 0, flatten: bool = 
     Rows that already carry ``position_ids`` (from :func:`pack_examples`) keep them; plain examples get
     ``position_ids`` from 0 and their first label set to -100.
     """
+    import torch
+
     rows = [row if "position_ids" in row else _concat([row]) for row in batch]
     if flatten:
         rows = [_join(rows)]
@@ -111,6 +115,8 @@ class PaddedCollator:
     pad_to_multiple_of: int | None = None
 
     def __call__(self, batch: Sequence[Row]) -> dict[str, torch.Tensor]:
+        import torch
+
         longest = max(len(row["input_ids"]) for row in batch)
         if self.pad_to_multiple_of:
             m = self.pad_to_multiple_of

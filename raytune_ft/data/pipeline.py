@@ -17,8 +17,10 @@ Everything is deterministic for ``seed`` (pass ``training.data_seed``, else ``tr
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -183,6 +185,21 @@ def read_source(
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def check_data(spec: Any) -> int:
+    """Read every data row once before anything starts, so a bad row fails in seconds with its
+    file and line, not after Ray and the model are up. Returns the number of rows skipped."""
+    from raytune_ft import storage as st
+
+    skipped = 0
+    for src in [*spec.data.train_sources, *spec.data.eval_sources]:
+        if "://" not in src.path and not os.path.exists(src.path):
+            raise UserError(f"data source not found: {src.path}",
+                            hint="paths are relative to the directory you run rtf from")
+        _, n = read_source(src, on_bad_row=spec.data.on_bad_row, filesystem_for=partial(st.open, storage=spec.storage))
+        skipped += n
+    return skipped
 
 
 def _load(source: Any, on_bad_row: str, filesystem_for: FilesystemFor | None, stats: DataStats) -> _Source:

@@ -11,42 +11,20 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from typing import Any
 
 from raytune_ft import storage as st
 from raytune_ft.errors import UserError
 from raytune_ft.launch.progress import NAMESPACE, board_name, make_board_class
-from raytune_ft.plan import make_plan
+from raytune_ft.launch.trainer import RunResult, build_trainer
+from raytune_ft.plan import Plan, make_plan
 from raytune_ft.rundir import FINAL, RunDir
-from raytune_ft.spec import dump_spec, to_yaml
+from raytune_ft.spec import to_yaml
 from raytune_ft.spec.models import JobSpec
+from raytune_ft.train.config import WorkerConfig
 
 EventHandler = Callable[[dict[str, Any]], None]
-
-
-@dataclass
-class RunResult:
-    ok: bool
-    run_uri: str
-    summary: dict[str, Any] = field(default_factory=dict)
-    error: str | None = None
-    interrupted: bool = False
-
-
-def scaling_config(spec: JobSpec):
-    from ray.train import ScalingConfig
-
-    plan = make_plan(spec)
-    kwargs: dict[str, Any] = dict(
-        num_workers=plan.num_workers,
-        use_gpu=plan.use_gpu,
-        resources_per_worker=plan.resources_per_worker,
-        placement_strategy=plan.placement_strategy,
-    )
-    if plan.accelerator_type:
-        kwargs["accelerator_type"] = plan.accelerator_type
-    return ScalingConfig(**kwargs)
 
 
 def keep_aside(spec: JobSpec) -> str | None:
@@ -158,41 +136,43 @@ STORAGE_WAIT_S = 120.0
 
 
 def run(spec: JobSpec, *, fresh: bool = False, resume_from: str | None = None,
-        on_event: EventHandler | None = None) -> RunResult:
+        on_event: EventHandler | None = None, plan: Plan | None = None) -> RunResult:
     """Run the spec on the Ray cluster this process is connected to (``ray.init`` already called).
 
     A failure is classified: a user error is raised as such; when storage dropped out, the run is
     started again (same name and storage, so it resumes from the last committed checkpoint) once
     storage answers, within ``fault_tolerance.max_failures`` and a bounded wait.
 
-    A spec with a ``tune:`` section is a sweep: :func:`raytune_ft.sweep.run_sweep` runs it (one whole run
+    A spec with a ``tune:`` section is a sweep: :func:`raytune_ft.sweep.tune.run_sweep` runs it (one whole run
     of the spec per Ray Tune trial) and returns the best trial's result."""
     if spec.tune is not None:
         if resume_from:
             raise UserError("--resume-from names one run's checkpoint; a sweep resumes its own trials: "
                             "resubmit the same spec to continue it")
-        from raytune_ft.sweep import run_sweep
+        from raytune_ft.sweep.tune import run_sweep
 
         return run_sweep(spec, fresh=fresh, on_event=on_event)
-    plan = make_plan(spec)
+    plan = plan or make_plan(spec)
     emit = on_event or (lambda e: None)
+    run_dir = RunDir.of(spec)
     if not fresh and not resume_from:
         done = finished_run(spec)
         if done is not None:
             emit({"kind": "info", "message": done.message()})
-            return RunResult(True, plan.run_uri, {"already_complete": done.message()})
-    run_dir = RunDir.of(spec)
+            return RunResult(True, run_dir.uri, {"already_complete": done.message()})
     if fresh:
-        aside = keep_aside(spec)
+        aside = run_dir.move_aside()
         if aside:
             emit({"kind": "info", "message": f"--fresh: the previous run was moved aside to {aside}"})
     run_dir.write_spec(to_yaml(spec))
+    worker = WorkerConfig(plan, resume_from=resume_from, progress_board=board_name(spec.name))
     attempt = 0
     while True:
         attempt += 1
-        outcome, summary = _fit_once(spec, run_dir, resume_from if attempt == 1 else None, emit)
+        # a retry resumes from the run's own latest committed checkpoint, not from --resume-from
+        outcome, summary = _fit_once(spec, worker if attempt == 1 else replace(worker, resume_from=None), emit)
         if "error" not in outcome:
-            return RunResult(True, plan.run_uri, summary)
+            return RunResult(True, run_dir.uri, summary)
         err = outcome["error"]
         kind = classify_failure(err)
         if kind == "user":
@@ -209,40 +189,19 @@ def run(spec: JobSpec, *, fresh: bool = False, resume_from: str | None = None,
                 if wait_for_storage(spec.storage, STORAGE_WAIT_S):
                     emit({"kind": "info", "message": "storage is back: resuming from the last committed checkpoint"})
                     continue
-            return RunResult(False, plan.run_uri, summary, error=(
+            return RunResult(False, run_dir.uri, summary, error=(
                 f"storage error: {where} became unreachable during training ({first}). Committed "
                 f"checkpoints are intact; resubmit the same spec to resume from the latest one."))
-        return RunResult(False, plan.run_uri, summary, error=f"{type(err).__name__}: {st.scrub(str(err), spec.storage)}")
+        return RunResult(False, run_dir.uri, summary, error=f"{type(err).__name__}: {st.scrub(str(err), spec.storage)}")
 
 
-def _fit_once(spec: JobSpec, run_dir: RunDir, resume_from: str | None,
-              emit: EventHandler) -> tuple[dict[str, Any], dict[str, Any]]:
+def _fit_once(spec: JobSpec, worker: WorkerConfig, emit: EventHandler) -> tuple[dict[str, Any], dict[str, Any]]:
     """One TorchTrainer.fit(), with the progress board polled while it runs."""
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
 
-    from raytune_ft.train.recipe import train_loop
-
-    plan = make_plan(spec)
-    run_dir.forget_train_snapshot()
-    fs, root = st.open(spec.storage)
-    board = make_board_class().options(name=board_name(spec.name), namespace=NAMESPACE,
+    board = make_board_class().options(name=worker.progress_board, namespace=NAMESPACE,
                                        get_if_exists=True).remote()
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config={"spec": dump_spec(spec), "resume_from": resume_from, "progress": spec.name},
-        scaling_config=scaling_config(spec),
-        torch_config=TorchConfig(backend="nccl" if plan.use_gpu else "gloo"),
-        run_config=RunConfig(
-            name=spec.name,
-            storage_path=root,
-            storage_filesystem=fs,
-            failure_config=FailureConfig(max_failures=spec.fault_tolerance.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=None),
-            worker_runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}},
-        ),
-    )
+    trainer = build_trainer(spec, worker)
     outcome: dict[str, Any] = {}
 
     def fit() -> None:
@@ -289,9 +248,10 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    from raytune_ft.launch import check_data, secrets
+    from raytune_ft.data.pipeline import check_data
     from raytune_ft.launch.progress import EVENT_PREFIX, Renderer
     from raytune_ft.spec import load_spec
+    from raytune_ft.train.env import SealError, install_sealed
 
     ap = argparse.ArgumentParser(prog="raytune_ft.launch.driver")
     ap.add_argument("spec")
@@ -308,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
         raise KeyboardInterrupt
 
     try:
-        secrets.install_sealed()  # secrets forwarded by `rtf submit --address`, before anything reads them
+        install_sealed()  # secrets forwarded by `rtf submit --address`, before anything reads them
         spec = load_spec(a.spec)
         done = None if (a.fresh or a.resume_from) else finished_run(spec)
         if done is not None:  # before the preflight's marker and before Ray: nothing starts, nothing is written
@@ -321,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
         ray.init(address=os.environ.get("RAY_ADDRESS", "auto"), log_to_driver=True)
         signal.signal(signal.SIGTERM, stopped)  # after ray.init, which sets its own (a bare sys.exit)
         result = run(spec, fresh=a.fresh, resume_from=a.resume_from, on_event=on_event)
-    except secrets.SealError as e:
+    except SealError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
     except UserError as e:

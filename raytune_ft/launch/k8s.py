@@ -54,7 +54,8 @@ from typing import Any
 import yaml
 
 from raytune_ft.errors import UserError
-from raytune_ft.spec.loader import dump_spec, spec_hash
+from raytune_ft.launch.secrets import reserved_in
+from raytune_ft.spec import dump_spec, spec_hash
 from raytune_ft.spec.models import JobSpec, KubernetesSpec
 
 API_VERSION = "ray.io/v1"
@@ -70,7 +71,6 @@ MIN_TOKEN_AUTH_RAY = (2, 52)
 MAX_RAYJOB_NAME = 47
 MAX_RAYCLUSTER_NAME = 53
 AUTH_TOKEN_KEY = "auth_token"  # the key KubeRay reads from authOptions.secretName
-RESERVED_ENV = {"RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS"}
 INT32_MAX = 2**31 - 1
 LABEL_APP = "app.kubernetes.io/name"
 LABEL_RUN = "raytune-ft/run"
@@ -147,7 +147,7 @@ def check_k8s(spec: JobSpec) -> None:
             f"compute.gpus_per_worker {g:g} cannot be mapped to whole Kubernetes GPUs; "
             "use a whole number, or a fraction below 1 to share one GPU between workers"
         )
-    bad = sorted(RESERVED_ENV & set(spec.env))
+    bad = reserved_in(spec.env)
     if bad:
         raise UserError(f"env: {', '.join(bad)} is set by the renderer (Ray token auth); remove it from env")
     kube = kube_settings(spec)
@@ -369,27 +369,3 @@ def render_k8s(spec: JobSpec, cluster_only: bool = False) -> str:
     )
     body = yaml.dump_all(docs, Dumper=_Dumper, sort_keys=False, default_flow_style=False, explicit_start=True)
     return head + body
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m raytune_ft.launch.k8s SPEC [--cluster-only] [--set k=v ...]``: print the manifests."""
-    import argparse
-    import sys
-
-    from raytune_ft.spec.loader import load_spec
-
-    ap = argparse.ArgumentParser(prog="python -m raytune_ft.launch.k8s", description=main.__doc__)
-    ap.add_argument("spec")
-    ap.add_argument("--cluster-only", action="store_true", help="render a RayCluster instead of a RayJob")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    a = ap.parse_args(argv)
-    try:
-        sys.stdout.write(render_k8s(load_spec(a.spec, a.set), cluster_only=a.cluster_only))
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

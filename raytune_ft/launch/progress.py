@@ -1,24 +1,23 @@
-"""Live progress from rank 0 to whoever watches the run (the local CLI, or a cluster driver's log).
-
-Rank 0 pushes one event per logging step to a small named Ray actor (fire and forget: the
-training loop never waits on it); the driver polls it and renders. Events are plain dicts:
+"""Live progress, the driver's side: the board actor that collects the events rank 0 (or a sweep's Tune
+callback) publishes (:mod:`raytune_ft.train.progress`), and their rendering: a live bar on a TTY, one line per
+event elsewhere, and the summary at the end. Events are plain dicts:
 ``{"kind": "log"|"eval"|"checkpoint"|"info"|"done", "step": …, "max_steps": …, "loss": …, …}``.
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
 import sys
-import time
+import threading
+from collections.abc import Callable, Iterator
 from typing import Any
 
-NAMESPACE = "rtf"
-EVENT_PREFIX = "RTF_EVENT "
+from raytune_ft import storage as st
+from raytune_ft.rundir import FINAL
+from raytune_ft.train.progress import EVENT_PREFIX, NAMESPACE, board_name
 
-
-def board_name(run_name: str) -> str:
-    return f"rtf-progress-{run_name}"
-
+__all__ = ["EVENT_PREFIX", "NAMESPACE", "Renderer", "board_name", "fmt_duration", "make_board_class",
+           "print_summary", "relay"]
 
 def make_board_class():
     import ray
@@ -37,29 +36,45 @@ def make_board_class():
     return ProgressBoard
 
 
-class Publisher:
-    """Used on rank 0: pushes events to the board when one exists, never raises."""
+@contextlib.contextmanager
+def relay(name: str, emit: Callable[[dict[str, Any]], None], poll_s: float = 0.5) -> Iterator[None]:
+    """While the block runs, a progress board named ``name`` whose events a background thread passes to
+    ``emit``; at the end the rest are passed on and the board is removed. (A sweep's lines: the block runs
+    Tune in this thread, which must keep the main thread for Ctrl-C.)"""
+    import ray
 
-    def __init__(self, run_name: str | None) -> None:
-        self.handle = None
-        if not run_name:
-            return
-        try:
-            import ray
+    board = make_board_class().options(name=name, namespace=NAMESPACE, get_if_exists=True).remote()
+    stop = threading.Event()
 
-            self.handle = ray.get_actor(board_name(run_name), namespace=NAMESPACE)
-        except Exception:  # no board (a run started without a watcher): print events instead
-            self.handle = None
-
-    def push(self, event: dict[str, Any]) -> None:
-        event = {"time": time.time(), **event}
-        if self.handle is not None:
+    def pump() -> None:
+        seen = 0
+        while True:
+            last = stop.is_set()
             try:
-                self.handle.push.remote(event)
-                return
+                events = ray.get(board.since.remote(seen), timeout=10)
             except Exception:
-                self.handle = None
-        print(EVENT_PREFIX + json.dumps(event, default=str), file=sys.stdout, flush=True)
+                events = []
+            seen += len(events)
+            for e in events:
+                try:
+                    emit(e)
+                except Exception:  # noqa: BLE001 - progress lines never stop the work
+                    pass
+            if last:
+                return
+            stop.wait(poll_s)
+
+    thread = threading.Thread(target=pump, name="rtf-progress", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=15)
+        try:
+            ray.kill(board)
+        except Exception:
+            pass
 
 
 def fmt_duration(seconds: float | None) -> str:
@@ -128,3 +143,28 @@ class Renderer:
             self.stream.write("\n")
             self.stream.flush()
             self.last_len = 0
+
+
+def print_summary(summary: dict[str, Any], run_uri: str, out) -> None:
+    def f(v: Any, fmt: str = "{:.4f}") -> str:
+        return "-" if v is None else fmt.format(v)
+
+    rows = [
+        ("steps", f"{summary.get('steps', '-')}"),
+        ("final train loss", f(summary.get("train_loss"))),
+        ("eval loss", f(summary.get("eval_loss"))),
+        ("perplexity", f(summary.get("perplexity"), "{:.2f}")),
+        ("tokens", f(summary.get("tokens"), "{:,}")),
+        ("runtime", f(summary.get("runtime_s"), "{:.1f}s")),
+        ("tokens/s", f(summary.get("tokens_per_s"), "{:,.0f}")),
+    ]
+    if summary.get("resumed_from_step") is not None:
+        rows.append(("resumed from step", str(summary["resumed_from_step"])))
+    skipped = (summary.get("data") or {}).get("skipped_bad_rows") or {}
+    if skipped:
+        rows.append(("skipped bad rows", ", ".join(f"{k}: {v}" for k, v in skipped.items())))
+    width = max(len(k) for k, _ in rows)
+    print("", file=out)
+    for k, v in rows:
+        print(f"  {k:<{width}}  {v}", file=out)
+    print(f"\noutputs: {st.join(run_uri, FINAL)}", file=out)

@@ -11,7 +11,7 @@
   request *without* a token (token auth off, or Ray < 2.52) gets a warning, and no secrets.
 * **What is shipped** (``runtime_env``): ``working_dir`` is a small bundle made for this job: the
   resolved spec (``rtf_spec.yaml``: local paths made absolute, secrets as names only) and, when the
-  spec forwards secrets, ``rtf_secrets.sealed`` (see :mod:`raytune_ft.launch.secrets`). It is *not*
+  spec forwards secrets, ``rtf_secrets.sealed`` (see :mod:`raytune_ft.train.env`). It is *not*
   the user's directory (which may hold data and checkpoints). ``py_modules`` carries this
   ``raytune_ft`` package, so the cluster runs the submitter's version of rtf; the cluster's Python
   must have rtf's dependencies (torch, transformers, peft, Ray Train). With ``cluster.image`` set, the
@@ -44,9 +44,11 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from raytune_ft import rundir as rd
+from raytune_ft import storage as st
 from raytune_ft.errors import UserError
 from raytune_ft.launch import secrets as sec
-from raytune_ft.launch.progress import EVENT_PREFIX
+from raytune_ft.launch.progress import EVENT_PREFIX, Renderer, print_summary
+from raytune_ft.train.env import SEALED_FILE, seal
 
 DEFAULT_DASHBOARD_PORT = 8265
 BUNDLE_SPEC = rd.SPEC  # the resolved spec, under the name it has in a run dir
@@ -258,8 +260,8 @@ def write_bundle(spec: Any, bundle: str, values: dict[str, str], token: str | No
         f.write(to_yaml(spec))
     if values:
         assert token, "secrets are sealed with the cluster's token"
-        with open(os.path.join(bundle, sec.SEALED_FILE), "wb") as f:
-            f.write(sec.seal(values, token))
+        with open(os.path.join(bundle, SEALED_FILE), "wb") as f:
+            f.write(seal(values, token))
 
 
 def submit_cluster(spec: Any, address: str, why: str, *, fresh: bool = False, resume_from: str | None = None,
@@ -342,8 +344,6 @@ def last_progress(text: str) -> dict[str, Any] | None:
 
 def render_log(text: str, hide: dict[str, str] | None = None) -> str:
     """A job's log for people: event lines become the lines local mode prints; the rest as is."""
-    from raytune_ft.launch.progress import Renderer
-
     buf = io.StringIO()
     renderer = Renderer(buf)  # not a TTY: one line per event
     for line in text.splitlines():
@@ -355,13 +355,11 @@ def render_log(text: str, hide: dict[str, str] | None = None) -> str:
             buf.write(f"done: {s.get('steps')} steps, train loss {s.get('train_loss')}, outputs in {e.get('final')}\n")
         else:
             renderer.handle(e)
-    return sec.scrub(buf.getvalue(), hide or {})
+    return st.scrub(buf.getvalue(), hide or {})
 
 
 class _Follower:
     def __init__(self, out, hide: dict[str, str], verbose: bool) -> None:
-        from raytune_ft.launch.progress import Renderer
-
         self.out, self.hide, self.verbose = out, hide, verbose
         self.renderer = Renderer(out)
         self.partial = ""
@@ -388,7 +386,7 @@ class _Follower:
                 return
             self.renderer.handle(e)
             return
-        text = sec.scrub(line.rstrip("\r"), self.hide)
+        text = st.scrub(line.rstrip("\r"), self.hide)
         if self.verbose or text.lstrip().startswith(DRIVER_MESSAGES):
             self.shown_error |= text.lstrip().startswith("error:")
             self.renderer.handle({"kind": "info", "message": text})
@@ -432,8 +430,6 @@ def follow_job(cluster: Cluster, job_id: str, *, out=None, run_uri: str | None =
     status = str(info.status)
     if status == "SUCCEEDED":
         if f.summary is not None:
-            from raytune_ft.launch import print_summary
-
             print_summary(f.summary, run_uri or (info.metadata or {}).get("rtf_run", "?"), out)
         print(f"job {job_id} SUCCEEDED", file=out)
         return 0
@@ -442,7 +438,7 @@ def follow_job(cluster: Cluster, job_id: str, *, out=None, run_uri: str | None =
     if status == "FAILED" and not f.shown_error and msg:
         lines = msg.splitlines()
         tail_lines = "\n".join("  " + ln for ln in lines[-15:]) if len(lines) > 1 else ""
-        print(sec.scrub(f"error: {lines[0]}" + (f"\n{tail_lines}" if tail_lines else ""), f.hide), file=out)
+        print(st.scrub(f"error: {lines[0]}" + (f"\n{tail_lines}" if tail_lines else ""), f.hide), file=out)
     print(f"job {job_id} {status}" + (f" (driver exit code {code})" if code is not None else "")
           + f"; full log: rtf logs {job_id}", file=out)
     if status == "STOPPED":
@@ -507,32 +503,38 @@ def job_record(cluster: Cluster, job: Any, progress: bool = True) -> dict[str, A
             "message": job.message, "entrypoint": job.entrypoint}
 
 
-def status(address: str | None, job: str, out=None) -> dict[str, Any]:
-    out = out or sys.stdout
+def status(address: str | None, job: str) -> dict[str, Any]:
+    """The record of a job (by id, or a run's newest job): state, times, step/total, storage."""
     cluster = connect(cluster_address(address))
-    rec = job_record(cluster, resolve(cluster, job))
+    return job_record(cluster, resolve(cluster, job))
+
+
+def render_status(rec: dict[str, Any]) -> str:
     rows = [("job", rec["job"]), ("run", rec["run"] or "-"), ("status", rec["status"] + (
         f" (driver exit code {rec['driver_exit_code']})" if rec["driver_exit_code"] is not None else "")),
             ("started", _when(rec["start_time"])), ("ended", _when(rec["end_time"])),
             ("progress", _steps(rec)), ("storage", rec["storage"] or "-")]
     if rec["message"] and rec["status"] != "RUNNING":
         rows.append(("message", rec["message"].strip().splitlines()[0][:200]))
-    for k, v in rows:
-        print(f"{k + ':':<10}{v}", file=out)
-    return rec
+    return "\n".join(f"{k + ':':<10}{v}" for k, v in rows)
 
 
-def logs(address: str | None, job: str, *, follow: bool = False, out=None) -> int:
+def logs(address: str | None, job: str) -> str:
+    """A job's log for people (see :func:`render_log`)."""
     cluster = connect(cluster_address(address))
     j = resolve(cluster, job)
     jid = j.submission_id or j.job_id
-    if follow:
-        return follow_job(cluster, jid, out=out or sys.stderr, run_uri=(j.metadata or {}).get("rtf_run"),
-                          hide=_local_values(j))
     with cluster.calls(f"job {jid}"):
         text = cluster.client.get_job_logs(jid)
-    (out or sys.stdout).write(render_log(text, _local_values(j)))
-    return 0
+    return render_log(text, _local_values(j))
+
+
+def follow(address: str | None, job: str, *, out=None) -> int:
+    """Stream a job's progress until it ends (see :func:`follow_job`); its exit code."""
+    cluster = connect(cluster_address(address))
+    j = resolve(cluster, job)
+    return follow_job(cluster, j.submission_id or j.job_id, out=out or sys.stderr,
+                      run_uri=(j.metadata or {}).get("rtf_run"), hide=_local_values(j))
 
 
 def _local_values(job: Any) -> dict[str, str]:
@@ -541,47 +543,41 @@ def _local_values(job: Any) -> dict[str, str]:
     return {n: os.environ[n] for n in names if os.environ.get(n)}
 
 
-def stop(address: str | None, job: str, *, wait_s: float = 60.0, out=None) -> int:
-    out = out or sys.stdout
+def stop(address: str | None, job: str, *, wait_s: float = 60.0) -> tuple[int, str]:
+    """Stop a job and wait up to ``wait_s`` for it to end: (exit code, what happened)."""
     cluster = connect(cluster_address(address))
     j = resolve(cluster, job)
     jid = j.submission_id or j.job_id
     if str(j.status) in TERMINAL:
-        print(f"job {jid} already {j.status}; nothing to stop", file=out)
-        return 0
+        return 0, f"job {jid} already {j.status}; nothing to stop"
     with cluster.calls(f"job {jid}"):
         cluster.client.stop_job(jid)
     deadline = time.time() + wait_s
-    st = str(j.status)
+    state = str(j.status)
     while time.time() < deadline:
-        st = str(job_info(cluster, jid).status)
-        if st in TERMINAL:
+        state = str(job_info(cluster, jid).status)
+        if state in TERMINAL:
             break
         time.sleep(1.0)
     run = (j.metadata or {}).get("rtf_run")
-    if st in TERMINAL:
-        print(f"job {jid} {st}." + (f" Committed checkpoints in {run} are intact; submit the same spec to "
-                                    "resume from the latest one." if run else ""), file=out)
-        return 0
-    print(f"job {jid} asked to stop; still {st} after {wait_s:.0f}s (`rtf status {jid}`)", file=out)
-    return 1
+    if state in TERMINAL:
+        return 0, f"job {jid} {state}." + (f" Committed checkpoints in {run} are intact; submit the same spec to "
+                                          "resume from the latest one." if run else "")
+    return 1, f"job {jid} asked to stop; still {state} after {wait_s:.0f}s (`rtf status {jid}`)"
 
 
-def list_jobs(address: str | None, *, as_json: bool = False, limit: int = 20, out=None) -> list[dict[str, Any]]:
-    out = out or sys.stdout
+def list_jobs(address: str | None, *, limit: int = 20) -> tuple[str, list[dict[str, Any]]]:
+    """(the cluster's Jobs API URL, the records of its newest ``limit`` jobs, newest first)."""
     cluster = connect(cluster_address(address))
     jobs = sorted(_rtf_jobs(cluster), key=lambda j: j.start_time or 0, reverse=True)[:limit]
-    recs = [job_record(cluster, j) for j in jobs]
-    if as_json:
-        print(json.dumps(recs, indent=2), file=out)
-        return recs
+    return cluster.url, [job_record(cluster, j) for j in jobs]
+
+
+def render_jobs(url: str, recs: list[dict[str, Any]]) -> str:
     if not recs:
-        print(f"no jobs on the cluster at {cluster.url}", file=out)
-        return recs
+        return f"no jobs on the cluster at {url}"
     rows = [("JOB", "RUN", "STATUS", "STARTED", "STEP")] + [
         (r["job"], r["run"] or "(not rtf) " + (r["entrypoint"] or "")[:30], r["status"], _when(r["start_time"]),
          _steps(r)) for r in recs]
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip(), file=out)
-    return recs
+    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows)

@@ -1,66 +1,37 @@
-"""Secrets by reference (principle 6) for jobs sent through the Ray Jobs API.
+"""Secrets by reference (principle 6) for jobs sent through the Ray Jobs API: the submitting side.
 
-The spec names variables; ``env: {HF_TOKEN: null}`` forwards the submitter's ``$HF_TOKEN``. The
-value must reach every process of the job that may use it (the driver, Ray Train's controller, every
-worker on every node) and nothing else: not the Jobs API payload (entrypoint, ``runtime_env``,
-metadata: the dashboard shows all three, and ``runtime_env.env_vars`` in particular), not the logs,
-not the run directory, not an error message. How:
+The value of each variable the spec forwards must reach every process of the job that may use it (the
+driver, Ray Train's controller, every worker on every node) and nothing else: not the Jobs API payload
+(entrypoint, ``runtime_env``, metadata: the dashboard shows all three, and ``runtime_env.env_vars`` in
+particular), not the logs, not the run directory, not an error message. :func:`collect` reads the values
+now (an unset one is a one-line error before anything is uploaded); :mod:`raytune_ft.train.env` seals them
+for the cluster's token and opens them in every process of the job, :func:`setup_hook` among them.
 
-1. **Client** (:func:`collect`, :func:`seal`): reads the values now (an unset one is a one-line error
-   before anything is uploaded) and seals them into ``rtf_secrets.sealed``, a file in the job's
-   ``working_dir`` bundle. The Jobs API payload holds only the bundle's ``gcs://`` URI. The seal is
-   an encrypt-then-MAC envelope (HMAC-SHA256 keystream + HMAC-SHA256 tag, stdlib only) under a key
-   derived (HKDF-SHA256) from the **cluster's Ray auth token** and a random per-job salt. So the key
-   never travels: the copies of the bundle that Ray keeps (the package in the GCS, unpacked under
-   ``/tmp/ray/session_*/runtime_resources`` on every node) are ciphertext, readable only by whoever
-   holds the cluster token, who can run arbitrary code on the cluster anyway.
-2. **Cluster**: every process of the job opens the seal with the token it already has (Ray's token
-   auth gives it to every process it starts) and sets ``os.environ`` itself: the driver in
-   ``driver.main`` (:func:`install_sealed`), every Ray worker process through the job's
-   ``runtime_env.worker_process_setup_hook`` (:func:`setup_hook`; only the hook's dotted name is in
-   the payload), and ``train_loop`` checks with :func:`apply_env` (a second try, and a clear error
-   rather than a run with a missing credential).
-
-Literal (non-secret) values travel in plain sight: ``runtime_env.env_vars`` for the job, and
-:func:`apply_env` sets them again from the spec in each worker (so local mode gets them too).
-Without token authentication there is no key: secrets are then refused (an open Jobs API would hand
-them to anyone who can reach it).
+One set of reserved names, :data:`RESERVED_ENV`, for every target: rtf and Ray set them on the cluster.
 """
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import hmac
-import json
 import os
-import secrets as _random
 import sys
 from collections.abc import Mapping
 from typing import Any
 
 from raytune_ft.errors import UserError
+from raytune_ft.train.env import SealError, install_sealed
 
-SEALED_FILE = "rtf_secrets.sealed"
-FORMAT = "rtf-sealed-env/1"
 # Set by rtf itself (or by Ray) on the cluster; a spec may not override them.
 RESERVED_ENV = frozenset({"RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS",
                           "RAY_API_SERVER_ADDRESS", "RTF_EVENTS"})
-# Opt-in diagnostic: `env: {RTF_ENV_DIGESTS: "HF_TOKEN,OTHER"}` makes each worker record the SHA-256
-# of those variables' values in final_results.json (compare with `printf %s "$HF_TOKEN" | sha256sum`)
-# to check that a forwarded secret arrived intact without revealing it.
-DIGESTS_ENV = "RTF_ENV_DIGESTS"
 
 
-class SealError(Exception):
-    """The sealed secrets could not be opened (wrong token, damaged file). Never holds a value."""
-
-
-# --------------------------------------------------------------------------- client side
+def reserved_in(env: Mapping[str, Any]) -> list[str]:
+    """The names of ``env`` (a spec's ``env``) that rtf and Ray set themselves, sorted."""
+    return sorted(RESERVED_ENV & set(env))
 
 
 def check_names(spec: Any) -> None:
-    bad = sorted(RESERVED_ENV & set(spec.env))
+    bad = reserved_in(spec.env)
     if bad:
         raise UserError(f"env: {', '.join(bad)} is set by rtf and Ray for the cluster job; remove it from env")
 
@@ -78,125 +49,6 @@ def collect(spec: Any, environ: Mapping[str, str] | None = None) -> dict[str, st
     return {n: environ[n] for n in names}
 
 
-def _keys(token: str, salt: bytes) -> tuple[bytes, bytes]:
-    prk = hmac.new(salt, token.encode("utf-8"), hashlib.sha256).digest()  # HKDF-Extract
-    enc = hmac.new(prk, b"rtf sealed env v1: encryption\x01", hashlib.sha256).digest()  # HKDF-Expand, 1 block
-    mac = hmac.new(prk, b"rtf sealed env v1: authentication\x01", hashlib.sha256).digest()
-    return enc, mac
-
-
-def _keystream(key: bytes, nonce: bytes, n: int) -> bytes:
-    blocks = [hmac.new(key, nonce + i.to_bytes(8, "big"), hashlib.sha256).digest() for i in range((n + 31) // 32)]
-    return b"".join(blocks)[:n]
-
-
-def _xor(a: bytes, b: bytes) -> bytes:
-    return bytes(x ^ y for x, y in zip(a, b))
-
-
-def seal(values: Mapping[str, str], token: str) -> bytes:
-    """An envelope holding ``values``, openable only with ``token`` (the cluster's Ray auth token)."""
-    if not token:
-        raise ValueError("sealing needs the cluster's auth token")
-    salt, nonce = _random.token_bytes(16), _random.token_bytes(16)
-    enc, mac = _keys(token, salt)
-    plain = json.dumps(dict(values), sort_keys=True).encode("utf-8")
-    cipher = _xor(plain, _keystream(enc, nonce, len(plain)))
-    names = sorted(values)
-    tag = hmac.new(mac, _authenticated(names, salt, nonce, cipher), hashlib.sha256).digest()
-    b64 = lambda b: base64.b64encode(b).decode("ascii")  # noqa: E731
-    doc = {"format": FORMAT, "names": names, "salt": b64(salt), "nonce": b64(nonce),
-           "ciphertext": b64(cipher), "tag": b64(tag)}
-    return (json.dumps(doc, indent=1) + "\n").encode("ascii")
-
-
-def _authenticated(names: list[str], salt: bytes, nonce: bytes, cipher: bytes) -> bytes:
-    return b"|".join([FORMAT.encode(), ",".join(names).encode(), salt, nonce, cipher])
-
-
-def sealed_names(blob: bytes) -> list[str]:
-    try:
-        return list(json.loads(blob)["names"])
-    except (ValueError, KeyError, TypeError):
-        return []
-
-
-def unseal(blob: bytes, token: str | None) -> dict[str, str]:
-    """The values sealed by :func:`seal`; :class:`SealError` (naming variables, never values) if not."""
-    try:
-        doc = json.loads(blob)
-        if doc.get("format") != FORMAT:
-            raise SealError(f"{SEALED_FILE}: unknown format {doc.get('format')!r}")
-        names = list(doc["names"])
-        salt, nonce, cipher, tag = (base64.b64decode(doc[k]) for k in ("salt", "nonce", "ciphertext", "tag"))
-    except SealError:
-        raise
-    except (ValueError, KeyError, TypeError) as e:
-        raise SealError(f"{SEALED_FILE} is damaged ({type(e).__name__})") from None
-    if not token:
-        raise SealError(f"cannot open the forwarded secrets ({', '.join(names)}): this process has no Ray "
-                        "auth token (the cluster must run with RAY_AUTH_MODE=token)")
-    enc, mac = _keys(token, salt)
-    expect = hmac.new(mac, _authenticated(names, salt, nonce, cipher), hashlib.sha256).digest()
-    if not hmac.compare_digest(expect, tag):
-        raise SealError(f"cannot open the forwarded secrets ({', '.join(names)}): sealed for another Ray "
-                        "auth token than this cluster's, or damaged")
-    values = json.loads(_xor(cipher, _keystream(enc, nonce, len(cipher))).decode("utf-8"))
-    if sorted(values) != sorted(names):
-        raise SealError(f"{SEALED_FILE}: names and contents disagree")
-    return values
-
-
-# --------------------------------------------------------------------------- cluster side
-
-
-def cluster_token() -> str | None:
-    """The Ray auth token of the cluster this process belongs to, as Ray itself finds it
-    (``$RAY_AUTH_TOKEN``, ``$RAY_AUTH_TOKEN_PATH``, ``~/.ray/auth_token``)."""
-    tok = os.environ.get("RAY_AUTH_TOKEN", "").strip()
-    if tok:
-        return tok
-    try:
-        from ray._raylet import AuthenticationTokenLoader
-
-        loader = AuthenticationTokenLoader.instance()
-        if loader.has_token(ignore_auth_mode=True):
-            return (loader.get_raw_token() or "").strip() or None
-    except Exception:  # noqa: BLE001 - no Ray, or an older one: no token
-        pass
-    path = os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.join(os.path.expanduser("~"), ".ray", "auth_token")
-    try:
-        with open(path) as f:
-            return f.read().strip() or None
-    except OSError:
-        return None
-
-
-_found: str | None = None  # where this process found the sealed file (the job's working_dir)
-
-
-def find_sealed(directory: str | None = None) -> str | None:
-    global _found
-    for d in (directory, _found and os.path.dirname(_found), os.getcwd()):
-        if d and os.path.isfile(os.path.join(d, SEALED_FILE)):
-            _found = os.path.join(d, SEALED_FILE)
-            return _found
-    return None
-
-
-def install_sealed(directory: str | None = None) -> list[str]:
-    """Open the job's sealed secrets (in ``directory``, else the working directory) and put them in
-    ``os.environ``. Returns the names installed; ``[]`` when the job has none (local mode, KubeRay,
-    RunPod: those set the variables themselves). Raises :class:`SealError`."""
-    path = find_sealed(directory)
-    if path is None:
-        return []
-    with open(path, "rb") as f:
-        values = unseal(f.read(), cluster_token())
-    os.environ.update(values)
-    return sorted(values)
-
-
 def setup_hook() -> None:
     """``runtime_env.worker_process_setup_hook`` of a job: runs in every Ray worker process the job
     starts (Train controller, workers), before any task. Never raises (a failing hook would kill the
@@ -207,43 +59,3 @@ def setup_hook() -> None:
         print(f"rtf: warning: {e}", file=sys.stderr, flush=True)
     except Exception as e:  # noqa: BLE001
         print(f"rtf: warning: forwarded secrets not installed ({type(e).__name__})", file=sys.stderr, flush=True)
-
-
-def apply_env(spec: Any) -> list[str]:
-    """First thing in every worker: set the spec's literal ``env`` values and make sure the forwarded
-    ones are here (installing the job's sealed secrets if the setup hook did not). Returns the names of
-    forwarded variables present. Raises UserError when a sealed job's secret did not arrive."""
-    for name, value in spec.env.items():
-        if value is not None:
-            os.environ[name] = value
-    wanted = list(spec.forwarded_env)
-    if any(n not in os.environ for n in wanted) and find_sealed():
-        try:
-            install_sealed()
-        except SealError as e:
-            raise UserError(str(e)) from None
-        missing = [n for n in wanted if n not in os.environ]
-        if missing:
-            raise UserError(f"forwarded variable(s) {', '.join(missing)} did not reach this worker")
-    return [n for n in wanted if n in os.environ]
-
-
-def env_report(spec: Any) -> dict[str, Any]:
-    """What a worker records about its environment: the forwarded names it has (never values), and
-    the SHA-256 of the variables named in ``$RTF_ENV_DIGESTS`` (an opt-in check)."""
-    report: dict[str, Any] = {"forwarded_env": [n for n in spec.forwarded_env if n in os.environ]}
-    digests = {}
-    for name in filter(None, (x.strip() for x in os.environ.get(DIGESTS_ENV, "").split(","))):
-        if name in os.environ:
-            digests[name] = hashlib.sha256(os.environ[name].encode("utf-8")).hexdigest()
-    if digests:
-        report["env_digests"] = digests
-    return report
-
-
-def scrub(text: str, values: Mapping[str, str] | list[str]) -> str:
-    """``text`` with each of ``values`` replaced by ``***`` (defence in depth for printed logs)."""
-    vals = values.values() if isinstance(values, Mapping) else values
-    for v in sorted({v for v in vals if v and len(v) >= 4}, key=len, reverse=True):
-        text = text.replace(v, "***")
-    return text

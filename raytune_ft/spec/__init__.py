@@ -1,13 +1,13 @@
-"""The job spec: models, loading (presets, overrides, line-numbered errors) and JSON Schema."""
+"""The job spec: models, loading (presets, overrides, line-numbered errors), the checks of a sweep's
+``tune.space``, and JSON Schema. No Ray, no torch."""
 
+from raytune_ft.spec.document import dump_spec, spec_hash, to_yaml
 from raytune_ft.spec.loader import (
-    dump_spec,
+    absolutize,
     load_document,
     load_spec,
     resolve_preset,
     spec_from_dict,
-    spec_hash,
-    to_yaml,
     validate_document,
 )
 from raytune_ft.spec.models import (
@@ -36,7 +36,7 @@ def json_schema() -> dict:
 
 __all__ = [
     "ComputeSpec", "DataSource", "DataSpec", "DeepSpeedSpec", "JobSpec", "LoraSpec", "MethodSpec",
-    "ModelInit", "ModelSpec", "QuantizationSpec", "StorageSpec", "TrainingSpec", "dump_spec",
+    "ModelInit", "ModelSpec", "QuantizationSpec", "StorageSpec", "TrainingSpec", "absolutize", "dump_spec",
     "json_schema", "load_document", "load_spec", "resolve_preset", "spec_from_dict", "spec_hash",
     "to_yaml", "validate_document",
 ]

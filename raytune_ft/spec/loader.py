@@ -1,4 +1,5 @@
-"""YAML → JobSpec: line-tracked loading, ``extends:`` presets, ``--set`` overrides, readable errors.
+"""YAML → JobSpec: line-tracked loading, ``extends:`` presets, ``--set`` overrides, validation (the
+model's rules, then a sweep's ``tune.space``), readable errors.
 
 Every problem comes back as one line ``file:line dotted.path: message`` inside a
 :class:`~raytune_ft.errors.SpecError` (exit code 2). Nothing here imports torch or ray.
@@ -8,39 +9,28 @@ from __future__ import annotations
 
 import copy
 import difflib
-import hashlib
-import json
 import os
-import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 
 from raytune_ft.errors import SpecError, UserError
+from raytune_ft.spec.document import (
+    Loc,
+    Source,
+    apply_override,
+    dotted,
+    dump_spec,
+    format_errors,
+    parse_override,
+)
 from raytune_ft.spec.models import JobSpec
+from raytune_ft.spec.space import check_space
 
-Loc = tuple[Any, ...]
 PRESETS_DIR = Path(__file__).resolve().parents[2] / "jobspecs"
-
-
-@dataclass
-class Source:
-    """Where each key of the merged document came from: (file, line) per path."""
-
-    lines: dict[Loc, tuple[str, int]] = field(default_factory=dict)
-
-    def where(self, loc: Loc) -> str:
-        loc = tuple(loc)
-        while True:
-            if loc in self.lines:
-                f, n = self.lines[loc]
-                return f"{f}:{n}" if n else f
-            if not loc:
-                return ""
-            loc = loc[:-1]
 
 
 # --------------------------------------------------------------------------- YAML with lines
@@ -61,11 +51,11 @@ def _construct(node: yaml.Node, fname: str, loc: Loc, lines: dict, problems: lis
         for knode, vnode in node.value:
             key = yaml.safe_load(yaml.serialize(knode)) if not isinstance(knode, yaml.ScalarNode) else knode.value
             if not isinstance(key, str):
-                problems.append(f"{fname}:{knode.start_mark.line + 1} {_dotted(loc) or '<top>'}: keys must be strings")
+                problems.append(f"{fname}:{knode.start_mark.line + 1} {dotted(loc) or '<top>'}: keys must be strings")
                 continue
             if key in out:
                 problems.append(
-                    f"{fname}:{knode.start_mark.line + 1} {_dotted(loc + (key,))}: duplicate key "
+                    f"{fname}:{knode.start_mark.line + 1} {dotted(loc + (key,))}: duplicate key "
                     f"(first given on line {lines[loc + (key,)][1]})"
                 )
                 continue
@@ -166,120 +156,7 @@ def _load_chain(path: Path, seen: tuple[Path, ...]) -> tuple[dict, dict]:
 # --------------------------------------------------------------------------- overrides
 
 
-def parse_override(text: str) -> tuple[list[str], Any]:
-    if "=" not in text:
-        raise UserError(f"--set {text}: expected dotted.key=value")
-    key, raw = text.split("=", 1)
-    key = key.strip()
-    if not key or any(not part for part in key.split(".")):
-        raise UserError(f"--set {text}: the key `{key}` is not a dotted path like training.learning_rate")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
-    return key.split("."), value
-
-
-def apply_override(doc: dict, parts: list[str], value: Any, text: str) -> Loc:
-    cur: Any = doc
-    loc: list[Any] = []
-    for i, part in enumerate(parts):
-        last = i == len(parts) - 1
-        if isinstance(cur, list):
-            if not part.isdigit():
-                raise UserError(f"--set {text}: `{_dotted(loc)}` is a list; index it with a number, not `{part}`")
-            idx = int(part)
-            if idx > len(cur):
-                raise UserError(f"--set {text}: `{_dotted(loc)}` has {len(cur)} item(s); index {idx} is out of range")
-            if last:
-                if idx == len(cur):
-                    cur.append(value)
-                else:
-                    cur[idx] = value
-            else:
-                if idx == len(cur):
-                    cur.append({})
-                cur = cur[idx]
-            loc.append(idx)
-            continue
-        if not isinstance(cur, dict):
-            raise UserError(f"--set {text}: `{_dotted(loc)}` is a {type(cur).__name__}, not a section")
-        loc.append(part)
-        if last:
-            cur[part] = value
-        else:
-            nxt = cur.get(part)
-            if nxt is None:
-                nxt = cur[part] = {}
-            cur = nxt
-    return tuple(loc)
-
-
 # --------------------------------------------------------------------------- errors
-
-
-def _dotted(loc: Loc) -> str:
-    return ".".join(str(x) for x in loc)
-
-
-def _unwrap_model(ann: Any) -> type[BaseModel] | None:
-    if isinstance(ann, type) and issubclass(ann, BaseModel):
-        return ann
-    for arg in typing.get_args(ann):
-        m = _unwrap_model(arg)
-        if m is not None:
-            return m
-    return None
-
-
-def _model_at(loc: Loc) -> type[BaseModel] | None:
-    model: type[BaseModel] | None = JobSpec
-    for part in loc:
-        if isinstance(part, int):
-            continue
-        if model is None or part not in model.model_fields:
-            return None
-        model = _unwrap_model(model.model_fields[part].annotation)
-    return model
-
-
-def _clean_loc(loc: Loc) -> Loc:
-    """Drop pydantic's union tags (e.g. 'list[str]', 'function-after[...]') from an error location."""
-    return tuple(p for p in loc if isinstance(p, int) or ("[" not in p and p not in {"str", "int", "float"}))
-
-
-def _message(err: dict) -> str:
-    typ, msg, got = err["type"], err["msg"], err.get("input")
-    if typ == "extra_forbidden":
-        key = err["loc"][-1]
-        parent = _model_at(_clean_loc(err["loc"][:-1]))
-        names = list(parent.model_fields) if parent else []
-        close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.6)
-        if close:
-            return f"unknown key; did you mean `{close[0]}`?"
-        return f"unknown key; valid keys here: {', '.join(names)}" if names else "unknown key"
-    if typ == "missing":
-        return "is required"
-    if typ in ("value_error", "assertion_error"):
-        return msg.split(", ", 1)[1] if msg.startswith(("Value error, ", "Assertion failed, ")) else msg
-    msg = msg.replace("Input should be", "must be").replace("Input", "value")
-    if got is not None and not isinstance(got, (dict, list)):
-        msg += f" (got {got!r})"
-    return msg
-
-
-def format_errors(exc: ValidationError, where: Source) -> list[str]:
-    out: list[str] = []
-    seen: set[str] = set()
-    for err in exc.errors(include_url=False):
-        loc = _clean_loc(err["loc"])
-        path = _dotted(loc) or "<spec>"
-        place = where.where(loc)
-        line = f"{place} {path}: {_message(err)}" if place else f"{path}: {_message(err)}"
-        if line not in seen:
-            seen.add(line)
-            out.append(line)
-    return out
 
 
 # --------------------------------------------------------------------------- public API
@@ -325,7 +202,10 @@ def load_document(path: str | Path, overrides: list[str] | tuple[str, ...] = ())
 def validate_document(doc: dict, src: Source | None = None, *, label: str | None = None) -> JobSpec:
     src = src or Source()
     try:
-        return JobSpec.model_validate(doc)
+        spec = JobSpec.model_validate(doc)
+        if spec.tune is not None:
+            check_space(spec)  # every swept path exists and every value it can take gives a valid spec
+        return spec
     except ValidationError as e:
         raise SpecError(format_errors(e, src), source=label)
 
@@ -340,21 +220,26 @@ def spec_from_dict(data: dict) -> JobSpec:
     return validate_document(copy.deepcopy(data))
 
 
-def dump_spec(spec: JobSpec) -> dict:
-    """The resolved spec as plain data (presets already merged, so no ``extends``). It holds only env
-    var *names* for secrets, never values."""
-    return spec.model_dump(mode="json", exclude_none=True, exclude={"extends"})
+def absolutize(spec: JobSpec, base: str | None = None) -> JobSpec:
+    """Local paths in the spec made absolute (Ray workers run in their own working directory)."""
+    base = base or os.getcwd()
 
+    def fix(p: str | None, must_exist: bool = False) -> str | None:
+        if p is None or "://" in p or os.path.isabs(p):
+            return p
+        full = os.path.normpath(os.path.join(base, os.path.expanduser(p)))
+        return full if (os.path.exists(full) or not must_exist) else p
 
-def to_yaml(spec: JobSpec) -> str:
-    return yaml.safe_dump(dump_spec(spec), sort_keys=False, default_flow_style=False)
-
-
-def spec_hash(spec: JobSpec) -> str:
-    """A short digest of what the run computes. ``name``, ``description`` and where/how it runs are
-    left out so a retry on another cluster or storage is recognised as the same training."""
     d = dump_spec(spec)
-    for k in ("name", "extends", "description", "cluster", "storage", "fault_tolerance", "monitoring", "tune", "env"):
-        d.pop(k, None)
-    blob = json.dumps(d, sort_keys=True, separators=(",", ":")).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
+    for key in ("train", "eval"):
+        for src in d["data"].get(key) or []:
+            src["path"] = fix(src["path"])
+    d["model"]["name_or_path"] = fix(d["model"].get("name_or_path"), must_exist=True)
+    if d.get("tokenizer", {}).get("name_or_path"):
+        d["tokenizer"]["name_or_path"] = fix(d["tokenizer"]["name_or_path"], must_exist=True)
+    if (d.get("deepspeed") or {}).get("config"):
+        d["deepspeed"]["config"] = fix(d["deepspeed"]["config"])
+    d["storage"]["path"] = fix(d["storage"]["path"])
+    d = {k: v for k, v in d.items() if v is not None}
+    d["model"] = {k: v for k, v in d["model"].items() if v is not None}
+    return spec_from_dict(d)

@@ -619,15 +619,6 @@ class JobSpec(Section):
             raise ValueError("model.init starts from random weights; LoRA on random weights is pointless: use method.type full")
         return self
 
-    @model_validator(mode="after")
-    def _tune_space(self) -> JobSpec:
-        """Every swept path exists and every value it can take gives a valid spec (raytune_ft.sweep)."""
-        if self.tune is not None:
-            from raytune_ft.sweep import check_space
-
-            check_space(self)
-        return self
-
     @property
     def forwarded_env(self) -> list[str]:
         """Names of variables forwarded from the submitting environment (secrets travel this way)."""

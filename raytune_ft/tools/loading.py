@@ -115,21 +115,16 @@ def load_pretrained(name: str, src: Source, *, dtype, device, quantization: Any 
 
 
 def bnb_config(src: Source, dtype):
-    """The BitsAndBytesConfig the run trained its QLoRA base with."""
+    """The BitsAndBytesConfig the run trained its QLoRA base with (training's own), computing in float32
+    when the tools run in float32."""
     import torch
-    from transformers import BitsAndBytesConfig
+
+    from raytune_ft.train.modeling import quantization_config
 
     q = src.spec.method.quantization if src.spec is not None else None
     if q is None:
         return None
-    if q.bits == 8:
-        return BitsAndBytesConfig(load_in_8bit=True)
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type=q.quant_type,
-        bnb_4bit_use_double_quant=q.double_quant,
-        bnb_4bit_compute_dtype=getattr(torch, q.compute_dtype) if dtype != torch.float32 else torch.float32,
-    )
+    return quantization_config(q, compute_dtype=torch.float32 if dtype == torch.float32 else None)
 
 
 def load_model(

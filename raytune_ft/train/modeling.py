@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from raytune_ft.errors import UserError
-from raytune_ft.spec.models import JobSpec
+from raytune_ft.spec.models import JobSpec, QuantizationSpec
 
 log = logging.getLogger("raytune_ft")
 
@@ -81,19 +81,20 @@ def build_config(spec: JobSpec, tokenizer: Any) -> Any:
     )
 
 
-def quantization_config(spec: JobSpec) -> Any:
+def quantization_config(quant: QuantizationSpec, *, compute_dtype: torch.dtype | None = None) -> Any:
+    """The ``BitsAndBytesConfig`` of ``method.quantization``: training loads its QLoRA base with it, and the
+    tools (:mod:`raytune_ft.tools.loading`) load that base the same way; ``compute_dtype`` overrides the
+    compute dtype there (float32 on CPU)."""
     from transformers import BitsAndBytesConfig
 
-    q = spec.method.quantization
-    assert q is not None
-    compute = TORCH_DTYPES[q.compute_dtype]
-    if q.bits == 8:
+    if quant.bits == 8:
         return BitsAndBytesConfig(load_in_8bit=True)
+    compute = TORCH_DTYPES[quant.compute_dtype]
     return BitsAndBytesConfig(
         load_in_4bit=True,
-        bnb_4bit_quant_type=q.quant_type,
-        bnb_4bit_use_double_quant=q.double_quant,
-        bnb_4bit_compute_dtype=compute,
+        bnb_4bit_quant_type=quant.quant_type,
+        bnb_4bit_use_double_quant=quant.double_quant,
+        bnb_4bit_compute_dtype=compute_dtype or compute,
         bnb_4bit_quant_storage=compute,  # lets ZeRO-3 shard the 4-bit weights like any other tensor
     )
 
@@ -128,7 +129,8 @@ def build_model(spec: JobSpec, tokenizer: Any, *, device: torch.device, seed: in
         attn, why = choose_attention(m.attn_implementation, cuda=cuda, model_class=model_class)
         kwargs["attn_implementation"] = attn
         if spec.method.type == "qlora":
-            kwargs["quantization_config"] = quantization_config(spec)
+            assert spec.method.quantization is not None
+            kwargs["quantization_config"] = quantization_config(spec.method.quantization)
             if cuda:
                 kwargs["device_map"] = {"": device.index or 0}
         model = AutoModelForCausalLM.from_pretrained(m.name_or_path, **kwargs)

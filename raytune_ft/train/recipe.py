@@ -5,12 +5,14 @@
     save    → final/ (adapter or model, tokenizer, trainer_state, final_results.json, spec)
     cleanup → local scratch removed
 
-``train_loop`` is the function handed to ``TorchTrainer``; its config carries the resolved spec as
-plain data (env var names only, never secret values) and the resume decision made by the driver.
+``train_loop`` is the function handed to ``TorchTrainer``; its config is the driver's
+:class:`~raytune_ft.train.config.WorkerConfig`: the plan (the resolved spec as plain data, env var names
+only, never secret values), an explicit resume point, and how to report.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -27,13 +29,14 @@ import torch
 from raytune_ft import checkpoints as ck
 from raytune_ft import rundir as rd
 from raytune_ft import storage as st
-from raytune_ft.launch.progress import Publisher
-from raytune_ft.launch.secrets import apply_env, env_report
 from raytune_ft.rundir import RunDir
-from raytune_ft.spec import spec_from_dict, spec_hash, to_yaml
+from raytune_ft.spec import spec_hash, to_yaml
 from raytune_ft.spec.models import JobSpec
 from raytune_ft.train.callbacks import AtMaxSteps, RtfCallback, StopAtMaxSteps, barrier, gather
+from raytune_ft.train.config import WorkerConfig
+from raytune_ft.train.env import apply_env, env_report
 from raytune_ft.train.modeling import apply_method, build_model, count_parameters, hf_token
+from raytune_ft.train.progress import Publisher
 
 log = logging.getLogger("raytune_ft")
 
@@ -152,10 +155,9 @@ def _installed(name: str) -> bool:
     return importlib.util.find_spec(name) is not None
 
 
-def find_resume_point(run: RunContext, config: dict[str, Any]) -> ck.CheckpointInfo | None:
-    """The checkpoint to resume from: ``--resume-from`` if given, else the latest *committed*
+def find_resume_point(run: RunContext, explicit: str | None) -> ck.CheckpointInfo | None:
+    """The checkpoint to resume from: ``explicit`` (``--resume-from``) if given, else the latest *committed*
     checkpoint of this run (never one without a valid manifest), else None."""
-    explicit = config.get("resume_from")
     if explicit:
         fs, path = st.open(explicit, storage=run.spec.storage)
         info = ck.inspect_checkpoint(fs, path)
@@ -185,28 +187,27 @@ def restore_metrics(run: RunContext, work: str, upto_step: int | None) -> None:
 # --------------------------------------------------------------------------- the loop
 
 
-def train_loop(config: dict[str, Any]) -> None:
+def train_loop(config: WorkerConfig) -> None:
     """Entry point of every Ray Train worker."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    spec = spec_from_dict(config["spec"])
+    spec = config.job_spec()
     apply_env(spec)  # first: literal env values, and forwarded secrets (Ray Jobs: sealed)
     run = _context(spec)
     work = tempfile.mkdtemp(prefix=f"rtf-{spec.name}-r{run.rank}-")
-    publisher = Publisher(config.get("progress") if run.rank == 0 else None)
+    publisher = Publisher(config.progress_board if run.rank == 0 else None)
     try:
         _run(spec, run, work, publisher, config)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _run(spec: JobSpec, run: RunContext, work: str, publisher: Publisher, config: dict[str, Any]) -> None:
+def _run(spec: JobSpec, run: RunContext, work: str, publisher: Publisher, config: WorkerConfig) -> None:
     import ray
     import ray.train
     from transformers import EarlyStoppingCallback, Trainer
 
     from raytune_ft.data.packing import PaddedCollator, collate_packed
     from raytune_ft.data.pipeline import build_datasets
-    from raytune_ft.plan import deepspeed_config
 
     info = (lambda msg: publisher.push({"kind": "info", "message": msg})) if run.rank == 0 else (lambda msg: None)
     t0 = time.time()
@@ -239,14 +240,14 @@ def _run(spec: JobSpec, run: RunContext, work: str, publisher: Publisher, config
     t_model = time.time()
 
     out_dir = os.path.join(work, "hf")
-    args = training_arguments(spec, out_dir, deepspeed_config(spec), use_cpu=device.type == "cpu")
-    resume = None if config.get("fresh_start") else find_resume_point(run, config)
+    args = training_arguments(spec, out_dir, copy.deepcopy(config.plan.deepspeed), use_cpu=device.type == "cpu")
+    resume = find_resume_point(run, config.resume_from)
     local_resume = None
     if resume is not None:
-        fs = st.open(config["resume_from"], storage=spec.storage)[0] if config.get("resume_from") else run.dir.fs
+        fs = st.open(config.resume_from, storage=spec.storage)[0] if config.resume_from else run.dir.fs
         local_resume = os.path.join(work, "resume", resume.name)
         ck.download(fs, resume.path, local_resume)
-        info(f"resuming from {config.get('resume_from') or run.dir.uri_of(resume.name)} at step {resume.step}")
+        info(f"resuming from {config.resume_from or run.dir.uri_of(resume.name)} at step {resume.step}")
     if run.rank == 0:
         restore_metrics(run, work, resume.step if resume else None)
 
@@ -256,7 +257,7 @@ def _run(spec: JobSpec, run: RunContext, work: str, publisher: Publisher, config
 
         tb = SummaryWriter(log_dir=os.path.join(work, rd.TENSORBOARD))
     callback = RtfCallback(run=run, spec_hash=spec_hash(spec), publisher=publisher, work_dir=work, tb_writer=tb,
-                           report_evals=bool(config.get("report_evals")))  # a sweep trial: each eval to Tune
+                           report_evals=config.report_evals)  # a sweep trial: each eval to Tune
     callbacks: list[Any] = [StopAtMaxSteps(), callback]
     if spec.training.early_stopping:
         es = spec.training.early_stopping

@@ -1,8 +1,6 @@
-"""Typer commands of the after-training tools. Import-light: each command imports its tool when it runs.
-
-Register them on the main app with :func:`register` (``rtf generate``, ``rtf merge``, ``rtf eval``,
-``rtf plot``, ``rtf runs``); remove the placeholder commands of the same names first. UserErrors propagate
-to the main CLI, which prints them and exits 2.
+"""``rtf generate|merge|eval|plot|runs``: the after-training tools (:mod:`raytune_ft.tools`). Import-light:
+each command imports its tool when it runs. UserErrors propagate to the main CLI, which prints them and
+exits 2.
 """
 
 from __future__ import annotations
@@ -105,10 +103,9 @@ def runs_cmd(
     typer.echo(json.dumps(runs, indent=2) if as_json else render(runs, storage))
 
 
-def register(app: typer.Typer) -> None:
-    """Add ``generate``, ``merge``, ``eval``, ``plot`` and ``runs`` to ``app``."""
-    app.command("generate")(generate_cmd)
-    app.command("merge")(merge_cmd)
-    app.command("eval")(eval_cmd)
-    app.command("plot")(plot_cmd)
-    app.command("runs")(runs_cmd)
+app = typer.Typer()
+app.command("generate")(generate_cmd)
+app.command("merge")(merge_cmd)
+app.command("eval")(eval_cmd)
+app.command("plot")(plot_cmd)
+app.command("runs")(runs_cmd)

@@ -1,0 +1,144 @@
+"""`rtf`: a thin Typer CLI over the library. Parse, call one function, print what it returns.
+
+The root app, the spec commands (validate, schema, plan, submit) and the entry point; the other commands
+live in one module per concern (``jobs``, ``checkpoints``, ``render``, ``tools``, ``data``, ``sweep``), each
+with its own Typer app, added here at import: ``app`` is complete once this module is imported.
+
+Nothing heavy is imported at module level (no torch, transformers, peft, deepspeed, ray.train):
+commands import what they need when they run, so `rtf --help` and `rtf validate` stay fast.
+User errors (:class:`raytune_ft.errors.UserError`) print one message and exit with their code (2).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from raytune_ft.cli import checkpoints, data, jobs, render, sweep, tools
+from raytune_ft.cli.common import SetOpt, load, out
+from raytune_ft.errors import UserError
+
+app = typer.Typer(
+    name="rtf",
+    help="raytune_ft: fine-tune language models on Ray from one declarative job spec.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+
+# --------------------------------------------------------------------------- spec commands
+
+
+@app.command()
+def validate(
+    specs: list[Path] = typer.Argument(..., help="Job spec YAML files."),
+    overrides: Optional[list[str]] = SetOpt,
+) -> None:
+    """Check specs: schema, types, cross-field rules. Exit 2 with every problem listed if invalid."""
+    failed: list[str] = []
+    for path in specs:
+        try:
+            spec = load(path, overrides)
+        except UserError as e:
+            failed.append(str(e))
+            continue
+        out(f"ok   {path}  (name={spec.name}, method={spec.method.type})")
+    if failed:
+        for msg in failed:
+            typer.echo(f"error: {msg}", err=True)
+        raise typer.Exit(2)
+
+
+@app.command()
+def schema(output: Optional[Path] = typer.Option(None, "-o", "--output", help="Write to a file.")) -> None:
+    """Print the JSON Schema of the job spec (for editors: yaml-language-server)."""
+    from raytune_ft.spec import json_schema
+
+    text = json.dumps(json_schema(), indent=2)
+    if output:
+        output.write_text(text + "\n")
+        out(f"wrote {output}")
+    else:
+        out(text)
+
+
+@app.command()
+def plan(
+    spec_path: Path = typer.Argument(..., metavar="SPEC"),
+    overrides: Optional[list[str]] = SetOpt,
+    as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
+    preflight: bool = typer.Option(True, "--preflight/--offline",
+                                   help="Check that storage is reachable and writable (--offline skips it)."),
+) -> None:
+    """Show what a spec will run: resolved spec, DeepSpeed config, scaling, batch, memory estimate,
+    and whether its storage is reachable and writable."""
+    from raytune_ft.plan import make_plan
+    from raytune_ft.render_plan import render_plan
+
+    spec = load(spec_path, overrides)
+    p = make_plan(spec)
+    checked = None
+    if preflight:
+        from raytune_ft.storage import preflight as storage_preflight
+
+        checked = storage_preflight(spec.storage)
+    if as_json:
+        d = p.to_dict()
+        if checked is not None:
+            d["preflight"] = checked
+        out(json.dumps(d, indent=2, default=str))
+    else:
+        out(render_plan(p))
+        if checked is not None:
+            out(f"storage preflight: {checked}")
+
+
+@app.command()
+def submit(
+    spec_path: Path = typer.Argument(..., metavar="SPEC"),
+    overrides: Optional[list[str]] = SetOpt,
+    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (else RAY_ADDRESS, cluster.address, or local)."),
+    fresh: bool = typer.Option(False, "--fresh", help="Start over; the old run is kept aside, never deleted."),
+    resume_from: Optional[str] = typer.Option(None, "--resume-from", help="Resume from this checkpoint URI."),
+    follow: bool = typer.Option(True, "--follow/--no-follow",
+                                help="Cluster mode: stream progress until the job ends (Ctrl-C detaches)."),
+) -> None:
+    """Run a spec: locally on an embedded Ray, or on a cluster when an address is given."""
+    from raytune_ft.launch import submit as do_submit
+
+    spec = load(spec_path, overrides)
+    code = do_submit(spec, address=address, fresh=fresh, resume_from=resume_from, follow=follow)
+    raise typer.Exit(code)
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+# The app is complete at import: the command modules' apps, merged (no name) or as groups.
+app.add_typer(jobs.app)
+app.add_typer(checkpoints.app, name="checkpoints")
+app.add_typer(render.app, name="render")
+app.add_typer(tools.app)
+app.add_typer(data.app, name="data")
+app.add_typer(sweep.app, name="sweep")
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    try:
+        app(args=argv, standalone_mode=True)
+    except UserError as e:
+        typer.echo(f"error: {e}", err=True)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,37 @@
+"""``rtf submit``: pick the target (a Ray cluster through its Jobs API, or an embedded local Ray), say why,
+and hand it the spec with its local paths made absolute."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from raytune_ft.spec import absolutize
+from raytune_ft.spec.models import JobSpec
+
+
+def choose_target(spec: JobSpec, address: str | None) -> tuple[str, str | None, str]:
+    """(mode, address, why). An address from --address, RAY_ADDRESS or cluster.address means a
+    cluster; none of them means an embedded Ray in this process."""
+    if address:
+        return "cluster", address, "--address was given"
+    if os.environ.get("RAY_ADDRESS"):
+        return "cluster", os.environ["RAY_ADDRESS"], "RAY_ADDRESS is set"
+    if spec.cluster.address:
+        return "cluster", spec.cluster.address, "cluster.address is set in the spec"
+    return "local", None, "no --address, no RAY_ADDRESS and no cluster.address"
+
+
+def submit(spec: JobSpec, *, address: str | None = None, fresh: bool = False, resume_from: str | None = None,
+           follow: bool = True, out=None) -> int:
+    out = out or sys.stderr
+    mode, addr, why = choose_target(spec, address)
+    if mode == "cluster":
+        from raytune_ft.launch.ray_jobs import submit_cluster
+
+        return submit_cluster(absolutize(spec), addr, why, fresh=fresh, resume_from=resume_from,
+                              follow=follow, out=out)
+    from raytune_ft.launch.local import run_local
+
+    print(f"mode: local embedded Ray ({why})", file=out)
+    return run_local(absolutize(spec), fresh=fresh, resume_from=resume_from, out=out)

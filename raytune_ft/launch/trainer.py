@@ -1,0 +1,72 @@
+"""The one place that builds a Ray Train ``TorchTrainer`` for a run: scaling from the plan, the run's
+identity in storage (name + storage root, so a resubmission resumes), failure and checkpoint policy, and the
+worker contract (:class:`~raytune_ft.train.config.WorkerConfig`). A plain run (:mod:`raytune_ft.launch.driver`)
+and every sweep trial (:mod:`raytune_ft.sweep.tune`) use it."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from raytune_ft import storage as st
+from raytune_ft.plan import Plan
+from raytune_ft.rundir import RunDir
+from raytune_ft.spec.models import JobSpec
+from raytune_ft.train.config import WorkerConfig
+
+WORKER_ENV = {"TOKENIZERS_PARALLELISM": "false"}
+
+
+@dataclass
+class RunResult:
+    """How a run (or a sweep, through its best trial) ended, as the driver reports it."""
+
+    ok: bool
+    run_uri: str
+    summary: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+    interrupted: bool = False
+
+
+def scaling_config(plan: Plan):
+    from ray.train import ScalingConfig
+
+    kwargs: dict[str, Any] = dict(
+        num_workers=plan.num_workers,
+        use_gpu=plan.use_gpu,
+        resources_per_worker=plan.resources_per_worker,
+        placement_strategy=plan.placement_strategy,
+    )
+    if plan.accelerator_type:
+        kwargs["accelerator_type"] = plan.accelerator_type
+    return ScalingConfig(**kwargs)
+
+
+def build_trainer(spec: JobSpec, worker: WorkerConfig, *, callbacks: Sequence[Any] = ()):
+    """A ``TorchTrainer`` that runs :func:`raytune_ft.train.recipe.train_loop` with ``worker`` on every
+    worker, named and stored as the run dir of ``spec`` (Ray Train's stale snapshot dropped first)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from raytune_ft.train.recipe import train_loop
+
+    plan = worker.plan
+    run_dir = RunDir.of(spec)
+    run_dir.forget_train_snapshot()
+    fs, root = st.open(spec.storage)
+    return TorchTrainer(
+        train_loop,
+        train_loop_config=worker,
+        scaling_config=scaling_config(plan),
+        torch_config=TorchConfig(backend="nccl" if plan.use_gpu else "gloo"),
+        run_config=RunConfig(
+            name=spec.name,
+            storage_path=root,
+            storage_filesystem=fs,
+            failure_config=FailureConfig(max_failures=spec.fault_tolerance.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=None),  # rtf prunes by its manifests
+            worker_runtime_env={"env_vars": dict(WORKER_ENV)},
+            callbacks=list(callbacks) or None,
+        ),
+    )
