@@ -5,6 +5,6 @@ One module per target: :mod:`~raytune_ft.launch.local` (an embedded Ray), :mod:`
 (RunPod pods and their bootstrap). Every target runs the same driver (:mod:`~raytune_ft.launch.driver`), which
 builds its ``TorchTrainer`` in one place (:mod:`~raytune_ft.launch.trainer`)."""
 
-from raytune_ft.launch.submit import choose_target, submit
+from raytune_ft.launch.targets import choose_target, submit
 
 __all__ = ["choose_target", "submit"]
