@@ -33,6 +33,7 @@ test-fast: install
 
 lint: install
 	$(VENV)/bin/ruff check raytune_ft tests bench
+	$(PY) -m pytest -q -p no:cacheprovider tests/test_layout.py  # layers, cycles, run-dir names, sizes
 
 bench: install
 	$(PY) bench/run_all.py
