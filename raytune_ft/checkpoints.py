@@ -47,7 +47,7 @@ if TYPE_CHECKING:  # pragma: no cover
 MANIFEST = "rtf_checkpoint.json"
 MANIFEST_FORMAT = "rtf-checkpoint"
 MANIFEST_VERSION = 1
-CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+CHECKPOINT_RE = re.compile(r"checkpoint-(\d+)")  # used with fullmatch
 STEP_DIGITS = 8
 _CHUNK = 1 << 20
 
@@ -65,7 +65,7 @@ def checkpoint_dir_name(step: int) -> str:
 
 def parse_step(name: str) -> int | None:
     """The step of a dir named ``checkpoint-<digits>``, else ``None``."""
-    m = CHECKPOINT_RE.match(posixpath.basename(str(name).rstrip("/")))
+    m = CHECKPOINT_RE.fullmatch(posixpath.basename(str(name).rstrip("/")))
     return int(m.group(1)) if m else None
 
 

@@ -14,12 +14,61 @@ from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
-ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# Every pattern is used with fullmatch: ``$`` alone would accept a trailing newline ("abc\n"), which then
+# becomes a job id, a storage prefix or a line of a rendered manifest.
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 SECRETISH = re.compile(
-    r"(^|_)(TOKEN|SECRET|PASSWORD|PASSWD|APIKEY|API_KEY|ACCESS_KEY(_ID)?|SECRET_ACCESS_KEY|PRIVATE_KEY|CREDENTIALS?)(_|$)",
+    r"(^|_)(TOKEN|SECRET|PASSWORD|PASSWD|PASS|PASSPHRASE|APIKEY|API_KEY|KEY|PAT|ACCESS_KEY(_ID)?|SECRET_ACCESS_KEY"
+    r"|PRIVATE_KEY|CREDENTIALS?)(_|$)"
+    r"|TOKEN(?!IZER)|PASSW|SECRET",  # GITHUBTOKEN, DBPASSWORD (but not TOKENIZERS_PARALLELISM)
     re.I,
 )
+# Well-known credential prefixes: a value that starts so is a secret whatever its variable is called.
+TOKEN_VALUE_RE = re.compile(r"(?<![A-Za-z0-9])(?:hf_|sk-|sk_live_|ghp_|gho_|ghs_|github_pat_|glpat-|xox[bp]-)[A-Za-z0-9_-]{8,}"
+                             r"|(?<![A-Za-z0-9])(?:AKIA|ASIA)[A-Z0-9]{12,}")
+# Fields that reach a command line, a shell variable or a Kubernetes resource: strict shapes, each named.
+ACCELERATOR_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+K8S_LABEL_RE = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")  # RFC 1123 label: namespaces
+K8S_NAME_RE = re.compile(r"(?=.{1,253}$)[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+K8S_QUANTITY_RE = re.compile(r"[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?")
+K8S_LABEL_KEY_RE = re.compile(r"([a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?")
+K8S_LABEL_VALUE_RE = re.compile(r"([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?")
+IMAGE_RE = re.compile(  # an OCI image reference: [registry[:port]/]path[:tag][@sha256:digest]
+    r"[a-z0-9]+([._-][a-z0-9]+)*(:[0-9]{1,5})?(/[a-z0-9]+(([._]|__|-+)[a-z0-9]+)*)*"
+    r"(:[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(@sha256:[a-f0-9]{64})?")
+VERSION_RE = re.compile(r"[0-9]+\.[0-9]+(\.[0-9]+)?")
+GPU_TYPE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9 ._-]{0,63}")
+PIP_REQ_RE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?(\[[A-Za-z0-9._,-]+\])?"
+                        r"(\s*(===|==|!=|~=|<=|>=|<|>)\s*[A-Za-z0-9.*+!_-]+(\s*,\s*(===|==|!=|~=|<=|>=|<|>)\s*"
+                        r"[A-Za-z0-9.*+!_-]+)*)?")
+_HOST_PATH = r"([A-Za-z0-9._-]+|\[[0-9A-Fa-f:.]+\])(:[0-9]{1,5})?(/[A-Za-z0-9._~%/-]*)?"  # host[:port][/path]
+_CONTROL_RE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+def check_shape(value: str, pattern: re.Pattern[str], what: str) -> str:
+    """``value`` must match ``pattern`` whole; the message says what shape was expected."""
+    if not isinstance(value, str) or not pattern.fullmatch(value):
+        raise ValueError(f"must be {what} (got {value!r})")
+    return value
+
+
+def no_userinfo(url: str) -> str:
+    """Credentials in a URL (``https://KEY:SECRET@host``) would be printed, rendered and logged."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+    except ValueError as e:
+        raise ValueError(f"not a valid URL ({e})")
+    if parts.username is not None or parts.password is not None or "@" in parts.netloc:
+        raise ValueError("must not carry credentials (user:password@); name the environment variables that "
+                         "hold them instead (storage.access_key_env / secret_key_env, or RAY_AUTH_TOKEN)")
+    return url
+
+
+def looks_like_token(value: str) -> bool:
+    return bool(TOKEN_VALUE_RE.search(value))
 
 
 class Section(BaseModel):
@@ -246,6 +295,9 @@ Scheduler = Literal[
 ]
 
 
+EVAL_METRICS = ("eval_loss",)  # what an evaluation reports (HF's names, with their eval_ prefix)
+
+
 class EarlyStopping(Section):
     patience: int = Field(3, ge=1)
     threshold: float = Field(0.0, ge=0)
@@ -279,6 +331,16 @@ class TrainingSpec(Section):
     data_seed: int | None = None
     dataloader_num_workers: int = Field(0, ge=0)
     group_by_length: bool = False
+
+    @field_validator("metric_for_best_model")
+    @classmethod
+    def _best_metric(cls, v: str) -> str:
+        """HF's Trainer compares ``eval_<name>`` when the name lacks the prefix; rtf's checkpoint keeping
+        must compare the same metric, so the name is stored as the trainer uses it."""
+        name = v if v.startswith("eval_") else f"eval_{v}"
+        if name not in EVAL_METRICS:
+            raise ValueError(f"{v!r} is not a metric evaluation reports; use one of {', '.join(EVAL_METRICS)}")
+        return name
 
     @model_validator(mode="after")
     def _training_rules(self) -> TrainingSpec:
@@ -336,6 +398,14 @@ class ComputeSpec(Section):
     accelerator_type: str | None = Field(None, description="e.g. A100-80G, H100, A40, RTX4090, L4")
     placement: Literal["pack", "spread", "strict_spread", "strict_pack"] = "pack"
 
+    @field_validator("accelerator_type")
+    @classmethod
+    def _accelerator(cls, v):
+        if v is None:
+            return v
+        return check_shape(v, ACCELERATOR_RE, "an accelerator name of letters, digits, '.', '_' or '-' "
+                           "(e.g. A100-80G, H100), at most 64 characters")
+
     @property
     def use_gpu(self) -> bool:
         return self.gpus_per_worker > 0
@@ -355,6 +425,41 @@ class KubernetesSpec(Section):
     ttl_seconds_after_finished: int = Field(3600, ge=0)
     ray_version: str | None = None
 
+    @field_validator("namespace")
+    @classmethod
+    def _namespace(cls, v):
+        return check_shape(v, K8S_LABEL_RE, "a Kubernetes namespace (lowercase letters, digits and '-', "
+                           "at most 63, starting and ending with a letter or digit)")
+
+    @field_validator("service_account", "secret_name")
+    @classmethod
+    def _k8s_name(cls, v):
+        if v is None:
+            return v
+        return check_shape(v, K8S_NAME_RE, "a Kubernetes object name (lowercase letters, digits, '-' and '.')")
+
+    @field_validator("head_cpu", "head_memory", "worker_cpu", "worker_memory")
+    @classmethod
+    def _quantity(cls, v):
+        if v is None:
+            return v
+        return check_shape(v, K8S_QUANTITY_RE, "a Kubernetes quantity such as 4, 500m, 16Gi")
+
+    @field_validator("node_selector")
+    @classmethod
+    def _selector(cls, v):
+        for key, value in (v or {}).items():
+            check_shape(key, K8S_LABEL_KEY_RE, "a Kubernetes label key such as nvidia.com/gpu.product")
+            check_shape(value, K8S_LABEL_VALUE_RE, f"a Kubernetes label value for {key}")
+        return v
+
+    @field_validator("ray_version")
+    @classmethod
+    def _ray_version(cls, v):
+        if v is None:
+            return v
+        return check_shape(v, VERSION_RE, "a Ray version such as 2.60.0")
+
 
 class RunpodSpec(Section):
     gpu_type: str = "NVIDIA H100 80GB HBM3"
@@ -364,6 +469,11 @@ class RunpodSpec(Section):
     container_disk_gb: int = Field(50, gt=0)
     cloud_type: Literal["SECURE", "COMMUNITY"] = "SECURE"
 
+    @field_validator("gpu_type")
+    @classmethod
+    def _gpu_type(cls, v):
+        return check_shape(v, GPU_TYPE_RE, "a RunPod GPU type id such as 'NVIDIA H100 80GB HBM3'")
+
 
 class ClusterSpec(Section):
     address: str | None = Field(None, description="Ray cluster address (ray://, http:// dashboard, or auto).")
@@ -371,6 +481,32 @@ class ClusterSpec(Section):
     pip: list[str] | None = Field(None, description="Extra pip packages for the job's runtime_env.")
     kubernetes: KubernetesSpec | None = None
     runpod: RunpodSpec | None = None
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, v):
+        if v is None or v == "auto":
+            return v
+        no_userinfo(v)  # first: the next message shows the value
+        if not re.fullmatch(rf"(ray|https?)://{_HOST_PATH}|[A-Za-z0-9._-]+:[0-9]{{1,5}}", v):
+            raise ValueError(f"must be http(s)://HOST:8265 (the dashboard), ray://HOST:10001, HOST:PORT or auto "
+                             f"(got {v!r})")
+        return v
+
+    @field_validator("image")
+    @classmethod
+    def _image(cls, v):
+        if v is None:
+            return v
+        return check_shape(v, IMAGE_RE, "a container image reference such as ghcr.io/you/rtf:0.1.0")
+
+    @field_validator("pip")
+    @classmethod
+    def _pip(cls, v):
+        for req in v or []:
+            check_shape(req, PIP_REQ_RE, "a package requirement such as 'liger-kernel>=0.5' (no options, URLs "
+                        "or paths)")
+        return v
 
 
 class StorageSpec(Section):
@@ -385,7 +521,7 @@ class StorageSpec(Section):
     @field_validator("access_key_env", "secret_key_env", "session_token_env")
     @classmethod
     def _env_name(cls, v: str) -> str:
-        if not ENV_NAME_RE.match(v):
+        if not ENV_NAME_RE.fullmatch(v):
             raise ValueError(
                 "must be the NAME of an environment variable (got something else); "
                 "put the value in that variable, never in the spec"
@@ -395,7 +531,10 @@ class StorageSpec(Section):
     @field_validator("endpoint_url")
     @classmethod
     def _endpoint(cls, v):
-        if v is not None and not re.match(r"^https?://[^/\s]+", v):
+        if v is None:
+            return v
+        no_userinfo(v)  # first: the next message shows the value
+        if not re.fullmatch(rf"https?://{_HOST_PATH}", v):
             raise ValueError(f"must be an http:// or https:// URL (got {v!r})")
         return v
 
@@ -404,7 +543,7 @@ class StorageSpec(Section):
     def _path(cls, v: str) -> str:
         if "://" in v and not v.startswith("s3://"):
             raise ValueError(f"must be a local directory or an s3://bucket/prefix URI (got {v!r})")
-        if v.startswith("s3://") and not re.match(r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?$", v):
+        if v.startswith("s3://") and not re.fullmatch(r"s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[^\x00-\x1f\x7f]*)?", v):
             raise ValueError(f"not a valid s3://bucket/prefix URI (got {v!r})")
         return v
 
@@ -547,7 +686,7 @@ class JobSpec(Section):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        if not NAME_RE.match(v):
+        if not NAME_RE.fullmatch(v):
             raise ValueError(
                 f"must be 1-63 characters of letters, digits, '.', '_' or '-', starting with a letter "
                 f"or digit (got {v!r})"
@@ -567,13 +706,22 @@ class JobSpec(Section):
     @classmethod
     def _env(cls, v: dict[str, str | None]) -> dict[str, str | None]:
         for key, value in v.items():
-            if not ENV_NAME_RE.match(key):
+            if not ENV_NAME_RE.fullmatch(key):
                 raise ValueError(f"{key!r} is not a valid environment variable name")
             if value is not None and SECRETISH.search(key):
                 raise ValueError(
                     f"{key} looks like a secret but has a literal value; write `{key}: null` to forward "
                     f"it from the submitting environment (its value is never written anywhere)"
                 )
+            if value is not None and looks_like_token(value):
+                raise ValueError(
+                    f"{key}'s value looks like a credential (it holds what looks like an API token or access "
+                    f"key); "
+                    f"put it in an environment variable and write `{key}: null` to forward it"
+                )
+            if value is not None and _CONTROL_RE.search(value):
+                raise ValueError(f"{key}'s value holds a control character (a newline?); environment values "
+                                 "are one line")
         return v
 
     @model_validator(mode="after")
