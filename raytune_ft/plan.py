@@ -106,6 +106,25 @@ class Arch:
         return self.linear_params + self.embed_params + norms
 
 
+def cached_config(repo_id: str, revision: str | None = None) -> Path | None:
+    """A hub model's config.json from the local Hugging Face cache (HF_HUB_CACHE, HF_HOME/hub or
+    ~/.cache/huggingface/hub), without any network: the snapshot of ``revision`` (a branch or commit),
+    else of ``main``, else any snapshot."""
+    import os
+
+    if "/" not in repo_id or repo_id.startswith(("/", ".")):
+        return None
+    root = os.environ.get("HF_HUB_CACHE") or os.path.join(
+        os.environ.get("HF_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "huggingface"), "hub")
+    repo = Path(root) / ("models--" + repo_id.replace("/", "--"))
+    ref = repo / "refs" / (revision or "main")
+    commit = ref.read_text().strip() if ref.is_file() else (revision or "")
+    if commit and (repo / "snapshots" / commit / "config.json").is_file():
+        return repo / "snapshots" / commit / "config.json"
+    found = sorted((repo / "snapshots").glob("*/config.json")) if (repo / "snapshots").is_dir() else []
+    return found[0] if found else None
+
+
 def resolve_arch(spec: JobSpec) -> Arch | None:
     """The model's shape, without downloading: model.init, a local config.json, or a known hub id."""
     m = spec.model
@@ -116,6 +135,8 @@ def resolve_arch(spec: JobSpec) -> Arch | None:
                     i.intermediate_size, vocab, i.tie_word_embeddings, "model.init")
     assert m.name_or_path is not None
     cfg_path = Path(m.name_or_path) / "config.json"
+    if not cfg_path.is_file():
+        cfg_path = cached_config(m.name_or_path, m.revision) or cfg_path
     if cfg_path.is_file():
         try:
             c = json.loads(cfg_path.read_text())
@@ -252,7 +273,9 @@ def memory_estimate(spec: JobSpec, arch: Arch | None = None) -> MemoryEstimate:
     arch = arch or resolve_arch(spec)
     est = MemoryEstimate(known=arch is not None)
     if arch is None:
-        est.notes.append("architecture unknown offline (not a local dir, not model.init, not a known hub id)")
+        est.notes.append(f"architecture of {spec.model.name_or_path} unknown offline: not a local dir, not in the "
+                         "Hugging Face cache, not model.init, not a known hub id; download its config once "
+                         "(huggingface-cli download ID config.json) or give a local dir")
         return est
     t, m, ds = spec.training, spec.method, spec.deepspeed
     world = max(1, spec.compute.num_workers)

@@ -397,6 +397,10 @@ class ComputeSpec(Section):
     cpus_per_worker: float = Field(1, gt=0)
     accelerator_type: str | None = Field(None, description="e.g. A100-80G, H100, A40, RTX4090, L4")
     placement: Literal["pack", "spread", "strict_spread", "strict_pack"] = "pack"
+    assumed_mfu: float | None = Field(None, gt=0, le=1, description="Model FLOP utilisation for `rtf plan`'s "
+                                      "time estimate (default: a figure measured by this project, else a table).")
+    price_per_hour: float | None = Field(None, ge=0, description="USD per GPU-hour for `rtf plan`'s cost "
+                                         "estimate (default: a list price table).")
 
     @field_validator("accelerator_type")
     @classmethod
