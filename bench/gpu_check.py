@@ -100,6 +100,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--warmup", type=int, default=5, help="logged steps excluded from tokens/s")
     ap.add_argument("--peak-tflops", type=float, default=None)
     ap.add_argument("--cpus", type=int, default=8, help="compute.cpus_per_worker of the rtf run")
+    ap.add_argument("--rehearse", action="store_true",
+                    help="run the real sub-checks on CPU with a tiny model and few steps (no GPU; slow, for "
+                         "trying the script and a wheelhouse install on a CPU machine); figures are meaningless")
     # internal: one ZeRO variant in its own process (see zero_variant)
     ap.add_argument("--zero-runner", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--runner-cfg", type=Path, default=None, help=argparse.SUPPRESS)
@@ -260,13 +263,16 @@ def spec_doc(kind: str, fx: dict[str, str], storage: str, a: Config, **over: Any
     if kind == "qlora":
         training["optimizer"] = "paged_adamw_8bit"
     training.update(over.pop("training", {}))
+    if getattr(a, "rehearse", False):  # CPU: no GPU for the worker, fp32 (the figures mean nothing here)
+        training["precision"] = "fp32"
     doc = {
         "name": over.pop("name", f"gpu-check-{kind}"),
         "model": {"name_or_path": fx["model"], "attn_implementation": over.pop("attn", "auto")},
         "method": method,
         "data": {"train": {"path": fx["train"], "format": "alpaca"}, "max_seq_length": a.seq, "packing": True},
         "training": training,
-        "compute": {"num_workers": 1, "gpus_per_worker": 1, "cpus_per_worker": a.cpus},
+        "compute": {"num_workers": 1, "gpus_per_worker": 0 if getattr(a, "rehearse", False) else 1,
+                    "cpus_per_worker": a.cpus},
         "storage": {"path": storage, "keep_checkpoints": 2},
         "fault_tolerance": {"max_failures": 0},
         "monitoring": {"report_to": ["none"]},
@@ -356,7 +362,7 @@ def dry_run(a: Config) -> int:
         plans[name] = {"spec": doc, "memory_plan_gib": p, "flops": f,
                        "deepspeed_stage": dsc["zero_optimization"]["stage"] if dsc else None}
         steps = f"{doc['training']['max_steps']} x {doc['training']['per_device_train_batch_size'] * a.seq}"
-        plan_gib: Any = p["total"]
+        plan_gib: Any = f"{p['total']:.2f}"
         if name == "hf_baseline":  # not an rtf spec: its own padded batches; rtf's plan does not apply
             plan_gib, steps = "-", f"{a.baseline_steps} x {a.baseline_batch} ex. padded"
         if name == "attention":  # bf16 weights, fwd+bwd without an optimizer
@@ -400,15 +406,32 @@ def dry_run(a: Config) -> int:
 def peak_reset() -> None:
     import torch
 
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
 
 
 def peak_gib() -> float:
+    """Peak torch.cuda.max_memory_allocated since peak_reset (0 in a CPU rehearsal)."""
     import torch
 
+    if not torch.cuda.is_available():
+        return 0.0
     torch.cuda.synchronize()
     return torch.cuda.max_memory_allocated() / 2**30
+
+
+def _sync() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def device() -> Any:
+    import torch
+
+    return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
 
 
 def loss_falls(losses: list[float], asserts: Asserts) -> dict[str, float]:
@@ -474,7 +497,6 @@ def rtf_trainer(doc: dict[str, Any], fx: dict[str, str], work: Path, *, callback
     config, collator), as recipe._run assembles it, without Ray (one process, this GPU)."""
     from functools import partial
 
-    import torch
     from transformers import Trainer
 
     from raytune_ft.data.packing import PaddedCollator, collate_packed
@@ -487,10 +509,10 @@ def rtf_trainer(doc: dict[str, Any], fx: dict[str, str], work: Path, *, callback
     spec = spec_from_dict(doc)
     tok = tokenizer_of(fx)
     train_ds, _, _ = build_datasets(spec.data, tok, seed=spec.training.seed)
-    device = torch.device("cuda", 0)
-    model, chosen = build_model(spec, tok, device=device, seed=spec.training.seed)
+    dev = device()
+    model, chosen = build_model(spec, tok, device=dev, seed=spec.training.seed)
     model = apply_method(model, spec)
-    args = training_arguments(spec, str(work / "hf" / spec.name), deepspeed_config(spec), use_cpu=False)
+    args = training_arguments(spec, str(work / "hf" / spec.name), deepspeed_config(spec), use_cpu=dev.type == "cpu")
     args.use_liger_kernel = liger  # Trainer reads it at __init__ (rtf's spec has no field for it yet)
     if spec.data.packing:
         flatten = getattr(model.config, "_attn_implementation", None) == "flash_attention_2"
@@ -516,12 +538,42 @@ def train_measured(trainer: Any, rec: Any) -> dict[str, Any]:
 
 
 def check_fixture(ctx: dict[str, Any], a: Config) -> dict[str, Any]:
-    fx = G.build_model(a.work / "fixture")
+    fx = tiny_fixture(a.work / "fixture-tiny") if a.rehearse else G.build_model(a.work / "fixture")
     st = G.seq_stats(fx["train"], fx["model"], a.seq)
     ctx["fx"], ctx["seq"] = fx, st
     asserts = Asserts()
-    asserts.check("1B shape", fx["params"] == G.arch().params, params=fx["params"], expected=G.arch().params)
+    expected = fx["params"] if a.rehearse else G.arch().params
+    asserts.check("1B shape", fx["params"] == expected, params=fx["params"], expected=expected)
     return asserts.done({"params": fx["params"], "data": st, "model_dir": fx["model"]})
+
+
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            head_dim=16, max_position_embeddings=2048, tie_word_embeddings=True)
+
+
+def tiny_fixture(root: Path) -> dict[str, Any]:
+    """The rehearsal's fixture: bench/gpu.py's data and tokenizer, a Llama of the 1B's layout but tiny."""
+    done = root / "fixture.json"
+    if done.exists():
+        return json.loads(done.read_text())
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from raytune_ft.data.pipeline import training_texts
+    from raytune_ft.data.quickstart import build_quickstart_data
+    from raytune_ft.data.tokenizer import train_tokenizer
+
+    train, _ = build_quickstart_data(root / "data", max_examples=300)
+    tok = train_tokenizer(training_texts({"train": [{"path": str(train), "format": "alpaca"}]}), 1024)
+    cfg = LlamaConfig(vocab_size=len(tok), pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                      eos_token_id=tok.eos_token_id, **TINY)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    model.save_pretrained(root / "model")
+    tok.save_pretrained(root / "model")
+    out = {"train": str(train), "model": str(root / "model"), "params": sum(p.numel() for p in model.parameters())}
+    done.write_text(json.dumps(out))
+    return out
 
 
 def check_lora_rtf(ctx: dict[str, Any], a: Config) -> dict[str, Any]:
@@ -580,7 +632,7 @@ def check_hf_baseline(ctx: dict[str, Any], a: Config) -> dict[str, Any]:
     args = TrainingArguments(output_dir=str(a.work / "hf_baseline"), max_steps=a.baseline_steps,
                              per_device_train_batch_size=a.baseline_batch, learning_rate=5e-4,
                              lr_scheduler_type="constant", bf16=True, logging_steps=1, save_strategy="no",
-                             report_to="none", seed=42, disable_tqdm=True,
+                             report_to="none", seed=42, disable_tqdm=True, use_cpu=device().type == "cpu",
                              include_num_input_tokens_seen="non_padding")
     rec = Recorder()
     trainer = Trainer(model=model, args=args, train_dataset=data, processing_class=tok, callbacks=[rec],
@@ -653,12 +705,17 @@ def token_losses(model: Any, batch: dict[str, Any], device: Any) -> Any:
 def run_attention_variant(model: Any, batches: list[tuple[dict[str, Any], int]], device: Any,
                           timed: int) -> dict[str, Any]:
     """Forward losses over every batch (no grad), then fwd+bwd tokens/s: two warm-up batches (flex compiles
-    there) and ``timed`` timed ones. ``batches``: (batch, real tokens in it)."""
+    there) and ``timed`` timed ones (0: losses only; flex_attention has no backward on CPU).
+    ``batches``: (batch, real tokens in it)."""
     import torch
 
     model.eval()
     with torch.no_grad():
         ce = torch.cat([token_losses(model, b, device) for b, _ in batches])
+    out = {"ce": ce, "mean_loss": float(ce.mean()), "targets": int(ce.numel()), "tokens_per_s": None,
+           "timed_batches": timed}
+    if timed <= 0:
+        return out
     model.train()
 
     def step(b: dict[str, Any]) -> None:
@@ -667,17 +724,17 @@ def run_attention_variant(model: Any, batches: list[tuple[dict[str, Any], int]],
     for b, _ in batches[:2]:
         step(b)
     model.zero_grad(set_to_none=True)
-    torch.cuda.synchronize()
+    _sync()
     t = time.time()
     tokens = 0
     for b, n in (batches * (1 + timed // max(1, len(batches))))[:timed]:
         tokens += n
         step(b)
-    torch.cuda.synchronize()
+    _sync()
     dt_ = time.time() - t
     model.zero_grad(set_to_none=True)
-    return {"ce": ce, "mean_loss": float(ce.mean()), "targets": int(ce.numel()), "tokens_per_s": tokens / dt_,
-            "timed_batches": timed}
+    out["tokens_per_s"] = tokens / dt_
+    return out
 
 
 def check_attention(ctx: dict[str, Any], a: Config) -> dict[str, Any]:
@@ -686,8 +743,8 @@ def check_attention(ctx: dict[str, Any], a: Config) -> dict[str, Any]:
 
     fx = ctx["fx"]
     bt = attention_batches(fx, a)
-    device = torch.device("cuda", 0)
-    model = AutoModelForCausalLM.from_pretrained(fx["model"], attn_implementation="sdpa", dtype=torch.bfloat16).to(device)
+    dev = device()
+    model = AutoModelForCausalLM.from_pretrained(fx["model"], attn_implementation="sdpa", dtype=torch.bfloat16).to(dev)
     out: dict[str, Any] = {"examples": bt["examples"], "tokens": bt["tokens"], "packed_rows": bt["rows"],
                            "variants": {}}
     res = {}
@@ -695,9 +752,9 @@ def check_attention(ctx: dict[str, Any], a: Config) -> dict[str, Any]:
                                 ("flex_packed", "flex_attention", bt["packed"])):
         try:
             model.set_attn_implementation(impl)
-            res[name] = run_attention_variant(model, batches, device, timed=8)
+            res[name] = run_attention_variant(model, batches, dev, timed=0 if a.rehearse else 8)
             out["variants"][name] = {k: v for k, v in res[name].items() if k != "ce"}
-            log(f"  attention {name}: mean loss {res[name]['mean_loss']:.5f}, {res[name]['tokens_per_s']:,.0f} tok/s")
+            log(f"  attention {name}: mean loss {res[name]['mean_loss']:.5f}, {res[name]['tokens_per_s'] or 0:,.0f} tok/s")
         except Exception as e:
             out["variants"][name] = {"error": f"{type(e).__name__}: {e}"[-1500:]}
             log(f"  attention {name}: FAILED {type(e).__name__}: {str(e)[:300]}")
@@ -728,8 +785,11 @@ def zero_variant(a: Config) -> int:
     fx, doc = cfg["fx"], cfg["doc"]
     out: dict[str, Any] = {"variant": a.zero_runner}
     try:
-        torch.cuda.set_device(0)
-        dist.init_process_group("nccl", device_id=torch.device("cuda", 0))  # env:// (the parent set MASTER_*)
+        if torch.cuda.is_available():
+            torch.cuda.set_device(0)
+            dist.init_process_group("nccl", device_id=torch.device("cuda", 0))  # env:// (the parent set MASTER_*)
+        else:  # a CPU rehearsal
+            dist.init_process_group("gloo")
         out["backend"] = dist.get_backend()
         rec = Recorder()
         trainer = rtf_trainer(doc, fx, Path(cfg["work"]), callbacks=[rec])
@@ -757,6 +817,7 @@ def check_zero(ctx: dict[str, Any], a: Config, stage: int | None) -> dict[str, A
     doc = spec_doc("full", fx, str(a.work / "runs"), a, deepspeed=stage, name=f"gpu-check-{name}")
     cfgp = a.work / f"{name}.cfg.json"
     cfgp.write_text(json.dumps({"fx": fx, "doc": doc, "work": str(a.work)}))
+    extra = ["--rehearse"] if a.rehearse else []
     outp = a.work / f"{name}.out.json"
     outp.unlink(missing_ok=True)
     env = C.bench_env(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
@@ -766,7 +827,7 @@ def check_zero(ctx: dict[str, Any], a: Config, stage: int | None) -> dict[str, A
     logf = a.work / f"{name}.log"
     with open(logf, "w") as f:
         r = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--zero-runner", name,
-                            "--runner-cfg", str(cfgp), "--runner-out", str(outp), "--work", str(a.work)],
+                            "--runner-cfg", str(cfgp), "--runner-out", str(outp), "--work", str(a.work), *extra],
                            stdout=f, stderr=subprocess.STDOUT, env=env,
                            timeout=max(60, ctx["deadline"] - time.time() - 5))
     res = json.loads(outp.read_text()) if outp.exists() else {"error": f"no result (exit {r.returncode})"}
@@ -868,7 +929,7 @@ def summary(rec: dict[str, Any]) -> str:
         parts.append(f"rtf/HF {g('rtf_over_hf'):.2f}x")
     if n == "attention" and g("variants"):
         for k, v in g("variants").items():
-            parts.append(f"{k} {v.get('mean_loss', float('nan')):.4f} @ {v.get('tokens_per_s', 0):,.0f} tok/s"
+            parts.append(f"{k} {v.get('mean_loss', float('nan')):.4f} @ {v.get('tokens_per_s') or 0:,.0f} tok/s"
                          if "error" not in v else f"{k} FAILED")
     if g("vs_plain"):
         parts.append(f"max rel dloss vs plain {max(g('vs_plain')['rel_diff'] or [0]):.2e}")
@@ -908,7 +969,7 @@ def main(argv: list[str] | None = None) -> int:
     a.part = a.part or 1
     import torch
 
-    if not torch.cuda.is_available():
+    if not torch.cuda.is_available() and not a.rehearse:
         print("bench/gpu_check.py needs an NVIDIA GPU: torch.cuda.is_available() is False here "
               f"(torch {torch.__version__}). Use --dry-run (make gpu-check-dry) on a CPU machine.", file=sys.stderr)
         return NO_GPU_EXIT
@@ -927,6 +988,12 @@ def main(argv: list[str] | None = None) -> int:
         f"CUDA {ver.get('cuda')}, transformers {ver['transformers']}, peft {ver['peft']}, ray {ver['ray']}, "
         f"deepspeed {ver['deepspeed']}, bitsandbytes {ver['bitsandbytes']}, liger {ver['liger-kernel']}; "
         f"peak {peak / 1e12 if peak else float('nan'):.0f} TFLOP/s ({peak_src}); budget {budget:.0f}s")
+    if a.rehearse:  # tiny and short: the code paths, not the figures
+        a.seq, a.rows, a.lora_steps, a.baseline_steps, a.zero_steps, a.liger_steps, a.qlora_steps = 256, 2, 8, 8, 3, 6, 8
+        a.baseline_batch, a.zero_rows, a.warmup, a.cpus = 8, 2, 2, 1
+        deadline = T0 + 10**6
+        a.work = a.work.with_name(a.work.name + "-rehearsal")
+        a.work.mkdir(parents=True, exist_ok=True)
     ctx: dict[str, Any] = {"peak": peak, "deadline": deadline}
     only = set(a.only.split(",")) if a.only else None
     fns: dict[str, Callable[[], dict[str, Any]]] = {

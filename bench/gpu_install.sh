@@ -6,9 +6,10 @@
 # Everything goes into one --target directory (RTF_SITE, default /tmp/site) that PYTHONPATH puts before
 # the machine's own site-packages; Ray's worker processes inherit PYTHONPATH from the driver, so they see
 # the same packages. --no-deps: the folder holds exactly what the machine lacks; --no-index: it has no
-# network. deepspeed comes as a source distribution: DS_BUILD_OPS=0 builds no CUDA op ahead of time (they
-# compile just in time with the machine's nvcc if one is used), and --no-build-isolation uses the
-# machine's setuptools and torch. Both go through one pip call, so one --target move holds them all.
+# network. deepspeed arrives as a wheel built by `make gpu-wheelhouse` (DS_BUILD_OPS=0: no op compiled
+# ahead of time; one that is used compiles just in time with the machine's nvcc). Should a folder hold an
+# sdist instead, pip builds it here with the machine's setuptools and torch (--no-build-isolation), no op
+# compiled either. Everything goes through one pip call, so one --target move holds it all.
 set -euo pipefail
 dir=${1:?usage: bash bench/gpu_install.sh .whl1|.whl2}
 site=${RTF_SITE:-/tmp/site}

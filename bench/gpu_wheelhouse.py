@@ -6,12 +6,14 @@ no package index. What it lacks travels with the checkout, at most 64 MiB per ru
 (about 1 MiB), so the wheels are split into two git-ignored folders of at most 60 MiB each, one per run:
 
   .whl1/  part 1 (embedded Ray, LoRA, ZeRO-2/3, Liger): ray (rebuilt without ``ray/jars/``, the Java
-          workers' 31 MiB jar, and ``ray/dashboard/client/build``, the web UI), the pydantic stack, the
-          jsonschema stack (a ray core requirement), tensorboardX (ray.train/tune's), hjson (deepspeed's),
-          liger-kernel, and deepspeed's source distribution (pure Python; DS_BUILD_OPS=0 installs it without
-          compiling anything, its ops build just in time with the machine's nvcc if ever used).
+          workers' 31 MiB jar, ``ray/dashboard/client/build``, the web UI, and RLlib, Serve and Ray LLM),
+          the pydantic stack, the jsonschema stack (a ray core requirement), tensorboardX (ray.train/tune's),
+          hjson (deepspeed's), liger-kernel, transformers (the project's version; the machine's is older)
+          and deepspeed, built here from its source distribution with DS_BUILD_OPS=0: a pure-Python wheel
+          (no op compiled ahead of time; DeepSpeed detects CUDA at run time and JIT-builds an op with the
+          machine's nvcc only if one is used), so the GPU machine spends no time building it.
   .whl2/  part 2 (QLoRA, no Ray): bitsandbytes (its wheel carries the CUDA 13.0 library), the pydantic
-          stack and liger-kernel.
+          stack, liger-kernel and transformers.
 
 Versions are the ones this project's .venv resolves (``PINS``; ``make gpu-wheelhouse`` says where the .venv
 differs), so the GPU machine runs what the CPU tests ran. Nothing else on the GPU machine is replaced.
@@ -56,16 +58,20 @@ PINS: dict[str, str] = {
     "deepspeed": "0.19.8",
     "bitsandbytes": "0.50.2",
     "liger-kernel": "0.8.5",
+    # The GPU machine has transformers 5.17; rtf's recipe uses 5.2x's TrainingArguments
+    # (activation_checkpointing), so the project's own version travels too (pure Python, 13 MiB).
+    "transformers": "5.24.0",
 }
 PYDANTIC_STACK = ["pydantic", "pydantic-core", "annotated-types", "typing-inspection", "typing-extensions"]
 FOLDERS: dict[str, list[str]] = {
     ".whl1": ["ray", *PYDANTIC_STACK, "jsonschema", "referencing", "rpds-py", "jsonschema-specifications",
-              "tensorboardX", "hjson", "liger-kernel", "deepspeed"],
-    ".whl2": ["bitsandbytes", *PYDANTIC_STACK, "liger-kernel"],
+              "tensorboardX", "hjson", "liger-kernel", "deepspeed", "transformers"],
+    ".whl2": ["bitsandbytes", *PYDANTIC_STACK, "liger-kernel", "transformers"],
 }
-SDISTS = {"deepspeed"}  # no wheel on PyPI: carried as the source distribution, built there without ops
-# Parts of the ray wheel that the check never uses (Java workers, the dashboard's web client).
-RAY_DROP = ("ray/jars/", "ray/dashboard/client/build/")
+SDISTS = {"deepspeed"}  # no wheel on PyPI: the sdist is built into a wheel here (build_sdist_wheel)
+# Parts of the ray wheel that rtf never uses: the Java workers' jar, the dashboard's web client, RLlib, Serve
+# and Ray LLM (ray.tune imports RLlib only inside a try/except ImportError; nothing in ray.train imports them).
+RAY_DROP = ("ray/jars/", "ray/dashboard/client/build/", "ray/rllib/", "ray/serve/", "ray/llm/")
 # pip matches each manylinux tag exactly; the GPU machine is Ubuntu 24.04 (glibc 2.39).
 PLATFORMS = ["manylinux_2_35_x86_64", "manylinux_2_34_x86_64", "manylinux_2_31_x86_64", "manylinux_2_28_x86_64",
              "manylinux_2_27_x86_64", "manylinux_2_24_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64",
@@ -190,6 +196,26 @@ def _dist_name(filename: str) -> str:
     return ""
 
 
+def build_sdist_wheel(sdist: Path, dest: Path, python: str = sys.executable) -> Path:
+    """``pip wheel`` an sdist here with DS_BUILD_OPS=0 (deepspeed: a py3-none-any wheel, no ops compiled).
+    --no-build-isolation: deepspeed's setup imports torch, which this interpreter (the .venv) has."""
+    dest.mkdir(parents=True, exist_ok=True)
+    name = _dist_name(sdist.name)
+    version = sdist.name[: -len(".tar.gz")].rsplit("-", 1)[1]
+    have = [p for p in dest.glob("*.whl") if _dist_name(p.name) == name and f"-{version}-" in p.name]
+    if have:
+        return have[0]
+    env = dict(os.environ, DS_BUILD_OPS="0", PIP_DISABLE_PIP_VERSION_CHECK="1")
+    r = subprocess.run([python, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(dest),
+                        str(sdist)], capture_output=True, text=True, env=env)
+    if r.returncode != 0:
+        raise RuntimeError(f"pip wheel {sdist.name} failed:\n{r.stdout[-2000:]}{r.stderr[-2000:]}")
+    built = [p for p in dest.glob("*.whl") if _dist_name(p.name) == name and f"-{version}-" in p.name]
+    if not built or not built[0].name.endswith("-py3-none-any.whl"):
+        raise RuntimeError(f"pip wheel {sdist.name}: expected a pure py3-none-any wheel, got {built}")
+    return built[0]
+
+
 def _fits(filename: str, python_version: str) -> bool:
     """A cached file serves this Python: an sdist, a pure wheel, or a cpXY wheel of that version."""
     if not filename.endswith(".whl"):
@@ -239,6 +265,10 @@ def build(root: Path = REPO, cache: Path | None = None, venv_python: Path | None
         files[name] = have_file[0] if have_file else pip_download(name, version, cache, sys.executable,
                                                                   python_version)
         print(f"  {files[name].name}: {files[name].stat().st_size / MIB:.2f} MiB", flush=True)
+    for name in SDISTS:
+        files[name] = build_sdist_wheel(files[name], cache / "built")
+        print(f"  {files[name].name}: built here with DS_BUILD_OPS=0, {files[name].stat().st_size / MIB:.2f} MiB",
+              flush=True)
     ray_src = files["ray"]
     ray_out = cache / "rebuilt" / ray_src.name
     ray_out.parent.mkdir(parents=True, exist_ok=True)
