@@ -137,7 +137,7 @@ def test_rtf_plan_prints_time_cost_and_fit(capsys):
     assert "data:         50,000,000 tokens per epoch; given with --tokens" in out
     assert "training:     150,000,000 tokens in 1,145 optimizer steps" in out
     assert "time:         ≈ 4.7 h of training (18.9 GPU-hours); cost ≈ $35.75" in out
-    assert "fit:          fits: 27.8 of 80 GiB" in out
+    assert "fit:          fits: 32.3 of 80 GiB" in out
     with pytest.raises(SystemExit):
         main(["plan", "jobspecs/a100.yaml", "--offline", "--json", "--tokens", "50000000"])
     d = json.loads(capsys.readouterr().out)
