@@ -163,3 +163,12 @@ def test_any_hub_model_is_sized_from_the_local_cache(tmp_path, monkeypatch):
     assert str(snap / "config.json") == a.source
     est = memory_estimate(spec("acme/Other-1B"))
     assert not est.known and "not in the Hugging Face cache" in est.notes[0]
+
+
+def test_measured_mfu_replaces_the_assumed_one():
+    """bench/mfu.json holds what make gpu-check measured; the plan uses it for that accelerator."""
+    m, src = E.measured_mfu("H200", "lora")
+    assert m == pytest.approx(0.152) and "gpu-check" in src
+    e = E.estimate(spec(compute={"accelerator_type": "H200"}), tokens=E.Tokens(None, None, None, "unknown"))
+    assert e.mfu == pytest.approx(0.152) and e.mfu_source.startswith("measured by this project")
+    assert E.measured_mfu("A100-80G", "lora") == (None, "")
