@@ -312,7 +312,7 @@ def render(est: Estimate) -> list[str]:
                         if est.peak_tflops and est.gpus else ""))
     if est.hours is not None:
         h = est.hours
-        when = f"{h * 60:.0f} min" if h < 1 else f"{h:.1f} h"
+        when = f"{h * 3600:.0f} s" if h < 1 / 60 else f"{h * 60:.0f} min" if h < 1 else f"{h:.1f} h"
         cost = (f"; cost ≈ ${est.cost:,.2f} at ${est.price_per_gpu_hour:.2f}/GPU-hour ({est.price_source})"
                 if est.cost is not None else f"; {est.price_source}")
         lines.append(f"time:         ≈ {when} of training ({h * est.gpus:.1f} GPU-hours){cost}")

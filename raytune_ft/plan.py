@@ -330,7 +330,10 @@ def memory_estimate(spec: JobSpec, arch: Arch | None = None) -> MemoryEstimate:
         est.notes.append("gradient checkpointing: only layer inputs kept")
     else:
         acts = arch.layers * per_layer_full
-    acts += tokens * arch.vocab * LOGIT_BYTES
+    if t.liger_kernel:  # fused linear cross-entropy: the logits are never materialised whole
+        est.notes.append("Liger kernels: no full logits at the loss")
+    else:
+        acts += tokens * arch.vocab * LOGIT_BYTES
     if seq == 2048 and spec.data.max_seq_length is None:
         est.notes.append("data.max_seq_length unset: activations estimated at 2048 tokens")
     est.weights, est.gradients, est.optimizer, est.activations = weights, grads, optim, acts

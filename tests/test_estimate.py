@@ -172,3 +172,18 @@ def test_measured_mfu_replaces_the_assumed_one():
     e = E.estimate(spec(compute={"accelerator_type": "H200"}), tokens=E.Tokens(None, None, None, "unknown"))
     assert e.mfu == pytest.approx(0.152) and e.mfu_source.startswith("measured by this project")
     assert E.measured_mfu("A100-80G", "lora") == (None, "")
+
+
+def test_liger_kernel_is_passed_to_hf_and_planned_without_full_logits():
+    from raytune_ft.train.recipe import training_arguments
+
+    on = spec("meta-llama/Llama-3.2-1B", training={"liger_kernel": True})
+    off = spec("meta-llama/Llama-3.2-1B")
+    tokens = 4 * 2048
+    assert memory_estimate(off).activations - memory_estimate(on).activations == tokens * 128256 * 12
+    assert "Liger kernels: no full logits at the loss" in memory_estimate(on).notes
+    args = training_arguments(on, "/tmp/rtf-test-liger", None, use_cpu=True)
+    assert args.use_liger_kernel is True
+    assert training_arguments(off, "/tmp/rtf-test-liger", None, use_cpu=True).use_liger_kernel is False
+    with pytest.raises(Exception, match="liger_kernel runs Triton GPU kernels"):
+        spec(training={"liger_kernel": True}, compute={"gpus_per_worker": 0})
