@@ -81,12 +81,12 @@ def submit(spec: JobSpec, *, address: str | None = None, fresh: bool = False, re
 
 def run_local(spec: JobSpec, *, fresh: bool = False, resume_from: str | None = None, out=None) -> int:
     from raytune_ft import storage as st
-    from raytune_ft.launch.driver import finished_run
+    from raytune_ft.launch.driver import before_start
     from raytune_ft.plan import make_plan
 
     out = out or sys.stderr
     plan = make_plan(spec)
-    done = None if (fresh or resume_from) else finished_run(spec)
+    done = before_start(spec, fresh=fresh, resume_from=resume_from, emit=lambda e: print(e["message"], file=out))
     if done is not None:  # before the preflight's marker and before Ray: nothing starts, nothing is written
         print(done.message(), file=out)
         return 0
@@ -115,7 +115,7 @@ def run_local(spec: JobSpec, *, fresh: bool = False, resume_from: str | None = N
               "set compute.gpus_per_worker: 1 to use it", file=out)
     renderer = Renderer(out)
     try:
-        result = run(spec, fresh=fresh, resume_from=resume_from, on_event=renderer.handle)
+        result = run(spec, fresh=fresh, resume_from=resume_from, on_event=renderer.handle, settled=True)
     except KeyboardInterrupt:
         renderer.close()
         print("\ninterrupted: training stopped. Committed checkpoints are intact; "

@@ -49,14 +49,64 @@ def scaling_config(spec: JobSpec):
     return ScalingConfig(**kwargs)
 
 
+def before_start(spec: JobSpec, *, fresh: bool, resume_from: str | None,
+                 emit: EventHandler | None = None) -> Finished | None:
+    """What a resubmission must settle before anything starts or is written: a changed spec may not resume
+    the run's checkpoints (UserError), and a finished run is not trained again (returned). Nothing to
+    settle for --fresh, --resume-from (explicit acts) or sweeps (trials keep their own state)."""
+    if fresh or resume_from or spec.tune is not None:
+        return None
+    fs, root = st.pyarrow_filesystem(spec.storage)
+    try:
+        check_same_run(spec, fs, st.fs_join(root, spec.name), emit or (lambda e: None))
+    except OSError:  # storage unreachable: the preflight that follows says so properly
+        return None
+    return finished_run(spec)
+
+
+def check_same_run(spec: JobSpec, fs: Any, run_path: str, emit: EventHandler) -> None:
+    """A resubmitted spec resumes the run's checkpoints only when nothing that defines the run changed
+    (model, tokenizer, method, data, sequence length, precision, seed, optimizer...); extending or
+    observing it (max_steps, epochs, intervals, monitoring, compute) is allowed and said. The previous
+    spec is the YAML the driver stored in the run dir (read as data only)."""
+    import yaml
+
+    from raytune_ft import checkpoints as ck
+    from raytune_ft.spec import identity
+
+    data = st.read_bytes(fs, st.fs_join(run_path, "rtf_spec.yaml"))
+    if data is None or ck.latest_committed(fs, run_path) is None:
+        return  # nothing to resume: the new spec simply starts the run
+    try:
+        old = yaml.safe_load(data.decode("utf-8"))
+    except (UnicodeDecodeError, yaml.YAMLError):
+        old = None
+    if not isinstance(old, dict):
+        raise UserError(f"{st.fs_join(run_path, 'rtf_spec.yaml')} is not a spec rtf wrote, so this run's "
+                        "checkpoints cannot be checked against the new spec",
+                        hint="--fresh starts over (the old run is kept aside), or give the run a new name")
+    new = dump_spec(spec)
+    defining, allowed = identity.changes(old, new)
+    if defining:
+        raise UserError(
+            f"run {spec.name} has checkpoints trained with a different spec: {identity.describe(old, new, defining)}. "
+            "Resuming would continue those weights under another setup",
+            hint=f"--fresh starts over (the old run is kept aside), or give the run a new name "
+                 f"(--set name={spec.name}-2)")
+    if allowed:
+        emit({"kind": "info", "message": "resuming with changed " + identity.describe(old, new, allowed)})
+
+
 def keep_aside(spec: JobSpec) -> str | None:
     """``--fresh``: move an existing run dir aside (never delete it). Returns where it went."""
     fs, root = st.pyarrow_filesystem(spec.storage)
     run_path = st.fs_join(root, spec.name)
     if not st.exists(fs, run_path):
         return None
+    import uuid
+
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    aside = f"{run_path}.old-{stamp}"
+    aside = f"{run_path}.old-{stamp}-{uuid.uuid4().hex[:6]}"  # two --fresh in one second must not collide
     if st.is_local_fs(fs):
         os.rename(run_path, aside)
     else:
@@ -172,7 +222,7 @@ STORAGE_WAIT_S = 120.0
 
 
 def run(spec: JobSpec, *, fresh: bool = False, resume_from: str | None = None,
-        on_event: EventHandler | None = None) -> RunResult:
+        on_event: EventHandler | None = None, settled: bool = False) -> RunResult:
     """Run the spec on the Ray cluster this process is connected to (``ray.init`` already called).
 
     A failure is classified: a user error is raised as such; when storage dropped out, the run is
@@ -190,11 +240,10 @@ def run(spec: JobSpec, *, fresh: bool = False, resume_from: str | None = None,
         return run_sweep(spec, fresh=fresh, on_event=on_event)
     plan = make_plan(spec)
     emit = on_event or (lambda e: None)
-    if not fresh and not resume_from:
-        done = finished_run(spec)
-        if done is not None:
-            emit({"kind": "info", "message": done.message()})
-            return RunResult(True, plan.run_uri, {"already_complete": done.message()})
+    done = None if settled else before_start(spec, fresh=fresh, resume_from=resume_from, emit=emit)
+    if done is not None:
+        emit({"kind": "info", "message": done.message()})
+        return RunResult(True, plan.run_uri, {"already_complete": done.message()})
     fs, root = st.pyarrow_filesystem(spec.storage)
     run_path = st.fs_join(root, spec.name)
     if fresh:
@@ -335,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         secrets.install_sealed()  # secrets forwarded by `rtf submit --address`, before anything reads them
         spec = load_spec(a.spec)
-        done = None if (a.fresh or a.resume_from) else finished_run(spec)
+        done = before_start(spec, fresh=a.fresh, resume_from=a.resume_from, emit=on_event)
         if done is not None:  # before the preflight's marker and before Ray: nothing starts, nothing is written
             print(f"done: {done.message()}", flush=True)
             return 0
@@ -345,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
             on_event({"kind": "info", "message": f"data: {skipped} bad row(s) will be skipped (data.on_bad_row: skip)"})
         ray.init(address=os.environ.get("RAY_ADDRESS", "auto"), log_to_driver=True)
         signal.signal(signal.SIGTERM, stopped)  # after ray.init, which sets its own (a bare sys.exit)
-        result = run(spec, fresh=a.fresh, resume_from=a.resume_from, on_event=on_event)
+        result = run(spec, fresh=a.fresh, resume_from=a.resume_from, on_event=on_event, settled=True)
     except secrets.SealError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
