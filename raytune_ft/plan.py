@@ -381,6 +381,27 @@ def run_uri(spec: JobSpec) -> str:
     return str(Path(base).expanduser().resolve() / spec.name)
 
 
+def memory_remedies(spec: JobSpec) -> list[str]:
+    """What would lower memory and is not on yet, in order of effect for a typical fine-tune."""
+    t, m, ds, c = spec.training, spec.method, spec.deepspeed, spec.compute
+    out = []
+    if not t.gradient_checkpointing:
+        out.append("enable training.gradient_checkpointing")
+    if not t.liger_kernel and c.use_gpu:
+        out.append("enable training.liger_kernel (no full logits at the loss)")
+    if t.per_device_train_batch_size > 1:
+        out.append("lower per_device_train_batch_size (raise gradient_accumulation_steps to keep the global batch)")
+    stage = ds.stage if ds else 0
+    if m.type == "full" and c.num_workers > 1 and stage < 3:
+        out.append(f"a higher ZeRO stage (deepspeed.stage {stage} -> {2 if stage < 2 else 3})")
+    if m.type == "full" and not (ds and ds.offload_optimizer):
+        out.append("deepspeed.offload_optimizer")
+    if m.type == "lora":
+        out.append("method.type qlora (4-bit base)")
+    out.append("a shorter data.max_seq_length")
+    return out
+
+
 def make_plan(spec: JobSpec) -> Plan:
     c, t = spec.compute, spec.training
     warnings: list[str] = []
@@ -401,8 +422,7 @@ def make_plan(spec: JobSpec) -> Plan:
         if acc_mem is not None and mem.known and mem.total / GIB > acc_mem:
             warnings.append(
                 f"estimated {mem.total / GIB:.1f} GiB per GPU exceeds the {acc_mem:g} GiB of a {c.accelerator_type}: "
-                "lower per_device_train_batch_size or max_seq_length, enable gradient_checkpointing, "
-                "use qlora, or a higher ZeRO stage"
+                + ", ".join(memory_remedies(spec)) + " (`rtf plan --fit` proposes the smallest change)"
             )
     if spec.deepspeed and spec.deepspeed.stage > 0 and c.num_workers == 1 and not (
         spec.deepspeed.offload_optimizer or spec.deepspeed.offload_params

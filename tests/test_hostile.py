@@ -193,3 +193,35 @@ def test_metric_for_best_model_is_the_trainers_name(tmp_path, capsys):
     spec.write_text(yaml.safe_dump(doc))
     code, out = run_cli(["validate", str(spec), "--set", "training.metric_for_best_model=train_loss"], capsys)
     assert code == 2 and "training.metric_for_best_model: 'train_loss' is not a metric evaluation reports" in out
+
+
+def test_a_tracker_that_is_not_installed_is_refused(tmp_path, capsys):
+    import importlib.util
+
+    assert importlib.util.find_spec("wandb") is None  # this test's premise: the dev install has no wandb
+    doc = base(tmp_path)
+    doc["monitoring"] = {"report_to": ["tensorboard", "wandb"]}
+    doc.pop("cluster")
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump(doc))
+    code, out = run_cli(["validate", str(spec)], capsys)
+    assert code == 2 and "monitoring.report_to names wandb, which is not installed here" in out
+    assert "pip install wandb" in out
+    code, out = run_cli(["validate", str(spec), "--set", "cluster.pip=[wandb]"], capsys)
+    assert code == 0, out  # installed on the cluster by the job's runtime_env
+
+
+def test_wont_fit_warning_suggests_only_what_is_off():
+    from raytune_ft.plan import make_plan
+    from raytune_ft.spec import spec_from_dict
+
+    doc = {"name": "big", "model": {"name_or_path": "meta-llama/Llama-3.1-8B"},
+           "data": {"train": {"path": "t.jsonl"}, "max_seq_length": 8192},
+           "training": {"max_steps": 10, "per_device_train_batch_size": 8, "gradient_checkpointing": True},
+           "compute": {"gpus_per_worker": 1, "accelerator_type": "L4"}}
+    w = [x for x in make_plan(spec_from_dict(doc)).warnings if "exceeds" in x][0]
+    assert "gradient_checkpointing" not in w and "liger_kernel" in w and "qlora" in w
+    doc["method"] = {"type": "qlora", "quantization": {"bits": 4}}
+    doc["training"]["liger_kernel"] = True
+    w = [x for x in make_plan(spec_from_dict(doc)).warnings if "exceeds" in x][0]
+    assert "qlora" not in w and "liger" not in w and "lower per_device_train_batch_size" in w

@@ -46,6 +46,13 @@ _HOST_PATH = r"([A-Za-z0-9._-]+|\[[0-9A-Fa-f:.]+\])(:[0-9]{1,5})?(/[A-Za-z0-9._~
 _CONTROL_RE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 
+def _importable(module: str) -> bool:
+    """Whether a package is installed, without importing it (validation stays import-light)."""
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
 def check_shape(value: str, pattern: re.Pattern[str], what: str) -> str:
     """``value`` must match ``pattern`` whole; the message says what shape was expected."""
     if not isinstance(value, str) or not pattern.fullmatch(value):
@@ -770,6 +777,14 @@ class JobSpec(Section):
                 "a freshly trained tokenizer changes the vocabulary, so the embeddings must train too: "
                 "use method.type full with tokenizer.train"
             )
+        missing = [r for r in self.monitoring.report_to if r in ("wandb", "mlflow") and not _importable(r)
+                   and not self.cluster.image and not any(p.split("[")[0].split("=")[0].split(">")[0].strip() == r
+                                                          for p in self.cluster.pip or [])]
+        if missing:
+            raise ValueError(
+                f"monitoring.report_to names {', '.join(missing)}, which is not installed here (training would "
+                f"silently report nothing): pip install {' '.join(missing)}, or list it in cluster.pip, or "
+                "run in a cluster.image that has it")
         if t.liger_kernel and not self.compute.use_gpu:
             raise ValueError("training.liger_kernel runs Triton GPU kernels: it needs compute.gpus_per_worker >= 1")
         if self.model.init is not None and m.type != "full":
