@@ -309,6 +309,27 @@ def _clean_loc(loc: Loc) -> Loc:
     return tuple(p for p in loc if isinstance(p, int) or ("[" not in p and p not in {"str", "int", "float"}))
 
 
+# pydantic's messages for shapes, in the words of a YAML file (its own read as Python: "a valid dictionary
+# or object to extract fields from").
+PLAIN_WORDS = {
+    "model_type": "must be a mapping of keys (key: value lines, or {key: value})",
+    "model_attributes_type": "must be a mapping of keys (key: value lines, or {key: value})",
+    "dict_type": "must be a mapping of keys (key: value lines, or {key: value})",
+    "list_type": "must be a list ([a, b] or - item lines)",
+    "tuple_type": "must be a list of two values, [low, high]",
+    "string_type": "must be text",
+    "int_type": "must be a whole number",
+    "int_parsing": "must be a whole number",
+    "int_from_float": "must be a whole number",
+    "float_type": "must be a number",
+    "float_parsing": "must be a number",
+    "bool_type": "must be true or false",
+    "bool_parsing": "must be true or false",
+    "union_tag_invalid": "type must be one of {expected_tags} (got {tag})",
+    "union_tag_not_found": "needs a `{discriminator}` key",
+}
+
+
 def _message(err: dict) -> str:
     typ, msg, got = err["type"], err["msg"], err.get("input")
     if typ == "extra_forbidden":
@@ -323,6 +344,15 @@ def _message(err: dict) -> str:
         return "is required"
     if typ in ("value_error", "assertion_error"):
         return msg.split(", ", 1)[1] if msg.startswith(("Value error, ", "Assertion failed, ")) else msg
+    plain = PLAIN_WORDS.get(typ)
+    if plain is not None:
+        ctx = err.get("ctx") or {}
+        for k in ("expected_tags", "discriminator", "tag"):
+            plain = plain.replace("{" + k + "}", str(ctx.get(k, "")).replace("'", ""))
+        if typ == "union_tag_invalid":
+            return plain
+        return plain + (f" (got {got!r})" if got is not None and not isinstance(got, (dict, list)) else
+                        f" (got a {type(got).__name__})" if got is not None else "")
     msg = msg.replace("Input should be", "must be").replace("Input", "value")
     if got is not None and not isinstance(got, (dict, list)):
         msg += f" (got {got!r})"

@@ -661,6 +661,12 @@ class TuneSpec(Section):
     search: Literal["random", "grid", "optuna"] = "random"
     seed: int | None = Field(None, description="Seed of the random search (a repeatable set of samples).")
 
+    @field_validator("scheduler", mode="before")
+    @classmethod
+    def _scheduler_short(cls, v):
+        """`scheduler: asha` is the short form of `scheduler: {type: asha}` (its defaults)."""
+        return {"type": v} if isinstance(v, str) else v
+
     @model_validator(mode="after")
     def _tune_rules(self) -> TuneSpec:
         if self.mode == "max":
