@@ -26,10 +26,26 @@ def hf_token() -> str | None:
     return os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN") or None
 
 
-def choose_attention(requested: str, *, cuda: bool, model_class: Any = None) -> tuple[str, str]:
-    """(implementation, why). ``auto``: flash_attention_2 when importable on a GPU, else sdpa, else eager."""
+def flex_available() -> bool:
+    """PyTorch's flex_attention (torch >= 2.5) is importable; on a GPU Triton compiles its kernels."""
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def choose_attention(requested: str, *, cuda: bool, model_class: Any = None, packed: bool = False) -> tuple[str, str]:
+    """(implementation, why). ``auto``: flash_attention_2 when importable on a GPU; else, on a GPU with packed
+    rows, flex_attention; else sdpa, else eager.
+
+    Why flex for packed rows: without flash-attn, SDPA is handed a dense [L, L] block-diagonal mask per row
+    (its fused kernels cannot skip the masked blocks), while flex_attention gets a BlockMask built from the
+    rows' position_ids (transformers' mask builder, as for SDPA) and skips every block between examples.
+    On CPU nothing changes (flex has no CPU backward): sdpa, as before."""
     flash = importlib.util.find_spec("flash_attn") is not None
     sdpa_ok = model_class is None or getattr(model_class, "_supports_sdpa", True)
+    flex_ok = model_class is None or getattr(model_class, "_supports_flex_attn", False)
     if requested == "flash_attention_2":
         if not cuda:
             raise UserError("model.attn_implementation flash_attention_2 needs a CUDA GPU; use auto or sdpa")
@@ -41,6 +57,9 @@ def choose_attention(requested: str, *, cuda: bool, model_class: Any = None) -> 
         return requested, "asked for in the spec"
     if cuda and flash:
         return "flash_attention_2", "auto: flash-attn is installed and a GPU is present"
+    if cuda and packed and flex_ok and flex_available():
+        return "flex_attention", ("auto: flash-attn is not installed; packed rows use PyTorch flex_attention "
+                                  "(block-diagonal causal BlockMask, Triton kernels) rather than SDPA with a dense mask")
     if sdpa_ok:
         why = "no GPU" if not cuda else "flash-attn is not installed"
         return "sdpa", f"auto: {why}, PyTorch SDPA is available"
@@ -81,6 +100,12 @@ def build_config(spec: JobSpec, tokenizer: Any) -> Any:
     )
 
 
+def _class_for(config: Any) -> Any:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    return MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)
+
+
 def quantization_config(spec: JobSpec) -> Any:
     from transformers import BitsAndBytesConfig
 
@@ -108,7 +133,8 @@ def build_model(spec: JobSpec, tokenizer: Any, *, device: torch.device, seed: in
     chosen: dict[str, str] = {"dtype": str(dtype).replace("torch.", "")}
     if m.init is not None:
         config = build_config(spec, tokenizer)
-        attn, why = choose_attention(m.attn_implementation, cuda=cuda)
+        attn, why = choose_attention(m.attn_implementation, cuda=cuda, packed=spec.data.packing,
+                                     model_class=_class_for(config))
         config._attn_implementation = attn
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
@@ -125,7 +151,8 @@ def build_model(spec: JobSpec, tokenizer: Any, *, device: torch.device, seed: in
         from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
         model_class = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(cfg), None)
-        attn, why = choose_attention(m.attn_implementation, cuda=cuda, model_class=model_class)
+        attn, why = choose_attention(m.attn_implementation, cuda=cuda, model_class=model_class,
+                                     packed=spec.data.packing)
         kwargs["attn_implementation"] = attn
         if spec.method.type == "qlora":
             kwargs["quantization_config"] = quantization_config(spec)
