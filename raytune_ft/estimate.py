@@ -52,6 +52,7 @@ LIST_PRICE_PER_GPU_HOUR: dict[str, float] = {
 }
 
 SAMPLE_ROWS = 2000
+HEADROOM = 0.9  # a larger micro-batch is proposed only while the estimate leaves 10% of the card free
 CHARS_PER_TOKEN = 4.0  # the usual rule of thumb for English BPE tokenizers, used only without a tokenizer
 
 
@@ -353,14 +354,14 @@ def fit(spec: JobSpec) -> tuple[list[str], str]:
     if now <= cap:  # headroom: the largest micro-batch that fits and divides the per-worker batch
         best = t.per_device_train_batch_size
         for b in range(t.per_device_train_batch_size + 1, gbs_per_worker + 1):
-            if gbs_per_worker % b == 0 and total({"training.per_device_train_batch_size": b}) <= cap:
+            if gbs_per_worker % b == 0 and total({"training.per_device_train_batch_size": b}) <= cap * HEADROOM:
                 best = b
         if best == t.per_device_train_batch_size:
             return [], f"fits: {now:.1f} of {cap:g} GiB; no larger micro-batch fits with the same global batch"
         sets = {"training.per_device_train_batch_size": best,
                 "training.gradient_accumulation_steps": gbs_per_worker // best}
-        return _as_sets(sets), (f"fits: {now:.1f} of {cap:g} GiB; the largest micro-batch that fits is {best} "
-                                f"({total(sets):.1f} GiB), same global batch")
+        return _as_sets(sets), (f"fits: {now:.1f} of {cap:g} GiB; the largest micro-batch that fits with "
+                                f"{100 - HEADROOM * 100:.0f}% to spare is {best} ({total(sets):.1f} GiB), same global batch")
     steps: list[dict[str, Any]] = [  # in order of effect on a step's speed: least costly first
         {"training.per_device_train_batch_size": b, "training.gradient_accumulation_steps": gbs_per_worker // b}
         for b in _divisors_desc(gbs_per_worker, below=t.per_device_train_batch_size)]
