@@ -81,8 +81,20 @@ def _total_loss(model, batches):
     return total / n, n
 
 
+@pytest.fixture
+def eager_compile(monkeypatch):
+    """transformers wraps flex_attention and its BlockMask builder in torch.compile; on CPU that is minutes of
+    C++ builds per shape for a tiny model. Here the same functions run uncompiled: same masks, same math."""
+    import transformers.integrations.flex_attention as tfa
+    import transformers.masking_utils as tmu
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    monkeypatch.setattr(tfa.WrappedFlexAttention, "__call__", lambda self: flex_attention)
+    monkeypatch.setattr(tmu, "create_block_mask", lambda *a, **k: create_block_mask(*a, **{**k, "_compile": False}))
+
+
 @pytest.mark.parametrize("impl", ["sdpa", "eager", "flex_attention"])
-def test_packed_rows_equal_unpacked_under_each_backend(impl):
+def test_packed_rows_equal_unpacked_under_each_backend(impl, eager_compile):
     """The collator's position_ids are the whole story: each backend derives the same block-diagonal causal
     mask from them (SDPA/eager a dense mask, flex a BlockMask), so packed = unpacked."""
     model = _model()

@@ -177,7 +177,19 @@ def _examples(n: int = 10):
     return out
 
 
-def test_attention_variants_give_the_same_loss_on_cpu():
+@pytest.fixture
+def eager_compile(monkeypatch):
+    """transformers wraps flex_attention and its BlockMask builder in torch.compile; on CPU that is minutes of
+    C++ builds per shape for a tiny model. Here the same functions run uncompiled: same masks, same math."""
+    import transformers.integrations.flex_attention as tfa
+    import transformers.masking_utils as tmu
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    monkeypatch.setattr(tfa.WrappedFlexAttention, "__call__", lambda self: flex_attention)
+    monkeypatch.setattr(tmu, "create_block_mask", lambda *a, **k: create_block_mask(*a, **{**k, "_compile": False}))
+
+
+def test_attention_variants_give_the_same_loss_on_cpu(eager_compile):
     """The check's own comparison (padded SDPA, packed SDPA, packed flex_attention), on a tiny fp32 model:
     packed rows padded to a fixed width carry the same targets and the same loss as padded batches."""
     import torch
@@ -197,7 +209,7 @@ def test_attention_variants_give_the_same_loss_on_cpu():
     for name, impl, batches in (("sdpa_padded", "sdpa", padded), ("sdpa_packed", "sdpa", packed),
                                 ("flex_packed", "flex_attention", packed)):
         model.set_attn_implementation(impl)  # flex_attention has no backward on CPU: losses only
-        res[name] = GC.run_attention_variant(model, batches, torch.device("cpu"), timed=0 if "flex" in impl else 2)
+        res[name] = GC.run_attention_variant(model, batches, torch.device("cpu"), timed=0 if "flex" in impl else 1)
     n = res["sdpa_padded"]["targets"]
     assert n == sum(len(e["input_ids"]) - 3 for e in ex)  # labels[1:] that are not -100
     for name in ("sdpa_packed", "flex_packed"):
