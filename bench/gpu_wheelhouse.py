@@ -32,6 +32,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import zipfile
 from pathlib import Path
 
@@ -292,9 +293,77 @@ def build(root: Path = REPO, cache: Path | None = None, venv_python: Path | None
     return {"folders": reports, "notes": notes, "ray_dropped": dropped}
 
 
+# --------------------------------------------------------------------------- the CUDA image's pins
+
+
+DOCKERFILE = REPO / "docker" / "Dockerfile"
+
+
+def dockerfile_args(path: Path = DOCKERFILE) -> dict[str, str]:
+    """``ARG NAME=default`` values of a Dockerfile (quotes stripped)."""
+    out = {}
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line.startswith("ARG ") and "=" in line:
+            k, v = line[4:].split("=", 1)
+            out[k.strip()] = v.strip().strip('"')
+    return out
+
+
+def image_pins(path: Path = DOCKERFILE) -> dict[str, str]:
+    """The image's Python packages and versions, by distribution name."""
+    a = dockerfile_args(path)
+    return {"torch": a["TORCH_VERSION"], "ray": a["RAY_VERSION"], "flash-attn": a["FLASH_ATTN_VERSION"],
+            "bitsandbytes": a["BITSANDBYTES_VERSION"], "deepspeed": a["DEEPSPEED_VERSION"],
+            "liger-kernel": a["LIGER_KERNEL_VERSION"]}
+
+
+def resolve(name: str, version: str, python_version: str = PYTHON_VERSION) -> dict[str, object]:
+    """Does a binary of name==version exist for cpXY manylinux x86_64 on the index? pip resolves it from the
+    index's metadata (``install --dry-run --report``), downloading no wheel."""
+    with tempfile.TemporaryDirectory() as tmp:
+        report = Path(tmp) / "r.json"
+        cmd = [sys.executable, "-m", "pip", "install", "-q", "--dry-run", "--no-deps", "--ignore-installed",
+               "--only-binary=:all:", "--python-version", python_version, "--implementation", "cp",
+               *[a for p in PLATFORMS for a in ("--platform", p)], "--target", str(Path(tmp) / "t"),
+               "--report", str(report), f"{name}=={version}"]
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode != 0 or not report.exists():
+            return {"name": name, "version": version, "binary": False,
+                    "why": (r.stderr.strip().splitlines() or ["?"])[-1]}
+        item = json.loads(report.read_text())["install"][0]
+        reqs = item["metadata"].get("requires_dist") or []
+        return {"name": name, "version": version, "binary": True,
+                "file": item["download_info"]["url"].rsplit("/", 1)[-1],
+                "cuda": [q.split(";")[0] for q in reqs if q.startswith(("cuda-toolkit", "nvidia-cuda-runtime"))]}
+
+
+def check_pins() -> int:
+    """The image's pins, resolved for its Python (Ubuntu 24.04: 3.12) against PyPI (the only index here)."""
+    a = dockerfile_args()
+    print(f"docker/Dockerfile: CUDA {a['CUDA_VERSION']}, torch {a['TORCH_VERSION']}+{a['TORCH_CUDA']} (PyTorch "
+          f"index, not reachable from here), Python {PYTHON_VERSION} (Ubuntu {a['UBUNTU_VERSION']})")
+    bad = 0
+    for name, version in image_pins().items():
+        r = resolve(name, version)
+        if r["binary"]:
+            extra = f"; requires {', '.join(r['cuda'])}" if r["cuda"] else ""  # type: ignore[arg-type]
+            print(f"  {name}=={version}: wheel {r['file']}{extra}")
+        elif name in ("flash-attn", "deepspeed"):
+            # PyPI has only their sources: the image builds them (flash-attn compiles against the image's
+            # torch with nvcc, MAX_JOBS and TORCH_CUDA_ARCH_LIST; deepspeed is pure Python, ops JIT-built)
+            print(f"  {name}=={version}: no wheel on PyPI (sdist only): built in the image's devel stage")
+        else:
+            print(f"  {name}=={version}: NOT FOUND for cp{PYTHON_VERSION.replace('.', '')}: {r['why']}")
+            bad += 1
+    return 1 if bad else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--plan", action="store_true", help="print the planned contents; download nothing")
+    ap.add_argument("--check-pins", action="store_true",
+                    help="resolve docker/Dockerfile's pins for its Python on the index (no wheel downloaded)")
     ap.add_argument("--root", type=Path, default=REPO, help="where .whl1/ and .whl2/ go (the repo root)")
     ap.add_argument("--cache", type=Path, default=None, help="download cache (default ROOT/.whl-cache)")
     ap.add_argument("--python-version", default=PYTHON_VERSION,
@@ -303,6 +372,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.plan:
         print(json.dumps(plan(), indent=2))
         return 0
+    if a.check_pins:
+        return check_pins()
     res = build(a.root, a.cache, python_version=a.python_version)
     bad = False
     for rep in res["folders"]:

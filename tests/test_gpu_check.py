@@ -352,3 +352,44 @@ def test_built_wheelhouse_folders_fit_when_present():
             W.check_wheel(ray)
             with zipfile.ZipFile(ray) as z:
                 assert not any(n.startswith(W.RAY_DROP) for n in z.namelist())
+
+
+# --------------------------------------------------------------------------- the CUDA image's pins agree
+
+
+def test_dockerfile_pyproject_and_wheelhouse_pins_agree():
+    """One version of each GPU package everywhere: the CUDA image, pyproject's requirements and gpu extra,
+    and the wheelhouse the GPU check ran with (files only; `gpu_wheelhouse.py --check-pins` resolves them)."""
+    import tomllib
+    from packaging.requirements import Requirement
+
+    args = W.dockerfile_args()
+    pins = W.image_pins()
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    reqs = {Requirement(r).name.lower(): Requirement(r) for r in project["dependencies"]}
+    gpu = {Requirement(r).name.lower(): Requirement(r) for r in project["optional-dependencies"]["gpu"]}
+    for name in ("ray", "bitsandbytes", "deepspeed", "liger-kernel"):
+        assert pins[name] == W.PINS[name], f"{name}: Dockerfile {pins[name]} vs wheelhouse {W.PINS[name]}"
+    for name in ("ray", "bitsandbytes", "deepspeed", "torch"):
+        assert reqs[name].specifier.contains(pins[name]), f"{name} {pins[name]} outside pyproject's {reqs[name]}"
+    for name in ("flash-attn", "liger-kernel"):
+        assert gpu[name].specifier.contains(pins[name]), f"{name} {pins[name]} outside the gpu extra's {gpu[name]}"
+    assert pins["torch"] == (REPO / "constraints.txt").read_text().split("==")[1].strip()
+    cuda = args["CUDA_VERSION"].split(".")
+    assert args["TORCH_CUDA"] == f"cu{cuda[0]}{cuda[1]}", "torch's CUDA build must match the base image's CUDA"
+    assert args["UBUNTU_VERSION"] == "24.04" and W.PYTHON_VERSION == "3.12"  # noble's python3 is 3.12
+    runs = (REPO / "docker" / "Dockerfile").read_text()
+    for arg in ("BITSANDBYTES_VERSION", "DEEPSPEED_VERSION", "LIGER_KERNEL_VERSION", "FLASH_ATTN_VERSION"):
+        assert "${" + arg + "}" in runs, f"{arg} is declared but not installed"
+
+
+def test_bitsandbytes_pin_ships_the_images_cuda_library():
+    """bitsandbytes loads libbitsandbytes_cudaXYZ for the CUDA torch runs on: the pinned wheel must have the
+    image's (12.8) and the GPU machine's (13.0). Needs the wheel (make gpu-wheelhouse); skipped without."""
+    whl = [p for p in (REPO / ".whl2").glob("bitsandbytes-*.whl")] if (REPO / ".whl2").is_dir() else []
+    if not whl:
+        pytest.skip("make gpu-wheelhouse has not been run here")
+    cuda = W.dockerfile_args()["CUDA_VERSION"].split(".")
+    with zipfile.ZipFile(whl[0]) as z:
+        libs = {n.rsplit("/", 1)[-1] for n in z.namelist() if n.endswith(".so")}
+    assert f"libbitsandbytes_cuda{cuda[0]}{cuda[1]}.so" in libs and "libbitsandbytes_cuda130.so" in libs
