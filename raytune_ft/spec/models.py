@@ -116,7 +116,7 @@ class ModelSpec(Section):
     init: ModelInit | None = Field(None, description="Train from scratch with this architecture.")
     revision: str | None = None
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager"] = "auto"
+    attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "flex_attention", "eager"] = "auto"
     trust_remote_code: bool = False
 
     @model_validator(mode="after")

@@ -36,13 +36,14 @@ def flex_available() -> bool:
 
 
 def choose_attention(requested: str, *, cuda: bool, model_class: Any = None, packed: bool = False) -> tuple[str, str]:
-    """(implementation, why). ``auto``: flash_attention_2 when importable on a GPU; else, on a GPU with packed
-    rows, flex_attention; else sdpa, else eager.
+    """(implementation, why). ``auto``: flash_attention_2 when importable on a GPU, else sdpa, else eager.
+    ``flex_attention`` only when the spec asks for it (a GPU, torch >= 2.5).
 
-    Why flex for packed rows: without flash-attn, SDPA is handed a dense [L, L] block-diagonal mask per row
-    (its fused kernels cannot skip the masked blocks), while flex_attention gets a BlockMask built from the
-    rows' position_ids (transformers' mask builder, as for SDPA) and skips every block between examples.
-    On CPU nothing changes (flex has no CPU backward): sdpa, as before."""
+    Why auto does not pick flex_attention for packed rows, although it skips the blocks between examples
+    that SDPA's dense mask cannot: measured on an H200 (2026-11-28, bench/RESULTS.md), rtf's LoRA run on
+    packed rows of 1024 trained at 16,480 tokens/s with flex_attention and 29,681 with SDPA, at the same
+    loss; the isolated forward+backward was 1.06x SDPA, so the cost is in building the BlockMask and the
+    compiled kernels each step. Longer rows may turn this around; ask for flex_attention to try it."""
     flash = importlib.util.find_spec("flash_attn") is not None
     sdpa_ok = model_class is None or getattr(model_class, "_supports_sdpa", True)
     flex_ok = model_class is None or getattr(model_class, "_supports_flex_attn", False)
@@ -53,13 +54,18 @@ def choose_attention(requested: str, *, cuda: bool, model_class: Any = None, pac
             raise UserError("model.attn_implementation flash_attention_2 needs the flash-attn package "
                             "(pip install 'raytune_ft[gpu]'); use auto or sdpa")
         return requested, "asked for in the spec"
+    if requested == "flex_attention":
+        if not cuda:
+            raise UserError("model.attn_implementation flex_attention needs a CUDA GPU (it has no CPU "
+                            "backward); use auto or sdpa")
+        if not (flex_available() and flex_ok):
+            raise UserError("model.attn_implementation flex_attention needs torch >= 2.5 and a model class "
+                            "that supports it; use auto or sdpa")
+        return requested, "asked for in the spec" + (" (block-diagonal BlockMask for packed rows)" if packed else "")
     if requested in ("sdpa", "eager"):
         return requested, "asked for in the spec"
     if cuda and flash:
         return "flash_attention_2", "auto: flash-attn is installed and a GPU is present"
-    if cuda and packed and flex_ok and flex_available():
-        return "flex_attention", ("auto: flash-attn is not installed; packed rows use PyTorch flex_attention "
-                                  "(block-diagonal causal BlockMask, Triton kernels) rather than SDPA with a dense mask")
     if sdpa_ok:
         why = "no GPU" if not cuda else "flash-attn is not installed"
         return "sdpa", f"auto: {why}, PyTorch SDPA is available"
