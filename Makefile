@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.rtf-installed
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install demo test test-fast lint bench bench-gpu image clean
+.PHONY: install demo test test-fast lint bench bench-gpu image clean gpu-wheelhouse gpu-check gpu-check-dry
 
 install: $(STAMP)
 
@@ -40,6 +40,24 @@ bench: install
 
 bench-gpu: install
 	$(PY) bench/gpu.py
+
+# ---- GPU readiness check (issue 14; bench/gpu_check.py says what each part measures)
+# Here (CPU, PyPI): download what the GPU machine lacks into .whl1/ (part 1) and .whl2/ (part 2), each < 60 MiB.
+gpu-wheelhouse: install
+	$(PY) bench/gpu_wheelhouse.py
+
+# There (the GPU machine: python3 with torch + CUDA, no network): install the part's folder offline into
+# /tmp/site, then run the part. No venv, no index: everything else is the machine's own. PART=1 or 2.
+PART ?= 1
+GPU_PYTHON ?= python3
+gpu-check:
+	bash bench/gpu_install.sh .whl$(PART)
+	PYTHONPATH=/tmp/site:$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH} PYTHONUNBUFFERED=1 \
+	  $(GPU_PYTHON) bench/gpu_check.py --part $(PART) --out $${OUT:-bench/out}
+
+# Here and in CI: the same script with every GPU step replaced by its plan (both parts).
+gpu-check-dry: install
+	$(PY) bench/gpu_check.py --dry-run
 
 image:
 	docker build -f docker/Dockerfile -t raytune-ft:latest .

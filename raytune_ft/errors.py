@@ -28,8 +28,11 @@ class SpecError(UserError):
     def __init__(self, problems: list[str], *, source: str | None = None):
         self.problems = list(problems)
         self.source = source
-        head = f"invalid job spec{f' {source}' if source else ''}: {len(problems)} problem(s)"
-        super().__init__(head + "\n" + "\n".join(f"  {p}" for p in problems))
+        head = f"invalid job spec{f' {source}' if source else ''}"
+        if len(self.problems) == 1:  # one problem, one line
+            super().__init__(f"{head}: {self.problems[0]}")
+        else:
+            super().__init__(f"{head}: {len(problems)} problems\n" + "\n".join(f"  {p}" for p in problems))
 
 
 class DataError(UserError):

@@ -17,7 +17,7 @@ def _env_line(spec: dict) -> list[str]:
     return ["env:          " + ", ".join(parts)]
 
 
-def render_plan(p: Plan) -> str:
+def render_plan(p: Plan, extra: list[str] | None = None) -> str:
     m = p.memory
     lines = [
         f"run:          {p.name}   (spec hash {p.spec_hash})",
@@ -42,6 +42,7 @@ def render_plan(p: Plan) -> str:
         lines += [f"              note: {n}" for n in m.notes]
     else:
         lines.append("memory/GPU:   unknown (" + "; ".join(m.notes) + ")")
+    lines += extra or []
     if p.deepspeed:
         lines.append("deepspeed:")
         lines += ["  " + ln for ln in json.dumps(p.deepspeed, indent=2).splitlines()]

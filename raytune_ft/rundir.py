@@ -41,7 +41,7 @@ TRAINER_STATE = "trainer_state.json"
 MANIFEST = "rtf_checkpoint.json"
 CHECKPOINT_PREFIX = "checkpoint-"
 STEP_DIGITS = 8
-CHECKPOINT_RE = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
+CHECKPOINT_RE = re.compile(rf"{CHECKPOINT_PREFIX}(\d+)")  # fullmatch: `$` alone accepts a trailing newline
 
 TRIAL_PREFIX = "trial-"
 TUNE_DIR = "tune"
@@ -64,7 +64,7 @@ def hf_checkpoint_name(step: int) -> str:
 
 def parse_step(name: str) -> int | None:
     """The step of a dir named ``checkpoint-<digits>`` (any path ending in one), else ``None``."""
-    m = CHECKPOINT_RE.match(posixpath.basename(str(name).rstrip("/")))
+    m = CHECKPOINT_RE.fullmatch(posixpath.basename(str(name).rstrip("/")))
     return int(m.group(1)) if m else None
 
 
@@ -195,11 +195,13 @@ class RunDir:
         st.write_bytes(self.fs, self.spec_file, spec_yaml.encode())
 
     def move_aside(self) -> str | None:
-        """``--fresh``: move the dir aside (never delete it) to ``{path}.old-{UTC time}``; where it went."""
+        """``--fresh``: move the dir aside (never delete it) to ``{path}.old-{UTC time}-{random}``; where it went."""
         if not self.exists():
             return None
+        import uuid
+
         stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-        aside = f"{self.path}.old-{stamp}"
+        aside = f"{self.path}.old-{stamp}-{uuid.uuid4().hex[:6]}"  # two --fresh in one second must not collide
         if st.is_local_fs(self.fs):
             os.rename(self.path, aside)
         else:

@@ -148,3 +148,37 @@ def test_importing_the_cli_stays_light():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_list_escapes_text_from_storage(tmp_path):
+    """Names and metric keys read from storage are shown, not parsed as rich markup (a MarkupError before)."""
+    import pyarrow.fs as pafs
+
+    fs, run = pafs.LocalFileSystem(), tmp_path / "run"
+    for step, name in ((1, "[/x]"), (2, "[bold]w.bin")):
+        d = run / ck.checkpoint_dir_name(step)
+        (d / name).parent.mkdir(parents=True, exist_ok=True)  # "[/x]" is a dir "[" holding "x]"
+        (d / name).write_bytes(b"w" * 10)
+        ck.write_manifest(fs, str(d), step=step, epoch=None, files=ck.file_digests(str(d)), spec_hash=None,
+                          metrics={"[/loss]": 0.5, "loss": 0.25})
+    (run / ck.checkpoint_dir_name(2) / "[bold]w.bin").write_bytes(b"x" * 3)  # now incomplete, naming it
+    result = invoke("list", str(run))
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    assert "[/loss]" in result.output and "[bold]w.bin" in result.output
+    assert "1 committed, 1 incomplete" in result.output
+
+
+def test_list_takes_a_spec(tmp_path, monkeypatch):
+    """Like every other command, `checkpoints list` takes SPEC|RUN|URI: the spec names storage and run."""
+    import pyarrow.fs as pafs
+    import yaml
+
+    from tests.specs import base_doc
+
+    populate(pafs.LocalFileSystem(), str(tmp_path / "runs" / "unit"), tmp_path)
+    spec = tmp_path / "job.yaml"
+    spec.write_text(yaml.safe_dump(base_doc(storage={"path": "runs"})))
+    monkeypatch.chdir(tmp_path)  # a relative storage.path, as in a user's spec
+    result = invoke("list", "job.yaml")
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    assert "3 committed, 1 incomplete" in result.output and "unit" in result.output

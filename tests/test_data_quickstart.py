@@ -7,16 +7,14 @@ import json
 import re
 import subprocess
 import sys
-import time
 
 from raytune_ft.data.formats import normalize_row
 from raytune_ft.data.quickstart import build_quickstart_data
 
 
-def test_builds_valid_deterministic_alpaca_rows_quickly(tmp_path):
-    started = time.monotonic()
+def test_builds_valid_deterministic_alpaca_rows(tmp_path):
+    # no timing assertion: machines are shared and noisy (bench/ measures speed)
     train, evals = build_quickstart_data(tmp_path / "a", max_examples=300, eval_fraction=0.1)
-    assert time.monotonic() - started < 10
     assert (train.name, evals.name) == ("quickstart.train.jsonl", "quickstart.eval.jsonl")
     rows = [json.loads(line) for p in (train, evals) for line in p.read_text(encoding="utf-8").splitlines()]
     assert len(rows) == 300 and len(evals.read_text().splitlines()) == 30

@@ -53,9 +53,20 @@ def test_finished_run_resubmitted_twice_changes_nothing_then_extends(ray_local, 
     state = json.loads((run / "final" / "trainer_state.json").read_text())
     assert state["global_step"] == 6 and state["max_steps"] == 6
 
+    # a spec that defines another run may not take these checkpoints over (hardening: resume identity)
+    for override, shown in (("method.lora.r=8", "method.lora.r 4 -> 8"),
+                            ("training.learning_rate=0.001", "training.learning_rate 0.005 -> 0.001"),
+                            ("data.max_seq_length=64", "data.max_seq_length 128 -> 64")):
+        code, out = submit([str(spec_path), "--set", override], capsys)
+        assert code == 2, out
+        assert f"run done-once has checkpoints trained with a different spec: {shown}" in out
+        assert "--fresh" in out and "ray:" not in out and "Traceback" not in out
+        assert snapshot(run) == before
+
     # extending is explicit: a larger max_steps resumes from step 6 and trains 7..9
     code, out = submit([str(spec_path), "--set", "training.max_steps=9"], capsys)
     assert code == 0, out
+    assert "resuming with changed training.max_steps 6 -> 9" in out
     assert "resuming from" in out and "at step 6" in out and "checkpoint committed: step 9" in out
     assert json.loads((run / "final" / "final_results.json").read_text())["steps"] == 9
     recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
@@ -118,3 +129,17 @@ def test_finished_spec_loads(tmp_path):
     assert "--set training.max_steps=20" in msg and "--fresh" in msg
     path = write_spec(tmp_path / "r.yaml", base_doc(name="r", storage={"path": str(tmp_path)}))
     assert load_spec(path, ["training.max_steps=20"]).training.max_steps == 20
+
+
+def test_identity_changes_split_defining_from_extending():
+    from raytune_ft.spec import dump_spec, identity
+
+    a = dump_spec(spec_from_dict(base_doc()))
+    b = dump_spec(spec_from_dict(base_doc(training={"max_steps": 20, "learning_rate": 1e-4, "precision": "fp32",
+                                                    "logging_steps": 1}, compute={"num_workers": 2})))
+    assert identity.changes(a, b) == ([], ["compute.num_workers", "training.logging_steps", "training.max_steps"])
+    c = dump_spec(spec_from_dict(base_doc(model={"name_or_path": "other/model"},
+                                          method={"type": "lora", "lora": {"r": 16, "alpha": 16}})))
+    defining, allowed = identity.changes(a, c)
+    assert defining == ["method.lora.r", "model.name_or_path"] and allowed == []
+    assert identity.describe(a, c, defining) == "method.lora.r 8 -> 16; model.name_or_path 'some/model' -> 'other/model'"

@@ -32,3 +32,14 @@ def test_fresh_moves_an_s3_run_aside(s3_bucket, s3_env):
     assert not st.exists(fs, f"{root}/r")
     assert st.read_bytes(fs, f"{aside}/checkpoint-00000004/a.bin") == b"weights"
     assert st.read_bytes(fs, f"{aside}/metrics.jsonl") == b"{}\n"
+
+
+def test_fresh_twice_in_one_second_keeps_both(tmp_path):
+    spec = spec_from_dict(base_doc(name="r", storage={"path": str(tmp_path)}))
+    asides = []
+    for i in range(3):  # well under a second apart
+        (tmp_path / "r").mkdir()
+        (tmp_path / "r" / "marker").write_text(str(i))
+        asides.append(keep_aside(spec))
+    assert len(set(asides)) == 3
+    assert sorted((tmp_path / a.split("/")[-1] / "marker").read_text() for a in asides) == ["0", "1", "2"]

@@ -54,7 +54,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("raytune_ft.spec",),
     ("raytune_ft.storage", "raytune_ft.rundir"),
     ("raytune_ft.data", "raytune_ft.checkpoints"),
-    ("raytune_ft.plan", "raytune_ft.render_plan"),
+    ("raytune_ft.plan", "raytune_ft.render_plan", "raytune_ft.estimate"),
     ("raytune_ft.train",),
     ("raytune_ft.launch", "raytune_ft.sweep"),
     ("raytune_ft.tools",),

@@ -168,7 +168,7 @@ def test_overrides_are_typed_and_reach_nested_keys_and_lists(tmp_path):
 @pytest.mark.parametrize(
     "override, needle",
     [
-        ("training.learning_rate=abc", "--set training.learning_rate=abc training.learning_rate: must be a valid number"),
+        ("training.learning_rate=abc", "--set training.learning_rate=abc training.learning_rate: must be a number (got"),
         ("training.learning_rate", "expected dotted.key=value"),
         ("name.x=1", "`name` is a str, not a section"),
         ("data.train.5.path=x", "index 5 is out of range"),

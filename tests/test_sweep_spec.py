@@ -88,7 +88,7 @@ def test_a_valid_sweep_loads_and_round_trips():
      "tune.scheduler.grace_period: must be a multiple of training.eval_steps (2)"),
     ({"space": SPACE, "scheduler": {"type": "asha", "grace_period": 10}},
      "tune.scheduler.grace_period: ASHA's first rung (10 steps) must come before training.max_steps (10)"),
-    ({"space": SPACE, "scheduler": {"type": "hyperband"}}, "tune.scheduler: value tag 'hyperband'"),
+    ({"space": SPACE, "scheduler": {"type": "hyperband"}}, "tune.scheduler: type must be one of asha, fifo (got hyperband)"),
     ({"space": SPACE, "_no_eval": True}, "tune.metric: eval_loss comes from evaluation"),
 ])
 def test_bad_tune_sections_exit_2_naming_the_path_and_line(tmp_path, capsys, tune, line):
@@ -236,3 +236,28 @@ def test_sweep_results_reads_results_csv_and_says_when_there_is_none(tmp_path, c
         main(["sweep", "results", str(tmp_path / "runs" / "nope")])
     err = capsys.readouterr().err
     assert ei.value.code == 2 and "no results.csv in" in err and "Traceback" not in err
+
+
+def test_scheduler_short_form_and_plain_words(tmp_path, capsys):
+    """`scheduler: asha` means {type: asha}; pydantic's shape messages come out in a YAML user's words."""
+    import yaml
+
+    from raytune_ft.cli import main
+    from raytune_ft.spec import spec_from_dict
+    from tests.specs import base_doc
+
+    doc = base_doc(training={"max_steps": 1000, "learning_rate": 1e-4, "precision": "fp32", "save_steps": 100},
+                   tune={"space": {"training.learning_rate": {"loguniform": [1e-5, 1e-3]}}, "num_samples": 2,
+                         "metric": "loss", "scheduler": "asha"})
+    assert spec_from_dict(doc).tune.scheduler.type == "asha"
+    assert spec_from_dict({**doc, "tune": {**doc["tune"], "scheduler": "fifo"}}).tune.scheduler.type == "fifo"
+    bad = {**doc, "method": "lora", "tune": {**doc["tune"], "scheduler": "hyperband"}}
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(bad))
+    with pytest.raises(SystemExit) as ei:
+        main(["validate", str(path)])
+    err = capsys.readouterr().err
+    assert ei.value.code == 2 and "Traceback" not in err
+    assert "method: must be a mapping of keys (key: value lines, or {key: value}) (got 'lora')" in err
+    assert "tune.scheduler: type must be one of asha, fifo (got hyperband)" in err
+    assert "valid dictionary" not in err

@@ -97,3 +97,32 @@ def test_read_prompts_and_errors(tmp_path, workspace):
         read_prompts(str(bad))
     with pytest.raises(UserError, match="no prompts"):
         generate(str(workspace.lora_run), [])
+
+
+def test_trust_remote_code_comes_only_from_the_command_line(workspace, tmp_path, capsys):
+    """A stored spec saying trust_remote_code: true is storage deciding what code runs here: refused until
+    the user passes --trust-remote-code."""
+    import yaml
+
+    from raytune_ft.cli import main
+
+    run = copy_run(workspace.lora_run, tmp_path / "lora-run")
+    for spec_file in (run / "rtf_spec.yaml", run / "final" / "rtf_spec.yaml"):
+        doc = yaml.safe_load(spec_file.read_text())
+        doc["model"]["trust_remote_code"] = True
+        spec_file.write_text(yaml.safe_dump(doc))
+    for cmd in (["generate", str(run), "--prompt", "Say hello.", "--max-new-tokens", "2"],
+                ["merge", str(run), str(tmp_path / "merged")],
+                ["eval", str(run), "--data", str(workspace.eval_path)]):
+        with pytest.raises(SystemExit) as ei:
+            main(cmd)
+        err = capsys.readouterr().err
+        assert ei.value.code == 2, (cmd, err)
+        assert "model.trust_remote_code: true, which rtf does not take from storage" in err
+        assert "--trust-remote-code" in err and "Traceback" not in err
+    assert not (tmp_path / "merged").exists()
+    with pytest.raises(SystemExit) as ei:
+        main(["generate", str(run), "--prompt", "Say hello.", "--max-new-tokens", "2", "--temperature", "0",
+              "--trust-remote-code"])
+    assert ei.value.code in (0, None)
+    assert "Say hello." in capsys.readouterr().out

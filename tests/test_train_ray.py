@@ -61,7 +61,8 @@ def test_lora_run_end_to_end(ray_local, tiny, tmp_path, capsys):
     train_steps = [r["step"] for r in recs if "loss" in r]
     assert train_steps == [1, 2, 3, 4, 5, 6]
     assert all(r["tokens_per_s"] > 0 and r["max_steps"] == 6 and "learning_rate" in r and "grad_norm" in r
-               and r["peak_memory_mb"] > 0 for r in recs if "loss" in r)
+               and r["peak_memory_mb"] > 0 and r["rss_mb"] > 50 and r["cpu_percent"] >= 0
+               for r in recs if "loss" in r)
     evs = [r for r in recs if "eval_loss" in r]
     assert [r["step"] for r in evs] == [3, 6]
     assert evs[-1]["perplexity"] == pytest.approx(2.718281828 ** evs[-1]["eval_loss"], rel=1e-6)
@@ -72,6 +73,7 @@ def test_lora_run_end_to_end(ray_local, tiny, tmp_path, capsys):
     acc.Reload()
     assert [e.step for e in acc.Scalars("train/loss")] == train_steps
     assert [e.value for e in acc.Scalars("train/loss")] == pytest.approx([r["loss"] for r in recs if "loss" in r])
+    assert [e.step for e in acc.Scalars("train/rss_mb")] == train_steps  # the hardware monitor, per step
     assert [e.step for e in acc.Scalars("eval_loss")] == [3, 6]
 
     # checkpoints: committed with manifests, adapter + optimizer state, never the frozen base

@@ -75,14 +75,21 @@ def plan(
     as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
     preflight: bool = typer.Option(True, "--preflight/--offline",
                                    help="Check that storage is reachable and writable (--offline skips it)."),
+    fit: bool = typer.Option(False, "--fit", help="Propose the smallest change that makes the spec fit its "
+                             "accelerator (or the largest micro-batch that fits), as --set overrides."),
+    tokens: Optional[int] = typer.Option(None, "--tokens", metavar="N", min=1,
+                                         help="Tokens per epoch, when the data is not readable here."),
 ) -> None:
-    """Show what a spec will run: resolved spec, DeepSpeed config, scaling, batch, memory estimate,
-    and whether its storage is reachable and writable."""
+    """Show what a spec will run: resolved spec, DeepSpeed config, scaling, batch, memory, time and cost
+    estimates, and whether its storage is reachable and writable."""
+    from raytune_ft import estimate as est
     from raytune_ft.plan import make_plan
     from raytune_ft.render_plan import render_plan
 
     spec = load(spec_path, overrides)
     p = make_plan(spec)
+    e = est.estimate(spec, tokens_per_epoch=tokens)
+    proposal = est.fit(spec) if fit else None
     checked = None
     if preflight:
         from raytune_ft.storage import preflight as storage_preflight
@@ -90,11 +97,19 @@ def plan(
         checked = storage_preflight(spec.storage)
     if as_json:
         d = p.to_dict()
+        d["estimate"] = e.to_dict()
+        if proposal is not None:
+            d["fit"] = {"set": proposal[0], "summary": proposal[1]}
         if checked is not None:
             d["preflight"] = checked
         out(json.dumps(d, indent=2, default=str))
     else:
-        out(render_plan(p))
+        out(render_plan(p, extra=est.render(e)))
+        if proposal is not None:
+            sets, summary = proposal
+            out(f"fit:          {summary}")
+            if sets:
+                out("              " + " ".join(f"--set {x}" for x in sets))
         if checked is not None:
             out(f"storage preflight: {checked}")
 

@@ -30,6 +30,20 @@ KEY_METRICS = ("loss", "eval_loss", "train_loss", "learning_rate", "grad_norm")
 
 
 def _open(uri: str, endpoint_url: str | None, region: str | None):
+    """A run dir (local or s3://), or a job spec naming one (its storage, endpoint and name)."""
+    if uri.endswith((".yaml", ".yml")) and not st.is_s3(uri):
+        import os
+
+        from raytune_ft.spec import load_spec
+
+        if os.path.isfile(uri):
+            from raytune_ft.rundir import RunDir
+
+            spec = load_spec(uri)
+            cfg = st.with_path(spec.storage, spec.storage.path)
+            with st.storage_errors(cfg, "open"):
+                run = RunDir.of(spec)
+            return st.with_path(spec.storage, run.uri), run.fs, run.path
     cfg = st.config_for(uri, endpoint_url=endpoint_url, region=region)
     with st.storage_errors(cfg, "open"):
         fs, path = st.open(cfg)
@@ -60,7 +74,7 @@ def _key_metrics(metrics: dict[str, Any], metric: str | None, limit: int = 3) ->
 
 @app.command("list")
 def list_cmd(
-    uri: str = typer.Argument(..., help="Run dir: local path or s3://bucket/prefix/run."),
+    uri: str = typer.Argument(..., metavar="SPEC|RUN|URI", help="A job spec, or a run dir: local path or s3://bucket/prefix/run."),
     metric: str | None = typer.Option(None, "--metric", help="Mark the best committed checkpoint by this metric."),
     mode: str = typer.Option("min", "--mode", help="min or max, for --metric."),
     deep: bool = typer.Option(False, "--deep", help="Re-hash every file (reads all bytes)."),
@@ -70,6 +84,7 @@ def list_cmd(
 ) -> None:
     """Show each checkpoint: step, time, size, key metrics, committed/incomplete, best."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     cfg, fs, path = _open(uri, endpoint_url, region)
@@ -88,9 +103,11 @@ def list_cmd(
         return
     console = Console(highlight=False)
     if not infos:
-        console.print(f"no checkpoints under {uri}")
+        console.print(f"no checkpoints under {escape(cfg.path)}")
         return
-    table = Table(title=f"checkpoints in {uri}", title_justify="left")
+    # storage is a trust boundary: every text read from it (reasons, metric keys) is escaped, so a file
+    # named "[/x]" is shown as such rather than parsed as rich markup (it raised MarkupError)
+    table = Table(title=escape(f"checkpoints in {cfg.path}"), title_justify="left")
     table.add_column("step", justify="right")
     table.add_column("time (UTC)")
     table.add_column("size", justify="right")
@@ -99,9 +116,10 @@ def list_cmd(
     table.add_column("best", justify="center")
     for i in infos:
         when = i.time.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S") if i.time else "-"
-        status = "[green]committed[/green]" if i.committed else f"[red]incomplete[/red]: {i.reason}"
+        status = "[green]committed[/green]" if i.committed else f"[red]incomplete[/red]: {escape(str(i.reason))}"
         table.add_row(
-            str(i.step), when, human_size(i.size), _key_metrics(i.metrics, metric), status, "best" if i.best else ""
+            str(i.step), when, human_size(i.size), escape(_key_metrics(i.metrics, metric)), status,
+            "best" if i.best else ""
         )
     console.print(table)
     n_ok = sum(i.committed for i in infos)

@@ -12,6 +12,16 @@ import typer
 from raytune_ft import rundir as rd
 
 COMMANDS = ("generate", "merge", "eval", "plot", "runs")
+TrustOpt = typer.Option(False, "--trust-remote-code", help="Run the model's own Python code (custom "
+                        "architectures). Never taken from a run's stored spec.")
+
+
+def _source(source: str, trust: bool):
+    from raytune_ft.tools.source import resolve_source
+
+    src = resolve_source(source)
+    src.trust_remote_code = trust
+    return src
 
 
 def generate_cmd(
@@ -25,6 +35,7 @@ def generate_cmd(
     seed: int = typer.Option(0, "--seed", help="Sampling seed (per prompt)."),
     data_format: str | None = typer.Option(None, "--format", help="alpaca|chat|text (default: the run's format)."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
+    trust: bool = TrustOpt,
 ) -> None:
     """Generate text with a trained run, checkpoint or model dir (prompts formatted as in training)."""
     from raytune_ft.errors import UserError
@@ -37,7 +48,7 @@ def generate_cmd(
         raise UserError("no prompts: pass --prompt TEXT (repeatable) or --file PROMPTS")
     info: dict = {}
     results = generate(
-        source, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+        _source(source, trust), prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
         compare_base=compare_base, seed=seed, data_format=data_format, info=info,
     )
     if as_json:
@@ -51,11 +62,12 @@ def merge_cmd(
     out_dir: str = typer.Argument(..., metavar="OUT_DIR", help="Where to write the merged model (local or s3://)."),
     dtype: str = typer.Option("float32", "--dtype", help="float32|bfloat16|float16: dtype of the merged weights."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty OUT_DIR."),
+    trust: bool = TrustOpt,
 ) -> None:
     """Merge a LoRA adapter into its base model (QLoRA: into the unquantized base) and save it."""
     from raytune_ft.tools.merge import merge
 
-    result = merge(source, out_dir, dtype=dtype, overwrite=overwrite)
+    result = merge(_source(source, trust), out_dir, dtype=dtype, overwrite=overwrite)
     for m in result["messages"]:
         typer.echo(m)
 
@@ -68,11 +80,12 @@ def eval_cmd(
     out: str | None = typer.Option(None, "--out", help="Where to write eval_results.json (default: next to the model)."),
     data_format: str | None = typer.Option(None, "--format", help="alpaca|chat|text for --data (default: the run's)."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
+    trust: bool = TrustOpt,
 ) -> None:
     """Token-weighted loss and perplexity on the run's eval data (or --data), as training scores them."""
     from raytune_ft.tools.evaluate import evaluate, render
 
-    result = evaluate(source, data, batch_size=batch_size, include_base=include_base, out=out, data_format=data_format)
+    result = evaluate(_source(source, trust), data, batch_size=batch_size, include_base=include_base, out=out, data_format=data_format)
     typer.echo(json.dumps(result, indent=2, default=str) if as_json else render(result))
 
 

@@ -19,7 +19,7 @@ from raytune_ft.errors import UserError
 from raytune_ft.launch.progress import NAMESPACE, board_name, make_board_class
 from raytune_ft.launch.trainer import RunResult, build_trainer
 from raytune_ft.plan import Plan, make_plan
-from raytune_ft.rundir import FINAL, RunDir
+from raytune_ft.rundir import FINAL, SPEC, RunDir
 from raytune_ft.spec import to_yaml
 from raytune_ft.spec.models import JobSpec
 from raytune_ft.train.config import WorkerConfig
@@ -30,6 +30,53 @@ EventHandler = Callable[[dict[str, Any]], None]
 def keep_aside(spec: JobSpec) -> str | None:
     """``--fresh``: move an existing run dir aside (never delete it). Returns where it went."""
     return RunDir.of(spec).move_aside()
+
+
+def before_start(spec: JobSpec, *, fresh: bool, resume_from: str | None,
+                 emit: EventHandler | None = None) -> Finished | None:
+    """What a resubmission must settle before anything starts or is written: a changed spec may not resume
+    the run's checkpoints (UserError), and a finished run is not trained again (returned). Nothing to
+    settle for --fresh, --resume-from (explicit acts) or sweeps (trials keep their own state)."""
+    if fresh or resume_from or spec.tune is not None:
+        return None
+    try:
+        check_same_run(spec, RunDir.of(spec), emit or (lambda e: None))
+    except OSError:  # storage unreachable: the preflight that follows says so properly
+        return None
+    return finished_run(spec)
+
+
+def check_same_run(spec: JobSpec, run: RunDir, emit: EventHandler) -> None:
+    """A resubmitted spec resumes the run's checkpoints only when nothing that defines the run changed
+    (model, tokenizer, method, data, sequence length, precision, seed, optimizer...); extending or
+    observing it (max_steps, epochs, intervals, monitoring, compute) is allowed and said. The previous
+    spec is the YAML the driver stored in the run dir (read as data only)."""
+    import yaml
+
+    from raytune_ft import checkpoints as ck
+    from raytune_ft.spec import dump_spec, identity
+
+    data = st.read_bytes(run.fs, run.spec_file)
+    if data is None or ck.latest_committed(run.fs, run.path) is None:
+        return  # nothing to resume: the new spec simply starts the run
+    try:
+        old = yaml.safe_load(data.decode("utf-8"))
+    except (UnicodeDecodeError, yaml.YAMLError):
+        old = None
+    if not isinstance(old, dict):
+        raise UserError(f"{run.uri_of(SPEC)} is not a spec rtf wrote, so this run's "
+                        "checkpoints cannot be checked against the new spec",
+                        hint="--fresh starts over (the old run is kept aside), or give the run a new name")
+    new = dump_spec(spec)
+    defining, allowed = identity.changes(old, new)
+    if defining:
+        raise UserError(
+            f"run {spec.name} has checkpoints trained with a different spec: {identity.describe(old, new, defining)}. "
+            "Resuming would continue those weights under another setup",
+            hint=f"--fresh starts over (the old run is kept aside), or give the run a new name "
+                 f"(--set name={spec.name}-2)")
+    if allowed:
+        emit({"kind": "info", "message": "resuming with changed " + identity.describe(old, new, allowed)})
 
 
 @dataclass(frozen=True)
@@ -136,7 +183,7 @@ STORAGE_WAIT_S = 120.0
 
 
 def run(spec: JobSpec, *, fresh: bool = False, resume_from: str | None = None,
-        on_event: EventHandler | None = None, plan: Plan | None = None) -> RunResult:
+        on_event: EventHandler | None = None, plan: Plan | None = None, settled: bool = False) -> RunResult:
     """Run the spec on the Ray cluster this process is connected to (``ray.init`` already called).
 
     A failure is classified: a user error is raised as such; when storage dropped out, the run is
@@ -155,11 +202,10 @@ def run(spec: JobSpec, *, fresh: bool = False, resume_from: str | None = None,
     plan = plan or make_plan(spec)
     emit = on_event or (lambda e: None)
     run_dir = RunDir.of(spec)
-    if not fresh and not resume_from:
-        done = finished_run(spec)
-        if done is not None:
-            emit({"kind": "info", "message": done.message()})
-            return RunResult(True, run_dir.uri, {"already_complete": done.message()})
+    done = None if settled else before_start(spec, fresh=fresh, resume_from=resume_from, emit=emit)
+    if done is not None:
+        emit({"kind": "info", "message": done.message()})
+        return RunResult(True, run_dir.uri, {"already_complete": done.message()})
     if fresh:
         aside = run_dir.move_aside()
         if aside:
@@ -270,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         install_sealed()  # secrets forwarded by `rtf submit --address`, before anything reads them
         spec = load_spec(a.spec)
-        done = None if (a.fresh or a.resume_from) else finished_run(spec)
+        done = before_start(spec, fresh=a.fresh, resume_from=a.resume_from, emit=on_event)
         if done is not None:  # before the preflight's marker and before Ray: nothing starts, nothing is written
             print(f"done: {done.message()}", flush=True)
             return 0
@@ -280,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
             on_event({"kind": "info", "message": f"data: {skipped} bad row(s) will be skipped (data.on_bad_row: skip)"})
         ray.init(address=os.environ.get("RAY_ADDRESS", "auto"), log_to_driver=True)
         signal.signal(signal.SIGTERM, stopped)  # after ray.init, which sets its own (a bare sys.exit)
-        result = run(spec, fresh=a.fresh, resume_from=a.resume_from, on_event=on_event)
+        result = run(spec, fresh=a.fresh, resume_from=a.resume_from, on_event=on_event, settled=True)
     except SealError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2

@@ -9,7 +9,7 @@ import time
 
 from raytune_ft import storage as st
 from raytune_ft.data.pipeline import check_data
-from raytune_ft.launch.driver import finished_run, run
+from raytune_ft.launch.driver import before_start, run
 from raytune_ft.launch.progress import Renderer, print_summary
 from raytune_ft.plan import make_plan
 from raytune_ft.spec.models import JobSpec
@@ -18,7 +18,7 @@ from raytune_ft.spec.models import JobSpec
 def run_local(spec: JobSpec, *, fresh: bool = False, resume_from: str | None = None, out=None) -> int:
     out = out or sys.stderr
     plan = make_plan(spec)
-    done = None if (fresh or resume_from) else finished_run(spec)
+    done = before_start(spec, fresh=fresh, resume_from=resume_from, emit=lambda e: print(e["message"], file=out))
     if done is not None:  # before the preflight's marker and before Ray: nothing starts, nothing is written
         print(done.message(), file=out)
         return 0
@@ -44,7 +44,7 @@ def run_local(spec: JobSpec, *, fresh: bool = False, resume_from: str | None = N
               "set compute.gpus_per_worker: 1 to use it", file=out)
     renderer = Renderer(out)
     try:
-        result = run(spec, fresh=fresh, resume_from=resume_from, on_event=renderer.handle, plan=plan)
+        result = run(spec, fresh=fresh, resume_from=resume_from, on_event=renderer.handle, plan=plan, settled=True)
     except KeyboardInterrupt:
         renderer.close()
         print("\ninterrupted: training stopped. Committed checkpoints are intact; "

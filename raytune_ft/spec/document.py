@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import re
 import typing
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,7 +18,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from raytune_ft.errors import UserError
-from raytune_ft.spec.models import JobSpec
+from raytune_ft.spec.models import SECRETISH, TOKEN_VALUE_RE, JobSpec
 
 Loc = tuple[Any, ...]
 
@@ -42,13 +43,23 @@ class Source:
 # --------------------------------------------------------------------------- overrides
 
 
+def shown_override(text: str) -> str:
+    """An override as errors may show it: credentials in URLs, token-like values and the value of a
+    secret-looking key are masked (errors are printed, logged and pasted into issues)."""
+    key, sep, raw = text.partition("=")
+    if sep and SECRETISH.search(key.rsplit(".", 1)[-1]):
+        return f"{key}=***"
+    raw = re.sub(r"(://)[^/@\s]*@", r"\1***@", raw)
+    return key + sep + TOKEN_VALUE_RE.sub("***", raw)
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
-        raise UserError(f"--set {text}: expected dotted.key=value")
+        raise UserError(f"--set {shown_override(text)}: expected dotted.key=value")
     key, raw = text.split("=", 1)
     key = key.strip()
     if not key or any(not part for part in key.split(".")):
-        raise UserError(f"--set {text}: the key `{key}` is not a dotted path like training.learning_rate")
+        raise UserError(f"--set {shown_override(text)}: the key `{key}` is not a dotted path like training.learning_rate")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
@@ -63,10 +74,10 @@ def apply_override(doc: dict, parts: list[str], value: Any, text: str) -> Loc:
         last = i == len(parts) - 1
         if isinstance(cur, list):
             if not part.isdigit():
-                raise UserError(f"--set {text}: `{dotted(loc)}` is a list; index it with a number, not `{part}`")
+                raise UserError(f"--set {shown_override(text)}: `{dotted(loc)}` is a list; index it with a number, not `{part}`")
             idx = int(part)
             if idx > len(cur):
-                raise UserError(f"--set {text}: `{dotted(loc)}` has {len(cur)} item(s); index {idx} is out of range")
+                raise UserError(f"--set {shown_override(text)}: `{dotted(loc)}` has {len(cur)} item(s); index {idx} is out of range")
             if last:
                 if idx == len(cur):
                     cur.append(value)
@@ -79,7 +90,7 @@ def apply_override(doc: dict, parts: list[str], value: Any, text: str) -> Loc:
             loc.append(idx)
             continue
         if not isinstance(cur, dict):
-            raise UserError(f"--set {text}: `{dotted(loc)}` is a {type(cur).__name__}, not a section")
+            raise UserError(f"--set {shown_override(text)}: `{dotted(loc)}` is a {type(cur).__name__}, not a section")
         loc.append(part)
         if last:
             cur[part] = value
@@ -124,6 +135,27 @@ def clean_loc(loc: Loc) -> Loc:
     return tuple(p for p in loc if isinstance(p, int) or ("[" not in p and p not in {"str", "int", "float"}))
 
 
+# pydantic's messages for shapes, in the words of a YAML file (its own read as Python: "a valid dictionary
+# or object to extract fields from").
+PLAIN_WORDS = {
+    "model_type": "must be a mapping of keys (key: value lines, or {key: value})",
+    "model_attributes_type": "must be a mapping of keys (key: value lines, or {key: value})",
+    "dict_type": "must be a mapping of keys (key: value lines, or {key: value})",
+    "list_type": "must be a list ([a, b] or - item lines)",
+    "tuple_type": "must be a list of two values, [low, high]",
+    "string_type": "must be text",
+    "int_type": "must be a whole number",
+    "int_parsing": "must be a whole number",
+    "int_from_float": "must be a whole number",
+    "float_type": "must be a number",
+    "float_parsing": "must be a number",
+    "bool_type": "must be true or false",
+    "bool_parsing": "must be true or false",
+    "union_tag_invalid": "type must be one of {expected_tags} (got {tag})",
+    "union_tag_not_found": "needs a `{discriminator}` key",
+}
+
+
 def _message(err: dict) -> str:
     typ, msg, got = err["type"], err["msg"], err.get("input")
     if typ == "extra_forbidden":
@@ -138,6 +170,15 @@ def _message(err: dict) -> str:
         return "is required"
     if typ in ("value_error", "assertion_error"):
         return msg.split(", ", 1)[1] if msg.startswith(("Value error, ", "Assertion failed, ")) else msg
+    plain = PLAIN_WORDS.get(typ)
+    if plain is not None:
+        ctx = err.get("ctx") or {}
+        for k in ("expected_tags", "discriminator", "tag"):
+            plain = plain.replace("{" + k + "}", str(ctx.get(k, "")).replace("'", ""))
+        if typ == "union_tag_invalid":
+            return plain
+        return plain + (f" (got {got!r})" if got is not None and not isinstance(got, (dict, list)) else
+                        f" (got a {type(got).__name__})" if got is not None else "")
     msg = msg.replace("Input should be", "must be").replace("Input", "value")
     if got is not None and not isinstance(got, (dict, list)):
         msg += f" (got {got!r})"

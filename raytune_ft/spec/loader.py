@@ -26,6 +26,7 @@ from raytune_ft.spec.document import (
     dump_spec,
     format_errors,
     parse_override,
+    shown_override,
 )
 from raytune_ft.spec.models import JobSpec
 from raytune_ft.spec.space import check_space
@@ -68,16 +69,66 @@ def _construct(node: yaml.Node, fname: str, loc: Loc, lines: dict, problems: lis
     return yaml.safe_load(yaml.serialize(node))
 
 
+# A job spec is a few kilobytes. These caps make hostile files (an alias bomb, a 50 MB string, 500-deep
+# nesting) a one-line refusal in milliseconds instead of minutes of CPU, gigabytes or a RecursionError.
+MAX_SPEC_BYTES = 1 << 20
+MAX_DEPTH = 64
+MAX_NODES = 100_000  # after alias expansion: the line-tracking constructor visits every expanded node
+
+
+def check_yaml_shape(text: str, fname: str) -> None:
+    """Streams the parser's events (no recursion, no construction) to measure nesting depth and the
+    node count aliases expand to; refuses either over its cap. Syntax errors are left to the composer."""
+    stack: list[list[Any]] = []  # per open collection: [anchor, expanded node count]
+    sizes: dict[str, int] = {}
+    total = 0
+    try:
+        for ev in yaml.parse(text, Loader=yaml.SafeLoader):
+            if isinstance(ev, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+                stack.append([ev.anchor, 1])
+                if len(stack) > MAX_DEPTH:
+                    raise UserError(f"{fname}:{ev.start_mark.line + 1}: nested more than {MAX_DEPTH} levels deep; "
+                                    "a job spec is a few levels of mappings")
+                n = 0
+            elif isinstance(ev, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+                anchor, n = stack.pop()
+                if anchor:
+                    sizes[anchor] = n
+                total += 1
+            elif isinstance(ev, yaml.ScalarEvent):
+                n = 1
+                if ev.anchor:
+                    sizes[ev.anchor] = 1
+                total += 1
+            elif isinstance(ev, yaml.AliasEvent):
+                n = sizes.get(ev.anchor, 1)
+                total += n
+            else:
+                continue
+            if stack and n:
+                stack[-1][1] += n
+            if total > MAX_NODES:
+                raise UserError(f"{fname}:{ev.start_mark.line + 1}: expands to more than {MAX_NODES:,} values "
+                                "(YAML aliases repeating aliases?); a job spec holds a few hundred")
+    except yaml.YAMLError:
+        return
+
+
 def read_yaml(path: Path) -> tuple[dict, dict[Loc, tuple[str, int]]]:
     fname = _display(path)
     if not path.exists():
         raise UserError(f"spec file not found: {fname}")
     if path.is_dir():
         raise UserError(f"spec path is a directory, not a YAML file: {fname}")
+    size = path.stat().st_size
+    if size > MAX_SPEC_BYTES:
+        raise UserError(f"{fname}: {size:,} bytes; a job spec is at most {MAX_SPEC_BYTES:,} "
+                        "(data belongs in data.train files, not in the spec)")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise UserError(f"{fname}: not UTF-8 text ({e.reason} at byte {e.start})")
+    check_yaml_shape(text, fname)
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError as e:
@@ -195,7 +246,7 @@ def load_document(path: str | Path, overrides: list[str] | tuple[str, ...] = ())
     for text in overrides:
         parts, value = parse_override(text)
         loc = apply_override(doc, parts, value, text)
-        src.lines[loc] = (f"--set {text}", 0)
+        src.lines[loc] = (f"--set {shown_override(text)}", 0)
     return doc, src
 
 

@@ -9,22 +9,32 @@ the loader turns it into ``file:line dotted.path: message``.
 from __future__ import annotations
 
 import math
-import re
 from typing import Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
-ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-SECRETISH = re.compile(
-    r"(^|_)(TOKEN|SECRET|PASSWORD|PASSWD|APIKEY|API_KEY|ACCESS_KEY(_ID)?|SECRET_ACCESS_KEY|PRIVATE_KEY|CREDENTIALS?)(_|$)",
-    re.I,
+from raytune_ft.spec import base
+from raytune_ft.spec.base import (  # noqa: F401  (re-exported: the spec's names live here)
+    CONTROL_RE,
+    ENV_NAME_RE,
+    NAME_RE,
+    SECRETISH,
+    TOKEN_VALUE_RE,
+    Section,
+    check_shape,
+    looks_like_token,
+    no_userinfo,
 )
-
-
-class Section(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
-
+from raytune_ft.spec.systems import (  # noqa: F401
+    ClusterSpec,
+    ComputeSpec,
+    DeepSpeedSpec,
+    FaultTolerance,
+    KubernetesSpec,
+    Monitoring,
+    RunpodSpec,
+    StorageSpec,
+)
 
 # --------------------------------------------------------------------------- model / tokenizer
 
@@ -60,7 +70,7 @@ class ModelSpec(Section):
     init: ModelInit | None = Field(None, description="Train from scratch with this architecture.")
     revision: str | None = None
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager"] = "auto"
+    attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "flex_attention", "eager"] = "auto"
     trust_remote_code: bool = False
 
     @model_validator(mode="after")
@@ -246,6 +256,9 @@ Scheduler = Literal[
 ]
 
 
+EVAL_METRICS = ("eval_loss",)  # what an evaluation reports (HF's names, with their eval_ prefix)
+
+
 class EarlyStopping(Section):
     patience: int = Field(3, ge=1)
     threshold: float = Field(0.0, ge=0)
@@ -265,6 +278,9 @@ class TrainingSpec(Section):
     max_grad_norm: float = Field(1.0, ge=0)
     optimizer: Optimizer = "adamw_torch"
     gradient_checkpointing: bool = False
+    liger_kernel: bool = Field(False, description="Liger's Triton kernels (fused linear cross-entropy, RMSNorm, "
+                               "RoPE, SwiGLU) through HF's use_liger_kernel; GPU only, pip install "
+                               "'raytune_ft[gpu]'. Measured on an H200: 1.14x tokens/s, half the peak memory.")
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"
     tf32: bool | None = None
     logging_steps: int = Field(10, gt=0)
@@ -279,6 +295,16 @@ class TrainingSpec(Section):
     data_seed: int | None = None
     dataloader_num_workers: int = Field(0, ge=0)
     group_by_length: bool = False
+
+    @field_validator("metric_for_best_model")
+    @classmethod
+    def _best_metric(cls, v: str) -> str:
+        """HF's Trainer compares ``eval_<name>`` when the name lacks the prefix; rtf's checkpoint keeping
+        must compare the same metric, so the name is stored as the trainer uses it."""
+        name = v if v.startswith("eval_") else f"eval_{v}"
+        if name not in EVAL_METRICS:
+            raise ValueError(f"{v!r} is not a metric evaluation reports; use one of {', '.join(EVAL_METRICS)}")
+        return name
 
     @model_validator(mode="after")
     def _training_rules(self) -> TrainingSpec:
@@ -307,118 +333,6 @@ class TrainingSpec(Section):
     @property
     def eval_batch_size(self) -> int:
         return self.per_device_eval_batch_size or self.per_device_train_batch_size
-
-
-# --------------------------------------------------------------------------- systems
-
-
-class DeepSpeedSpec(Section):
-    stage: Literal[0, 1, 2, 3] = 0
-    offload_optimizer: bool = False
-    offload_params: bool = False
-    config: str | None = Field(None, description="Path to a raw DeepSpeed JSON; replaces the generated one.")
-
-    @model_validator(mode="after")
-    def _ds_rules(self) -> DeepSpeedSpec:
-        if self.config is not None and (self.stage or self.offload_optimizer or self.offload_params):
-            raise ValueError("deepspeed.config replaces the generated config; drop stage/offload_* or drop config")
-        if self.offload_params and self.stage != 3:
-            raise ValueError(f"deepspeed.offload_params needs ZeRO stage 3 (got stage {self.stage})")
-        if self.offload_optimizer and self.stage == 0:
-            raise ValueError("deepspeed.offload_optimizer needs ZeRO stage 1, 2 or 3 (got stage 0)")
-        return self
-
-
-class ComputeSpec(Section):
-    num_workers: int = Field(1, ge=1, le=4096)
-    gpus_per_worker: float = Field(0, ge=0, le=16)
-    cpus_per_worker: float = Field(1, gt=0)
-    accelerator_type: str | None = Field(None, description="e.g. A100-80G, H100, A40, RTX4090, L4")
-    placement: Literal["pack", "spread", "strict_spread", "strict_pack"] = "pack"
-
-    @property
-    def use_gpu(self) -> bool:
-        return self.gpus_per_worker > 0
-
-
-class KubernetesSpec(Section):
-    namespace: str = "default"
-    service_account: str | None = None
-    node_selector: dict[str, str] | None = None
-    tolerations: list[dict[str, Any]] | None = None
-    head_cpu: str = "4"
-    head_memory: str = "16Gi"
-    worker_cpu: str | None = None
-    worker_memory: str | None = None
-    secret_name: str = "rtf-secrets"
-    shutdown_after_job_finishes: bool = True
-    ttl_seconds_after_finished: int = Field(3600, ge=0)
-    ray_version: str | None = None
-
-
-class RunpodSpec(Section):
-    gpu_type: str = "NVIDIA H100 80GB HBM3"
-    gpu_count: int = Field(1, ge=1)
-    pod_count: int | None = Field(None, ge=1, description="Defaults to compute.num_workers / gpu_count.")
-    volume_gb: int = Field(100, gt=0)
-    container_disk_gb: int = Field(50, gt=0)
-    cloud_type: Literal["SECURE", "COMMUNITY"] = "SECURE"
-
-
-class ClusterSpec(Section):
-    address: str | None = Field(None, description="Ray cluster address (ray://, http:// dashboard, or auto).")
-    image: str | None = None
-    pip: list[str] | None = Field(None, description="Extra pip packages for the job's runtime_env.")
-    kubernetes: KubernetesSpec | None = None
-    runpod: RunpodSpec | None = None
-
-
-class StorageSpec(Section):
-    path: str = Field("./rtf_runs", min_length=1, description="Local dir or s3://bucket/prefix.")
-    endpoint_url: str | None = Field(None, description="S3-compatible endpoint (MinIO, R2, Ceph).")
-    region: str | None = None
-    access_key_env: str = "AWS_ACCESS_KEY_ID"
-    secret_key_env: str = "AWS_SECRET_ACCESS_KEY"
-    session_token_env: str = "AWS_SESSION_TOKEN"
-    keep_checkpoints: int = Field(3, ge=2)
-
-    @field_validator("access_key_env", "secret_key_env", "session_token_env")
-    @classmethod
-    def _env_name(cls, v: str) -> str:
-        if not ENV_NAME_RE.match(v):
-            raise ValueError(
-                "must be the NAME of an environment variable (got something else); "
-                "put the value in that variable, never in the spec"
-            )
-        return v
-
-    @field_validator("endpoint_url")
-    @classmethod
-    def _endpoint(cls, v):
-        if v is not None and not re.match(r"^https?://[^/\s]+", v):
-            raise ValueError(f"must be an http:// or https:// URL (got {v!r})")
-        return v
-
-    @field_validator("path")
-    @classmethod
-    def _path(cls, v: str) -> str:
-        if "://" in v and not v.startswith("s3://"):
-            raise ValueError(f"must be a local directory or an s3://bucket/prefix URI (got {v!r})")
-        if v.startswith("s3://") and not re.match(r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?$", v):
-            raise ValueError(f"not a valid s3://bucket/prefix URI (got {v!r})")
-        return v
-
-    @property
-    def is_s3(self) -> bool:
-        return self.path.startswith("s3://")
-
-
-class FaultTolerance(Section):
-    max_failures: int = Field(3, ge=-1, description="Retries from the last checkpoint; -1 = unlimited.")
-
-
-class Monitoring(Section):
-    report_to: list[Literal["tensorboard", "wandb", "mlflow", "none"]] = ["tensorboard"]
 
 
 # --------------------------------------------------------------------------- sweeps (Ray Tune)
@@ -508,6 +422,12 @@ class TuneSpec(Section):
     search: Literal["random", "grid", "optuna"] = "random"
     seed: int | None = Field(None, description="Seed of the random search (a repeatable set of samples).")
 
+    @field_validator("scheduler", mode="before")
+    @classmethod
+    def _scheduler_short(cls, v):
+        """`scheduler: asha` is the short form of `scheduler: {type: asha}` (its defaults)."""
+        return {"type": v} if isinstance(v, str) else v
+
     @model_validator(mode="after")
     def _tune_rules(self) -> TuneSpec:
         if self.mode == "max":
@@ -547,7 +467,7 @@ class JobSpec(Section):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        if not NAME_RE.match(v):
+        if not NAME_RE.fullmatch(v):
             raise ValueError(
                 f"must be 1-63 characters of letters, digits, '.', '_' or '-', starting with a letter "
                 f"or digit (got {v!r})"
@@ -567,13 +487,22 @@ class JobSpec(Section):
     @classmethod
     def _env(cls, v: dict[str, str | None]) -> dict[str, str | None]:
         for key, value in v.items():
-            if not ENV_NAME_RE.match(key):
+            if not ENV_NAME_RE.fullmatch(key):
                 raise ValueError(f"{key!r} is not a valid environment variable name")
             if value is not None and SECRETISH.search(key):
                 raise ValueError(
                     f"{key} looks like a secret but has a literal value; write `{key}: null` to forward "
                     f"it from the submitting environment (its value is never written anywhere)"
                 )
+            if value is not None and looks_like_token(value):
+                raise ValueError(
+                    f"{key}'s value looks like a credential (it holds what looks like an API token or access "
+                    f"key); "
+                    f"put it in an environment variable and write `{key}: null` to forward it"
+                )
+            if value is not None and CONTROL_RE.search(value):
+                raise ValueError(f"{key}'s value holds a control character (a newline?); environment values "
+                                 "are one line")
         return v
 
     @model_validator(mode="after")
@@ -615,6 +544,16 @@ class JobSpec(Section):
                 "a freshly trained tokenizer changes the vocabulary, so the embeddings must train too: "
                 "use method.type full with tokenizer.train"
             )
+        missing = [r for r in self.monitoring.report_to if r in ("wandb", "mlflow") and not base.importable(r)
+                   and not self.cluster.image and not any(p.split("[")[0].split("=")[0].split(">")[0].strip() == r
+                                                          for p in self.cluster.pip or [])]
+        if missing:
+            raise ValueError(
+                f"monitoring.report_to names {', '.join(missing)}, which is not installed here (training would "
+                f"silently report nothing): pip install {' '.join(missing)}, or list it in cluster.pip, or "
+                "run in a cluster.image that has it")
+        if t.liger_kernel and not self.compute.use_gpu:
+            raise ValueError("training.liger_kernel runs Triton GPU kernels: it needs compute.gpus_per_worker >= 1")
         if self.model.init is not None and m.type != "full":
             raise ValueError("model.init starts from random weights; LoRA on random weights is pointless: use method.type full")
         return self

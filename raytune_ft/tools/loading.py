@@ -71,7 +71,7 @@ def load_tokenizer(src: Source):
             hint="the run's final/ holds the tokenizer; point SOURCE at the run dir or at final/",
         )
     try:
-        tok = AutoTokenizer.from_pretrained(where, trust_remote_code=_trust(src))
+        tok = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code(src))
     except (OSError, ValueError) as e:
         raise UserError(f"cannot load the tokenizer from {where}: {e}")
     if tok.pad_token_id is None and tok.eos_token_id is not None:
@@ -79,8 +79,17 @@ def load_tokenizer(src: Source):
     return tok
 
 
-def _trust(src: Source) -> bool:
-    return bool(src.spec is not None and src.spec.model.trust_remote_code)
+def trust_remote_code(src: Source) -> bool:
+    """The user's --trust-remote-code, never the stored spec's: a run whose spec asked for remote code is
+    refused in one line until the user says so on the command line."""
+    if src.trust_remote_code:
+        return True
+    if src.spec is not None and src.spec.model.trust_remote_code:
+        raise UserError(
+            f"{src.origin}: this run's spec has model.trust_remote_code: true, which rtf does not take from "
+            "storage (whoever can write the run dir would choose what code runs here)",
+            hint="pass --trust-remote-code if you trust the model's own Python code")
+    return False
 
 
 def _revision(src: Source, name: str | None) -> str | None:
@@ -94,7 +103,7 @@ def load_pretrained(name: str, src: Source, *, dtype, device, quantization: Any 
     """``AutoModelForCausalLM.from_pretrained`` with the run's settings; UserError when it cannot be loaded."""
     from transformers import AutoModelForCausalLM
 
-    kwargs: dict[str, Any] = dict(dtype=dtype, trust_remote_code=_trust(src))
+    kwargs: dict[str, Any] = dict(dtype=dtype, trust_remote_code=trust_remote_code(src))
     rev = _revision(src, name)
     if rev:
         kwargs["revision"] = rev

@@ -126,7 +126,9 @@ def _load_base(src: Source, tdtype, messages: list[str]):
     from transformers import AutoModelForCausalLM
 
     name = src.base_model
-    kwargs: dict[str, Any] = dict(dtype=tdtype, trust_remote_code=bool(src.spec and src.spec.model.trust_remote_code))
+    from raytune_ft.tools.loading import trust_remote_code
+
+    kwargs: dict[str, Any] = dict(dtype=tdtype, trust_remote_code=trust_remote_code(src))
     if src.spec is not None and src.spec.model.revision and name == src.spec.model.name_or_path:
         kwargs["revision"] = src.spec.model.revision
     prequantized = _prequantized(name)

@@ -55,6 +55,9 @@ class Source:
     step: int | None = None  # checkpoint step, when the source is a checkpoint
     tokenizer_path: str | None = None  # local dir with tokenizer files
     notes: list[str] = field(default_factory=list)
+    # Only ever from the user's --trust-remote-code: a run's stored spec is storage, and whoever can write
+    # the bucket must not decide that this machine runs the model's Python code.
+    trust_remote_code: bool = False
 
     @property
     def is_adapter(self) -> bool:

@@ -84,6 +84,9 @@ class RtfCallback(TrainerCallback):
     # ------------------------------------------------------------------ logging
 
     def on_train_begin(self, args, state, control, **kwargs):
+        from raytune_ft.train.monitor import HardwareMonitor
+
+        self.monitor = HardwareMonitor(args.device.index or 0 if args.device.type == "cuda" else None)
         self.t_start = self.t_last = time.time()
         self.step_last = self.start_step = state.global_step
         self.tokens_last = state.num_input_tokens_seen or 0
@@ -105,10 +108,15 @@ class RtfCallback(TrainerCallback):
             samples = dsteps * args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
             rate = (step - self.start_step) / max(now - self.t_start, 1e-9)
             eta = (state.max_steps - step) / rate if rate > 0 else None
+            hw = self.monitor.sample() if getattr(self, "monitor", None) is not None else {}
             logs.update(tokens_per_s=tok_s, samples_per_s=samples / dt, peak_memory_mb=peak_memory_mb(),
-                        max_steps=state.max_steps, eta_s=eta)
+                        max_steps=state.max_steps, eta_s=eta, **hw)
             event.update(kind="log", loss=float(logs["loss"]), learning_rate=logs.get("learning_rate"),
-                         grad_norm=logs.get("grad_norm"), tokens_per_s=tok_s, eta_s=eta)
+                         grad_norm=logs.get("grad_norm"), tokens_per_s=tok_s, eta_s=eta,
+                         peak_memory_mb=logs["peak_memory_mb"], gpu_util_percent=hw.get("gpu_util_percent"))
+            warning = self.monitor.check(hw, now) if hw else None
+            if warning and self.run.rank == 0:
+                self.publisher.push({"kind": "info", "message": f"warning: {warning}"})
             self.t_last, self.tokens_last, self.step_last = now, tokens, step
         else:
             return

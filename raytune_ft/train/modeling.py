@@ -26,10 +26,27 @@ def hf_token() -> str | None:
     return os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN") or None
 
 
-def choose_attention(requested: str, *, cuda: bool, model_class: Any = None) -> tuple[str, str]:
-    """(implementation, why). ``auto``: flash_attention_2 when importable on a GPU, else sdpa, else eager."""
+def flex_available() -> bool:
+    """PyTorch's flex_attention (torch >= 2.5) is importable; on a GPU Triton compiles its kernels."""
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def choose_attention(requested: str, *, cuda: bool, model_class: Any = None, packed: bool = False) -> tuple[str, str]:
+    """(implementation, why). ``auto``: flash_attention_2 when importable on a GPU, else sdpa, else eager.
+    ``flex_attention`` only when the spec asks for it (a GPU, torch >= 2.5).
+
+    Why auto does not pick flex_attention for packed rows, although it skips the blocks between examples
+    that SDPA's dense mask cannot: measured on an H200 (2026-11-28, bench/RESULTS.md), rtf's LoRA run on
+    packed rows of 1024 trained at 16,480 tokens/s with flex_attention and 29,681 with SDPA, at the same
+    loss; the isolated forward+backward was 1.06x SDPA, so the cost is in building the BlockMask and the
+    compiled kernels each step. Longer rows may turn this around; ask for flex_attention to try it."""
     flash = importlib.util.find_spec("flash_attn") is not None
     sdpa_ok = model_class is None or getattr(model_class, "_supports_sdpa", True)
+    flex_ok = model_class is None or getattr(model_class, "_supports_flex_attn", False)
     if requested == "flash_attention_2":
         if not cuda:
             raise UserError("model.attn_implementation flash_attention_2 needs a CUDA GPU; use auto or sdpa")
@@ -37,6 +54,14 @@ def choose_attention(requested: str, *, cuda: bool, model_class: Any = None) -> 
             raise UserError("model.attn_implementation flash_attention_2 needs the flash-attn package "
                             "(pip install 'raytune_ft[gpu]'); use auto or sdpa")
         return requested, "asked for in the spec"
+    if requested == "flex_attention":
+        if not cuda:
+            raise UserError("model.attn_implementation flex_attention needs a CUDA GPU (it has no CPU "
+                            "backward); use auto or sdpa")
+        if not (flex_available() and flex_ok):
+            raise UserError("model.attn_implementation flex_attention needs torch >= 2.5 and a model class "
+                            "that supports it; use auto or sdpa")
+        return requested, "asked for in the spec" + (" (block-diagonal BlockMask for packed rows)" if packed else "")
     if requested in ("sdpa", "eager"):
         return requested, "asked for in the spec"
     if cuda and flash:
@@ -81,6 +106,12 @@ def build_config(spec: JobSpec, tokenizer: Any) -> Any:
     )
 
 
+def _class_for(config: Any) -> Any:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    return MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)
+
+
 def quantization_config(quant: QuantizationSpec, *, compute_dtype: torch.dtype | None = None) -> Any:
     """The ``BitsAndBytesConfig`` of ``method.quantization``: training loads its QLoRA base with it, and the
     tools (:mod:`raytune_ft.tools.loading`) load that base the same way; ``compute_dtype`` overrides the
@@ -109,7 +140,8 @@ def build_model(spec: JobSpec, tokenizer: Any, *, device: torch.device, seed: in
     chosen: dict[str, str] = {"dtype": str(dtype).replace("torch.", "")}
     if m.init is not None:
         config = build_config(spec, tokenizer)
-        attn, why = choose_attention(m.attn_implementation, cuda=cuda)
+        attn, why = choose_attention(m.attn_implementation, cuda=cuda, packed=spec.data.packing,
+                                     model_class=_class_for(config))
         config._attn_implementation = attn
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
@@ -126,7 +158,8 @@ def build_model(spec: JobSpec, tokenizer: Any, *, device: torch.device, seed: in
         from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
         model_class = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(cfg), None)
-        attn, why = choose_attention(m.attn_implementation, cuda=cuda, model_class=model_class)
+        attn, why = choose_attention(m.attn_implementation, cuda=cuda, model_class=model_class,
+                                     packed=spec.data.packing)
         kwargs["attn_implementation"] = attn
         if spec.method.type == "qlora":
             assert spec.method.quantization is not None

@@ -146,6 +146,7 @@ def training_arguments(spec: JobSpec, out_dir: str, deepspeed: dict | None, use_
         use_cpu=use_cpu,
         ddp_backend="gloo" if use_cpu and torch.distributed.is_initialized() else None,
         deepspeed=deepspeed,
+        use_liger_kernel=t.liger_kernel,
     )
 
 

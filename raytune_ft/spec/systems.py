@@ -1,0 +1,217 @@
+"""The spec's systems sections: DeepSpeed, compute, cluster (Kubernetes, RunPod), storage, fault tolerance
+and monitoring."""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from raytune_ft.spec.base import (
+    ACCELERATOR_RE,
+    ENV_NAME_RE,
+    GPU_TYPE_RE,
+    HOST_PATH,
+    IMAGE_RE,
+    K8S_LABEL_KEY_RE,
+    K8S_LABEL_RE,
+    K8S_LABEL_VALUE_RE,
+    K8S_NAME_RE,
+    K8S_QUANTITY_RE,
+    PIP_REQ_RE,
+    VERSION_RE,
+    Section,
+    check_shape,
+    no_userinfo,
+)
+
+
+class DeepSpeedSpec(Section):
+    stage: Literal[0, 1, 2, 3] = 0
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    config: str | None = Field(None, description="Path to a raw DeepSpeed JSON; replaces the generated one.")
+
+    @model_validator(mode="after")
+    def _ds_rules(self) -> DeepSpeedSpec:
+        if self.config is not None and (self.stage or self.offload_optimizer or self.offload_params):
+            raise ValueError("deepspeed.config replaces the generated config; drop stage/offload_* or drop config")
+        if self.offload_params and self.stage != 3:
+            raise ValueError(f"deepspeed.offload_params needs ZeRO stage 3 (got stage {self.stage})")
+        if self.offload_optimizer and self.stage == 0:
+            raise ValueError("deepspeed.offload_optimizer needs ZeRO stage 1, 2 or 3 (got stage 0)")
+        return self
+
+
+class ComputeSpec(Section):
+    num_workers: int = Field(1, ge=1, le=4096)
+    gpus_per_worker: float = Field(0, ge=0, le=16)
+    cpus_per_worker: float = Field(1, gt=0)
+    accelerator_type: str | None = Field(None, description="e.g. A100-80G, H100, A40, RTX4090, L4")
+    placement: Literal["pack", "spread", "strict_spread", "strict_pack"] = "pack"
+    assumed_mfu: float | None = Field(None, gt=0, le=1, description="Model FLOP utilisation for `rtf plan`'s "
+                                      "time estimate (default: a figure measured by this project, else a table).")
+    price_per_hour: float | None = Field(None, ge=0, description="USD per GPU-hour for `rtf plan`'s cost "
+                                         "estimate (default: a list price table).")
+
+    @field_validator("accelerator_type")
+    @classmethod
+    def _accelerator(cls, v):
+        if v is None:
+            return v
+        return check_shape(v, ACCELERATOR_RE, "an accelerator name of letters, digits, '.', '_' or '-' "
+                           "(e.g. A100-80G, H100), at most 64 characters")
+
+    @property
+    def use_gpu(self) -> bool:
+        return self.gpus_per_worker > 0
+
+
+class KubernetesSpec(Section):
+    namespace: str = "default"
+    service_account: str | None = None
+    node_selector: dict[str, str] | None = None
+    tolerations: list[dict[str, Any]] | None = None
+    head_cpu: str = "4"
+    head_memory: str = "16Gi"
+    worker_cpu: str | None = None
+    worker_memory: str | None = None
+    secret_name: str = "rtf-secrets"
+    shutdown_after_job_finishes: bool = True
+    ttl_seconds_after_finished: int = Field(3600, ge=0)
+    ray_version: str | None = None
+
+    @field_validator("namespace")
+    @classmethod
+    def _namespace(cls, v):
+        return check_shape(v, K8S_LABEL_RE, "a Kubernetes namespace (lowercase letters, digits and '-', "
+                           "at most 63, starting and ending with a letter or digit)")
+
+    @field_validator("service_account", "secret_name")
+    @classmethod
+    def _k8s_name(cls, v):
+        if v is None:
+            return v
+        return check_shape(v, K8S_NAME_RE, "a Kubernetes object name (lowercase letters, digits, '-' and '.')")
+
+    @field_validator("head_cpu", "head_memory", "worker_cpu", "worker_memory")
+    @classmethod
+    def _quantity(cls, v):
+        if v is None:
+            return v
+        return check_shape(v, K8S_QUANTITY_RE, "a Kubernetes quantity such as 4, 500m, 16Gi")
+
+    @field_validator("node_selector")
+    @classmethod
+    def _selector(cls, v):
+        for key, value in (v or {}).items():
+            check_shape(key, K8S_LABEL_KEY_RE, "a Kubernetes label key such as nvidia.com/gpu.product")
+            check_shape(value, K8S_LABEL_VALUE_RE, f"a Kubernetes label value for {key}")
+        return v
+
+    @field_validator("ray_version")
+    @classmethod
+    def _ray_version(cls, v):
+        if v is None:
+            return v
+        return check_shape(v, VERSION_RE, "a Ray version such as 2.60.0")
+
+
+class RunpodSpec(Section):
+    gpu_type: str = "NVIDIA H100 80GB HBM3"
+    gpu_count: int = Field(1, ge=1)
+    pod_count: int | None = Field(None, ge=1, description="Defaults to compute.num_workers / gpu_count.")
+    volume_gb: int = Field(100, gt=0)
+    container_disk_gb: int = Field(50, gt=0)
+    cloud_type: Literal["SECURE", "COMMUNITY"] = "SECURE"
+
+    @field_validator("gpu_type")
+    @classmethod
+    def _gpu_type(cls, v):
+        return check_shape(v, GPU_TYPE_RE, "a RunPod GPU type id such as 'NVIDIA H100 80GB HBM3'")
+
+
+class ClusterSpec(Section):
+    address: str | None = Field(None, description="Ray cluster address (ray://, http:// dashboard, or auto).")
+    image: str | None = None
+    pip: list[str] | None = Field(None, description="Extra pip packages for the job's runtime_env.")
+    kubernetes: KubernetesSpec | None = None
+    runpod: RunpodSpec | None = None
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, v):
+        if v is None or v == "auto":
+            return v
+        no_userinfo(v)  # first: the next message shows the value
+        if not re.fullmatch(rf"(ray|https?)://{HOST_PATH}|[A-Za-z0-9._-]+:[0-9]{{1,5}}", v):
+            raise ValueError(f"must be http(s)://HOST:8265 (the dashboard), ray://HOST:10001, HOST:PORT or auto "
+                             f"(got {v!r})")
+        return v
+
+    @field_validator("image")
+    @classmethod
+    def _image(cls, v):
+        if v is None:
+            return v
+        return check_shape(v, IMAGE_RE, "a container image reference such as ghcr.io/you/rtf:0.1.0")
+
+    @field_validator("pip")
+    @classmethod
+    def _pip(cls, v):
+        for req in v or []:
+            check_shape(req, PIP_REQ_RE, "a package requirement such as 'liger-kernel>=0.5' (no options, URLs "
+                        "or paths)")
+        return v
+
+
+class StorageSpec(Section):
+    path: str = Field("./rtf_runs", min_length=1, description="Local dir or s3://bucket/prefix.")
+    endpoint_url: str | None = Field(None, description="S3-compatible endpoint (MinIO, R2, Ceph).")
+    region: str | None = None
+    access_key_env: str = "AWS_ACCESS_KEY_ID"
+    secret_key_env: str = "AWS_SECRET_ACCESS_KEY"
+    session_token_env: str = "AWS_SESSION_TOKEN"
+    keep_checkpoints: int = Field(3, ge=2)
+
+    @field_validator("access_key_env", "secret_key_env", "session_token_env")
+    @classmethod
+    def _env_name(cls, v: str) -> str:
+        if not ENV_NAME_RE.fullmatch(v):
+            raise ValueError(
+                "must be the NAME of an environment variable (got something else); "
+                "put the value in that variable, never in the spec"
+            )
+        return v
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _endpoint(cls, v):
+        if v is None:
+            return v
+        no_userinfo(v)  # first: the next message shows the value
+        if not re.fullmatch(rf"https?://{HOST_PATH}", v):
+            raise ValueError(f"must be an http:// or https:// URL (got {v!r})")
+        return v
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, v: str) -> str:
+        if "://" in v and not v.startswith("s3://"):
+            raise ValueError(f"must be a local directory or an s3://bucket/prefix URI (got {v!r})")
+        if v.startswith("s3://") and not re.fullmatch(r"s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[^\x00-\x1f\x7f]*)?", v):
+            raise ValueError(f"not a valid s3://bucket/prefix URI (got {v!r})")
+        return v
+
+    @property
+    def is_s3(self) -> bool:
+        return self.path.startswith("s3://")
+
+
+class FaultTolerance(Section):
+    max_failures: int = Field(3, ge=-1, description="Retries from the last checkpoint; -1 = unlimited.")
+
+
+class Monitoring(Section):
+    report_to: list[Literal["tensorboard", "wandb", "mlflow", "none"]] = ["tensorboard"]
