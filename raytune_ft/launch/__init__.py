@@ -66,6 +66,37 @@ def absolutize(spec: JobSpec, base: str | None = None) -> JobSpec:
     return spec_from_dict(d)
 
 
+def check_resume_from(spec: JobSpec, uri: str, base: str | None = None) -> str:
+    """``--resume-from`` as the worker will read it: a local path made absolute against the directory rtf
+    was run from (Ray workers run in their own working directory), and checked to be a committed
+    checkpoint before anything starts, so a wrong path fails in a second with one line instead of after
+    Ray's retries, and leaves no run directory behind. Returns the path to pass on."""
+    import pyarrow.fs as pafs
+
+    from raytune_ft import checkpoints as ck
+    from raytune_ft import storage as st
+
+    if spec.tune is not None:
+        raise UserError("--resume-from names one run's checkpoint; a sweep resumes its own trials: "
+                        "resubmit the same spec to continue it")
+    if st.is_s3(uri):
+        fs, _ = st.pyarrow_filesystem(spec.storage)
+        bucket, key = st.split_s3(uri)
+        path, shown = f"{bucket}/{key}".rstrip("/"), uri
+    else:
+        if "://" in uri:
+            raise UserError(f"--resume-from {uri}: only local paths and s3:// URIs are supported")
+        path = os.path.normpath(os.path.join(base or os.getcwd(), os.path.expanduser(uri)))
+        fs, shown = pafs.LocalFileSystem(), path
+        if not os.path.isdir(path):
+            raise UserError(f"--resume-from {uri}: no such checkpoint directory ({path})")
+    info = ck.inspect_checkpoint(fs, path)
+    if not info.committed:
+        raise UserError(f"--resume-from {uri}: not a committed checkpoint ({info.reason}); "
+                        f"`rtf checkpoints list` on its run dir shows the committed ones")
+    return shown
+
+
 def submit(spec: JobSpec, *, address: str | None = None, fresh: bool = False, resume_from: str | None = None,
            follow: bool = True, out=None) -> int:
     out = out or sys.stderr
@@ -75,6 +106,8 @@ def submit(spec: JobSpec, *, address: str | None = None, fresh: bool = False, re
 
         return submit_cluster(absolutize(spec), addr, why, fresh=fresh, resume_from=resume_from,
                               follow=follow, out=out)
+    if resume_from:
+        resume_from = check_resume_from(spec, resume_from)
     print(f"mode: local embedded Ray ({why})", file=out)
     return run_local(absolutize(spec), fresh=fresh, resume_from=resume_from, out=out)
 

@@ -314,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    from raytune_ft.launch import check_data, secrets
+    from raytune_ft.launch import check_data, check_resume_from, secrets
     from raytune_ft.launch.progress import EVENT_PREFIX, Renderer
     from raytune_ft.spec import load_spec
 
@@ -339,6 +339,8 @@ def main(argv: list[str] | None = None) -> int:
         if done is not None:  # before the preflight's marker and before Ray: nothing starts, nothing is written
             print(f"done: {done.message()}", flush=True)
             return 0
+        if a.resume_from:  # checked where the path means something (this machine), before Ray
+            a.resume_from = check_resume_from(spec, a.resume_from)
         on_event({"kind": "info", "message": f"storage preflight: {st.preflight(spec.storage)}"})
         skipped = check_data(spec)
         if skipped:
