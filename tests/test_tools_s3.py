@@ -87,7 +87,7 @@ def test_s3_generate_evaluate_plot_runs(s3_storage, workspace, tmp_path, s3_env)
 
     runs = {r["name"]: r for r in list_runs(s3_storage)}
     assert sorted(runs) == ["full-run", "lora-run", "sweep1/trial-0", "sweep1/trial-1"]
-    assert runs["lora-run"]["status"] == "finished" and runs["lora-run"]["outputs"] == f"{run}/final"
+    assert runs["lora-run"]["status"] == "completed" and runs["lora-run"]["outputs"] == f"{run}/final"
     assert runs["sweep1/trial-1"]["checkpoint"] == 4
 
 

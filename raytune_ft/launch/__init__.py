@@ -129,7 +129,7 @@ def run_local(spec: JobSpec, *, fresh: bool = False, resume_from: str | None = N
         print(f"data: {skipped} bad row(s) will be skipped (data.on_bad_row: skip)", file=out)
     import ray
 
-    from raytune_ft.launch.driver import run
+    from raytune_ft.launch.driver import mark_stopped, run
     from raytune_ft.launch.progress import Renderer
 
     c = spec.compute
@@ -151,6 +151,7 @@ def run_local(spec: JobSpec, *, fresh: bool = False, resume_from: str | None = N
         result = run(spec, fresh=fresh, resume_from=resume_from, on_event=renderer.handle)
     except KeyboardInterrupt:
         renderer.close()
+        mark_stopped(spec, "interrupted")
         print("\ninterrupted: training stopped. Committed checkpoints are intact; "
               "run the same command again to resume from the latest one.", file=out)
         return 130
@@ -159,6 +160,7 @@ def run_local(spec: JobSpec, *, fresh: bool = False, resume_from: str | None = N
         if owned:
             ray.shutdown()
     if not result.ok:
+        mark_stopped(spec, f"failed: {result.error}")
         print(f"error: training failed: {result.error}", file=out)
         return 1
     print_summary(result.summary, result.run_uri, out)

@@ -115,6 +115,35 @@ def finished_run(spec: JobSpec) -> Finished | None:
     return None
 
 
+STOP_MARKER = "rtf_stopped.json"
+
+
+def mark_stopped(spec: JobSpec, reason: str) -> None:
+    """Record in the run dir that the run ended without final/: ``rtf_stopped.json`` with the reason
+    (``interrupted``: Ctrl-C; ``stopped``: SIGTERM, as `rtf stop` sends; ``failed: …``) and the last
+    committed step, so `rtf runs` reports a stopped run from this record instead of guessing from file
+    times. Best effort: a run dir that was never created stays absent, and storage errors are ignored
+    (the run is stopping anyway)."""
+    from raytune_ft import checkpoints as ck
+
+    try:
+        fs, root = st.pyarrow_filesystem(spec.storage)
+        run_path = st.fs_join(root, spec.name)
+        if not st.exists(fs, run_path):
+            return
+        last = None if spec.tune is not None else ck.latest_committed(fs, run_path)
+        st.write_json(fs, st.fs_join(run_path, STOP_MARKER), {
+            "reason": reason, "step": last.step if last else None,
+            "time": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+    except (OSError, UserError):
+        pass
+
+
+def clear_stopped(fs: Any, run_path: str) -> None:
+    """A resumed run is no longer stopped: its marker goes when it starts again."""
+    st.delete_file(fs, st.fs_join(run_path, STOP_MARKER))
+
+
 STORAGE_MARKERS = ("AWS Error", "NETWORK_CONNECTION", "Could not connect to server", "curlCode",
                    "EndpointConnectionError", "Connection refused", "Could not resolve host", "SlowDown",
                    "ServiceUnavailable")
@@ -187,6 +216,8 @@ def run(spec: JobSpec, *, fresh: bool = False, resume_from: str | None = None,
                             "resubmit the same spec to continue it")
         from raytune_ft.sweep import run_sweep
 
+        fs, root = st.pyarrow_filesystem(spec.storage)
+        clear_stopped(fs, st.fs_join(root, spec.name))
         return run_sweep(spec, fresh=fresh, on_event=on_event)
     plan = make_plan(spec)
     emit = on_event or (lambda e: None)
@@ -202,6 +233,7 @@ def run(spec: JobSpec, *, fresh: bool = False, resume_from: str | None = None,
         if aside:
             emit({"kind": "info", "message": f"--fresh: the previous run was moved aside to {aside}"})
     st.write_bytes(fs, st.fs_join(run_path, "rtf_spec.yaml"), to_yaml(spec).encode())
+    clear_stopped(fs, run_path)
     attempt = 0
     while True:
         attempt += 1
@@ -332,6 +364,7 @@ def main(argv: list[str] | None = None) -> int:
     def stopped(signum, frame):  # `rtf stop` / `ray job stop` send SIGTERM
         raise KeyboardInterrupt
 
+    spec = None
     try:
         secrets.install_sealed()  # secrets forwarded by `rtf submit --address`, before anything reads them
         spec = load_spec(a.spec)
@@ -355,10 +388,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return e.exit_code
     except KeyboardInterrupt:
+        if spec is not None:
+            mark_stopped(spec, "stopped")
         print("stopped: training stopped; committed checkpoints are intact, submit the same spec to resume "
               "from the latest one", file=sys.stderr, flush=True)
         return 143
     if not result.ok:
+        mark_stopped(spec, f"failed: {result.error}")
         print(f"error: training failed: {result.error}", file=sys.stderr, flush=True)
         return 1
     print(f"done: outputs in {result.run_uri}/final", flush=True)
