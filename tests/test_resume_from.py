@@ -1,6 +1,6 @@
 """`rtf submit --resume-from PATH`: a relative PATH means the directory rtf was run from (Ray workers run
 in their own), and a checkpoint that is not committed fails before Ray starts, in one line, leaving no
-run directory behind."""
+run directory behind. A resumed run's tokens/s covers what this attempt trained."""
 
 from __future__ import annotations
 
@@ -74,3 +74,14 @@ def test_relative_resume_from_trains_on_from_that_checkpoint(ray_local, tiny, tm
     assert f"resuming from {tmp_path / 'rtf_runs' / 'a' / 'checkpoint-00000003'} at step 3" in err
     res = json.loads((tmp_path / "rtf_runs" / "b" / "final" / "final_results.json").read_text())
     assert res["steps"] == 6
+
+    # item 5: tokens/s is this attempt's tokens (steps 4..6) over this attempt's runtime, not the whole run's
+    # tokens (HF's num_input_tokens_seen carries on across a resume) over the resumed part's runtime
+    whole = json.loads((tmp_path / "rtf_runs" / "a" / "final" / "final_results.json").read_text())
+    at3 = json.loads((tmp_path / "rtf_runs" / "a" / "checkpoint-00000003" / "trainer_state.json").read_text())
+    seen3 = at3["num_input_tokens_seen"]
+    assert 0 < seen3 < res["tokens"] == whole["tokens"]  # same data, same steps: the same tokens in all
+    assert res["attempt_tokens"] == res["tokens"] - seen3
+    assert res["tokens_per_s"] == pytest.approx(res["attempt_tokens"] / res["runtime_s"], rel=1e-9)
+    assert f"tokens since resume  {res['attempt_tokens']:,}" in err
+    assert f"tokens/s             {res['tokens_per_s']:,.0f}" in err
