@@ -89,26 +89,33 @@ def plan(
                                    help="Check that storage is reachable and writable (--offline skips it)."),
 ) -> None:
     """Show what a spec will run: resolved spec, DeepSpeed config, scaling, batch, memory estimate,
-    and whether its storage is reachable and writable."""
-    from raytune_ft.plan import make_plan
+    and whether its storage is reachable and writable (one line after the plan: ok, skipped or failed).
+    Exit 0 once the plan is printed, whatever the preflight found; 2 for an invalid spec."""
+    from raytune_ft.plan import make_plan, placeholders
     from raytune_ft.render_plan import render_plan
 
     spec = _load(spec_path, overrides)
     p = make_plan(spec)
+    marks = placeholders(spec)
     checked = None
     if preflight:
-        from raytune_ft.storage import preflight as storage_preflight
+        from raytune_ft.storage import preflight_status
 
-        checked = storage_preflight(spec.storage)
+        held = [m for m in marks if m.startswith("storage.")]
+        checked = (("skipped", f"{'; '.join(held)}: a placeholder, set your own storage")
+                   if held else preflight_status(spec.storage))
     if as_json:
         d = p.to_dict()
+        d["placeholders"] = marks
         if checked is not None:
-            d["preflight"] = checked
+            d["preflight"] = {"status": checked[0], "message": checked[1]}
         _out(json.dumps(d, indent=2, default=str))
     else:
         _out(render_plan(p))
+        if marks:
+            _out(f"placeholders: {'; '.join(marks)} (replace them, or --set them, before submitting)")
         if checked is not None:
-            _out(f"storage preflight: {checked}")
+            _out(f"storage preflight: {checked[1] if checked[0] == 'ok' else ': '.join(checked)}")
 
 
 @app.command()

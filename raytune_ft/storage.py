@@ -29,6 +29,7 @@ import contextlib
 import json
 import os
 import posixpath
+import re
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -166,7 +167,14 @@ def endpoint_url(storage: Any) -> str | None:
         )
     if parts.path not in ("", "/") or parts.query:
         raise StorageError(f"S3 endpoint {shown!r} must be scheme://host[:port] without a path")
+    if ":" not in parts.hostname and not _HOSTNAME.fullmatch(parts.hostname):
+        # botocore refuses it too, but with a bare ValueError ("Invalid endpoint") and a traceback
+        raise StorageError(f"S3 endpoint {shown!r}: {parts.hostname!r} is not a valid host name "
+                           "(letters, digits, '-' and '.' only)")
     return f"{parts.scheme}://{parts.netloc}"
+
+
+_HOSTNAME = re.compile(r"((?!-)[a-z\d-]{1,63}(?<!-)\.)*(?!-)[a-z\d-]{1,63}(?<!-)", re.IGNORECASE)
 
 
 def region(storage: Any) -> str:
@@ -565,6 +573,16 @@ def preflight(storage: Any, *, timeout: float = 10.0, max_attempts: int = 2) -> 
     if is_s3(str(storage.path)):
         return _preflight_s3(storage, timeout=timeout, max_attempts=max_attempts)
     return _preflight_local(storage)
+
+
+def preflight_status(storage: Any, **kwargs: Any) -> tuple[str, str]:
+    """:func:`preflight` for a report that goes on after it: ``("ok", what was checked)``, ``("skipped",
+    why)`` when there is nothing to check with (no credentials), or ``("failed", the one-line error)``."""
+    try:
+        return "ok", preflight(storage, **kwargs)
+    except UserError as e:
+        state = "skipped" if getattr(e, "kind", None) == "no_credentials" else "failed"
+        return state, e.message + (f" ({e.hint})" if e.hint else "")
 
 
 def _fail(kind: str, storage: Any, action: str, detail: str) -> StorageError:
