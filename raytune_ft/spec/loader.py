@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 from pydantic import BaseModel, ValidationError
+from yaml.constructor import SafeConstructor
 
 from raytune_ft.errors import SpecError, UserError
 from raytune_ft.spec.models import JobSpec
@@ -75,7 +76,9 @@ def _construct(node: yaml.Node, fname: str, loc: Loc, lines: dict, problems: lis
         return out
     if isinstance(node, yaml.SequenceNode):
         return [_construct(v, fname, loc + (i,), lines, problems) for i, v in enumerate(node.value)]
-    return yaml.safe_load(yaml.serialize(node))
+    # a scalar, constructed as safe_load would; an empty value (`key:`) is null, which re-serialising the
+    # node and loading that text turned into "not valid YAML … line 1, column 1"
+    return SafeConstructor().construct_object(node, deep=True)
 
 
 def read_yaml(path: Path) -> tuple[dict, dict[Loc, tuple[str, int]]]:
@@ -265,6 +268,8 @@ def _message(err: dict) -> str:
     msg = msg.replace("Input should be", "must be").replace("Input", "value")
     if got is not None and not isinstance(got, (dict, list)):
         msg += f" (got {got!r})"
+    elif got is None and "input" in err:
+        msg += " (got null: the value is empty)"
     return msg
 
 
