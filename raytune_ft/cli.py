@@ -31,6 +31,33 @@ app.add_typer(render_app, name="render")
 app.add_typer(data_app, name="data")
 app.add_typer(sweep_app, name="sweep")
 
+def version() -> str:
+    """The installed distribution's version, else the package's own (a source tree on PYTHONPATH)."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return dist_version("raytune_ft")
+    except PackageNotFoundError:
+        from raytune_ft import __version__
+
+        return __version__
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"rtf {version()}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(
+    show_version: bool = typer.Option(False, "--version", help="Print the version and exit.",
+                                      callback=_print_version, is_eager=True),
+) -> None:
+    """raytune_ft: fine-tune language models on Ray from one declarative job spec."""
+
+
 SetOpt = typer.Option(None, "--set", "-s", help="Override a spec value: dotted.key=value (repeatable).")
 
 
