@@ -348,6 +348,19 @@ def _s3_kwargs(settings: dict[str, Any]) -> dict[str, Any]:
     return kwargs
 
 
+def s3_resolver(storage: Any):
+    """``uri -> (pyarrow filesystem, path)`` for the data pipeline's s3:// sources, with ``storage``'s
+    endpoint and keys (a local path raises ValueError: the pipeline opens those itself)."""
+    def resolve(uri: str):
+        if not uri.startswith("s3://"):
+            raise ValueError(uri)
+        fs, _ = pyarrow_filesystem(storage)
+        bucket, key = split_s3(uri)
+        return fs, f"{bucket}/{key}"
+
+    return resolve
+
+
 def boto3_client(
     storage: Any,
     *,

@@ -323,7 +323,7 @@ def _run_trial(config: dict[str, Any], base: dict | None = None, metric: str = "
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from raytune_ft.launch.driver import scaling_config
-    from raytune_ft.train.recipe import train_loop
+    from raytune_ft.train.entry import train_loop  # light: see raytune_ft.train.entry
 
     assert base is not None
     name = trial_run_name(ray.tune.get_context().get_trial_id())
@@ -911,9 +911,19 @@ def run_sweep(spec: JobSpec, *, fresh: bool = False, on_event: Callable[[dict[st
         )
         emit({"kind": "info", "message": f"sweep {spec.name}: {_describe(spec)}; up to {concurrency} trial(s) "
               f"at once, each {spec.compute.num_workers} worker(s); in {uri}"})
+    import os
+
+    # Tune's new output engine prints its experiment table and a TensorBoard hint even at verbose=0; the
+    # legacy engine is silent at verbose=0, and the SweepEvents callback above reports the sweep instead
+    air_output = os.environ.get("RAY_AIR_NEW_OUTPUT")
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     try:
         tuner.fit()
     finally:  # trials Tune stopped at the end (Ctrl-C) leave their workers' placement groups behind
+        if air_output is None:
+            os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
+        else:
+            os.environ["RAY_AIR_NEW_OUTPUT"] = air_output
         for name in ray.get(holder.names.remote()):
             free_placement_group(registry, name)
         ray.kill(holder)

@@ -26,15 +26,15 @@ def choose_target(spec: JobSpec, address: str | None) -> tuple[str, str | None, 
 def check_data(spec: JobSpec) -> int:
     """Read every data row once before anything starts, so a bad row fails in seconds with its
     file and line, not after Ray and the model are up. Returns the number of rows skipped."""
+    from raytune_ft import storage as st
     from raytune_ft.data.pipeline import read_source
-    from raytune_ft.train.recipe import _filesystem_for
 
     skipped = 0
     for src in [*spec.data.train_sources, *spec.data.eval_sources]:
         if "://" not in src.path and not os.path.exists(src.path):
             raise UserError(f"data source not found: {src.path}",
                             hint="paths are relative to the directory you run rtf from")
-        _, n = read_source(src, on_bad_row=spec.data.on_bad_row, filesystem_for=_filesystem_for(spec))
+        _, n = read_source(src, on_bad_row=spec.data.on_bad_row, filesystem_for=st.s3_resolver(spec.storage))
         skipped += n
     return skipped
 
@@ -64,6 +64,29 @@ def absolutize(spec: JobSpec, base: str | None = None) -> JobSpec:
     d = {k: v for k, v in d.items() if v is not None}
     d["model"] = {k: v for k, v in d["model"].items() if v is not None}
     return spec_from_dict(d)
+
+
+class _DropTokenAuthNotice:
+    """Drops Ray's "Token authentication is enabled for this Ray cluster…" notice, logged on every new
+    local cluster: auth on is what rtf wants, and there is nothing for the user to do. The warning that
+    auth is *disabled* passes."""
+
+    def filter(self, record) -> bool:
+        return not str(record.getMessage()).startswith("Token authentication is enabled")
+
+
+def quiet_ray_console(out) -> None:
+    """Keep Ray's chatter that is not the user's to act on off the console: the token-auth notice, and the
+    color codes Ray wraps its '(raylet)' prefixes in when the output is not a terminal (a file, a CI log,
+    `rtf logs`), where they show as raw escape sequences. An explicit RAY_COLOR_PREFIX is kept."""
+    import logging
+
+    auth = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    if not any(isinstance(f, _DropTokenAuthNotice) for f in auth.filters):
+        auth.addFilter(_DropTokenAuthNotice())
+    isatty = getattr(out, "isatty", None)
+    if not (callable(isatty) and isatty()):
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
 
 
 def check_resume_from(spec: JobSpec, uri: str, base: str | None = None) -> str:
@@ -138,6 +161,7 @@ def run_local(spec: JobSpec, *, fresh: bool = False, resume_from: str | None = N
     t0 = time.time()
     owned = not ray.is_initialized()  # a caller (a notebook, a test session) may have started Ray already
     if owned:
+        quiet_ray_console(out)
         ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=bool(os.environ.get("RTF_WORKER_LOGS")),
                  configure_logging=False, namespace="rtf")
     print(f"ray: {'started' if owned else 'reusing the running Ray'} in {time.time() - t0:.1f}s with "

@@ -280,7 +280,7 @@ def _fit_once(spec: JobSpec, fs: Any, root: str, resume_from: str | None,
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from raytune_ft.train.recipe import train_loop
+    from raytune_ft.train.entry import train_loop  # light: the driver does not import transformers
 
     plan = make_plan(spec)
     forget_train_snapshot(fs, st.fs_join(root, spec.name))
@@ -346,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    from raytune_ft.launch import check_data, check_resume_from, secrets
+    from raytune_ft.launch import check_data, check_resume_from, quiet_ray_console, secrets
     from raytune_ft.launch.progress import EVENT_PREFIX, Renderer
     from raytune_ft.spec import load_spec
 
@@ -378,6 +378,7 @@ def main(argv: list[str] | None = None) -> int:
         skipped = check_data(spec)
         if skipped:
             on_event({"kind": "info", "message": f"data: {skipped} bad row(s) will be skipped (data.on_bad_row: skip)"})
+        quiet_ray_console(sys.stdout)  # the job's log: no raw color codes, no token-auth notice
         ray.init(address=os.environ.get("RAY_ADDRESS", "auto"), log_to_driver=True)
         signal.signal(signal.SIGTERM, stopped)  # after ray.init, which sets its own (a bare sys.exit)
         result = run(spec, fresh=a.fresh, resume_from=a.resume_from, on_event=on_event)

@@ -72,14 +72,7 @@ def _device(run: RunContext) -> torch.device:
 
 
 def _filesystem_for(spec: JobSpec):
-    def resolve(uri: str):
-        if not uri.startswith("s3://"):
-            raise ValueError(uri)
-        fs, _ = st.pyarrow_filesystem(spec.storage)
-        bucket, key = st.split_s3(uri)
-        return fs, f"{bucket}/{key}"
-
-    return resolve
+    return st.s3_resolver(spec.storage)
 
 
 # --------------------------------------------------------------------------- setup
