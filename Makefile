@@ -11,11 +11,13 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 install: $(STAMP)
 
-# Re-runs only when the dependency declarations change. torch is pinned through constraints.txt
-# (a looser pin pulls several GB of CUDA packages on a CPU machine).
+# Re-runs only when the dependency declarations change. torch is pinned through constraints.txt, so
+# installing the project never swaps it for another build. On Linux, PyPI's torch is the CUDA build
+# (several GB); a CPU-only machine takes the CPU build: make install TORCH_INDEX=https://download.pytorch.org/whl/cpu
+TORCH_INDEX ?=
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -q -c constraints.txt "torch==2.13.0"
+	$(PIP) install -q -c constraints.txt "torch==2.13.0"$(if $(TORCH_INDEX), --index-url $(TORCH_INDEX))
 	$(PIP) install -q -c constraints.txt -e ".[dev]"
 	@touch $(STAMP)
 

@@ -400,6 +400,28 @@ def memory_remedies(spec: JobSpec) -> list[str]:
     return out
 
 
+PLACEHOLDER_BUCKETS = frozenset({"my-bucket", "your-bucket", "example-bucket", "bucket"})
+_PLACEHOLDER_WORD = re.compile(r"<[^<>]+>|\b[A-Z][A-Z0-9]*_[A-Z0-9_]+\b")  # <account>, ACCOUNT_ID, YOUR_BUCKET
+
+
+def placeholders(spec: JobSpec) -> list[str]:
+    """Storage and data locations still holding a preset's placeholder (``s3://my-bucket/…``,
+    ``https://ACCOUNT_ID.r2…``), each as ``field value``: they are to be replaced, not checked."""
+    fields: list[tuple[str, str | None]] = [("storage.path", str(spec.storage.path)),
+                                            ("storage.endpoint_url", spec.storage.endpoint_url)]
+    for key, sources in (("train", spec.data.train_sources), ("eval", spec.data.eval_sources)):
+        fields += [(f"data.{key}" + (f"[{i}]" if len(sources) > 1 else "") + ".path", s.path)
+                   for i, s in enumerate(sources)]
+    out = []
+    for name, value in fields:
+        if not value or "://" not in value:
+            continue
+        host = value.split("://", 1)[1].split("/", 1)[0]
+        if (value.startswith("s3://") and host.lower() in PLACEHOLDER_BUCKETS) or _PLACEHOLDER_WORD.search(host):
+            out.append(f"{name} {value}")
+    return out
+
+
 def make_plan(spec: JobSpec) -> Plan:
     c, t = spec.compute, spec.training
     warnings: list[str] = []

@@ -14,7 +14,7 @@ A run is ``{storage.path}/{name}/`` on a local disk or an S3-compatible store::
 
 A sweep is a directory of the same kind whose trials are run dirs (``trial-000/`` …), beside Ray Tune's
 experiment state (``tune/``), ``sweep_spec.yaml`` (what a resubmission must keep), ``results.csv`` and
-``best.yaml``.
+``best.yaml``. A run (or sweep) stopped before final/ holds ``rtf_stopped.json`` (why, at which step).
 
 Every other module takes these names from here. Paths are native to the run's pyarrow filesystem
 (``bucket/key`` or an absolute local path); URIs are what users see (``s3://bucket/key`` or the path).
@@ -47,6 +47,7 @@ TRIAL_PREFIX = "trial-"
 TUNE_DIR = "tune"
 SWEEP_SPEC = "sweep_spec.yaml"
 RESULTS_CSV = "results.csv"
+STOPPED = "rtf_stopped.json"  # why a run ended without final/ (Ctrl-C, rtf stop, a failure); gone when it resumes
 BEST_YAML = "best.yaml"
 
 
@@ -209,6 +210,19 @@ class RunDir:
                 self.fs.copy_file(st.fs_join(self.path, rel), st.fs_join(aside, rel))
             st.delete_dir(self.fs, self.path)
         return aside
+
+    def mark_stopped(self, reason: str, step: int | None) -> None:
+        """Record that the run ended without final/ (``interrupted``: Ctrl-C; ``stopped``: SIGTERM, as `rtf stop`
+        sends; ``failed: …``) and its last committed step, so `rtf runs` reports it from this record."""
+        st.write_json(self.fs, self.join(STOPPED), {
+            "reason": reason, "step": step, "time": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+
+    def clear_stopped(self) -> None:
+        """A resumed run is no longer stopped: its record goes when it starts again."""
+        st.delete_file(self.fs, self.join(STOPPED))
+
+    def read_stopped(self) -> Any:
+        return st.read_json(self.fs, self.join(STOPPED))
 
     def forget_train_snapshot(self) -> None:
         """rtf resumes from its own manifests (the recipe reads them). Ray Train's snapshot of the checkpoints

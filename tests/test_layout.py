@@ -10,7 +10,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "raytune_ft"
 
 # The files and name patterns of a run (or sweep) directory. Prose in docstrings may mention them; code may not.
 RUN_DIR_NAMES = ("rtf_spec.yaml", "metrics.jsonl", "final_results.json", "trainer_state.json", "rtf_checkpoint.json",
-                 "results.csv", "best.yaml", "sweep_spec.yaml", "checkpoint_manager_snapshot.json", "checkpoint-",
+                 "results.csv", "best.yaml", "sweep_spec.yaml", "checkpoint_manager_snapshot.json", "rtf_stopped.json", "checkpoint-",
                  "trial-")
 RUN_DIR_MODULE = "rundir.py"
 

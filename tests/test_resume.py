@@ -130,9 +130,16 @@ def test_interrupted_run_resumes_to_the_same_result(ray_local, tiny, model4, tmp
     os.killpg(proc.p.pid, signal.SIGINT)  # Ctrl-C
     assert proc.finish() == 130, proc.text
     assert "interrupted: training stopped" in proc.text
+    # the console (a pipe here) holds rtf's lines, not library chatter
+    for noise in ("Token authentication is enabled", "\x1b[", "gemm_4bit", "kernels"):
+        assert noise not in proc.text, noise
     assert not (run / "final").exists()
     done = [s for s in range(SAVE, STEPS, SAVE) if committed(run, s)]
     assert done and done[-1] < STEPS
+    from raytune_ft.tools.runs import list_runs
+
+    row = next(r for r in list_runs(str(storage)) if r["name"] == "interrupted")  # not "running": it says why
+    assert (row["status"], row["checkpoint"], row["reason"]) == ("stopped", done[-1], "interrupted"), row
     # a crash mid-upload: files but no manifest, newer than every committed checkpoint
     fake = run / ck.checkpoint_dir_name(done[-1] + 1)
     fake.mkdir()
@@ -146,6 +153,8 @@ def test_interrupted_run_resumes_to_the_same_result(ray_local, tiny, model4, tmp
     out = run_inprocess(spec_b, capsys)
     assert f"resuming from {run / ck.checkpoint_dir_name(done[-1])} at step {done[-1]}" in out
     assert_same_training(final_state(storage / "whole"), final_state(run))
+    assert not (run / "rtf_stopped.json").exists()  # resumed: the stop record went when it started again
+    assert next(r for r in list_runs(str(storage)) if r["name"] == "interrupted")["status"] == "completed"
     import pyarrow.fs as pafs
 
     # retention: the last keep_checkpoints (2) committed remain; the incomplete one was older, so deleted

@@ -71,6 +71,7 @@ def test_asha_sweep_stops_poor_trials_early_and_writes_results_and_best_spec(ray
     t0 = time.time()
     code, out = submit([str(spec_path)], capsys)
     assert code == 0, out
+    assert "Configuration for experiment" not in out and "tensorboard --logdir" not in out  # Tune's own output
     took = time.time() - t0
     sweep = tmp_path / "runs" / "sw"
     res = rows(sweep)

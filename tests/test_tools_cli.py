@@ -69,7 +69,11 @@ def test_eval_plot_runs_merge(app, workspace, tmp_path):
     assert r.exit_code == 0 and r.output.splitlines()[0].startswith("NAME") and "lora-run" in r.output
     r = _run(app, "merge", workspace.lora_run, tmp_path / "merged", "--dtype", "float32")
     assert r.exit_code == 0, r.output
-    assert (tmp_path / "merged" / "model.safetensors").is_file() and "merged LoRA adapter" in r.output
+    assert (tmp_path / "merged" / "model.safetensors").is_file()
+    # says what was written where, and that the base was not changed
+    assert f"merged LoRA adapter at {workspace.lora_run / 'final'}" in r.output
+    assert (f"+ base {workspace.base_dir} (float32) → {tmp_path / 'merged'} "
+            "(a new model dir; the base model and the adapter are unchanged)") in r.output
 
 
 def test_cli_module_is_import_light():

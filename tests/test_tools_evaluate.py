@@ -66,11 +66,15 @@ def test_loss_equals_hand_computed_cross_entropy(workspace, models, tmp_path):
     b_total, b_count = _hand_loss(plain, examples)
     assert result["base"]["loss"] == pytest.approx(b_total / b_count, abs=1e-5)
     assert abs(result["base"]["loss"] - result["loss"]) > 1e-3
-    written = json.loads((run / "final" / "eval_results.json").read_text())
-    assert result["written"] == str(run / "final" / "eval_results.json")
+    # beside the committed final/, not inside it (final/ is unchanged)
+    written = json.loads((run / "eval" / "final" / "eval_results.json").read_text())
+    assert result["written"] == str(run / "eval" / "final" / "eval_results.json")
+    assert not (run / "final" / "eval_results.json").exists()
     assert written["loss"] == pytest.approx(result["loss"]) and written["tokens"] == count
     text = render(result)
     assert "fine-tuned" in text and f"{result['loss']:.4f}" in text and "base" in text
+    assert text.splitlines()[-1] == (f"wrote {run / 'eval' / 'final' / 'eval_results.json'} "
+                                     "(beside the run's committed outputs, which are unchanged)")
 
 
 def test_eval_split_scores_exactly_the_held_out_rows(workspace, models, tmp_path):
@@ -122,3 +126,14 @@ def test_qlora_base_is_loaded_quantized_as_in_training(workspace, tmp_path):
     plain = evaluate(str(workspace.lora_run), write=False)
     assert q["tokens"] == plain["tokens"] and 0 < abs(q["loss"] - plain["loss"]) < 0.1  # 4-bit rounding only
     assert any("quantized (4-bit)" in n for n in q["notes"])
+
+
+def test_default_results_path_is_beside_committed_outputs(workspace):
+    from raytune_ft.tools.evaluate import results_path
+    from raytune_ft.tools.source import resolve_source
+
+    run = workspace.lora_run
+    assert results_path(resolve_source(str(run))) == str(run / "eval" / "final" / "eval_results.json")
+    ckpt = resolve_source(str(run / "checkpoint-00000005"))  # each checkpoint its own, none overwritten
+    assert results_path(ckpt) == str(run / "eval" / "checkpoint-00000005" / "eval_results.json")
+    assert results_path(resolve_source(str(workspace.base_dir))) == str(workspace.base_dir / "eval_results.json")

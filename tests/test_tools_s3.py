@@ -77,9 +77,10 @@ def test_s3_generate_evaluate_plot_runs(s3_storage, workspace, tmp_path, s3_env)
     assert [r["completion"] for r in remote] == [r["completion"] for r in local]
 
     result = evaluate(run, batch_size=4)
-    assert result["written"] == f"{run}/final/eval_results.json"
+    assert result["written"] == f"{run}/eval/final/eval_results.json"  # beside the committed final/
     bucket = s3_storage.split("/")[2]
-    body = s3_env.client().get_object(Bucket=bucket, Key="runs/lora-run/final/eval_results.json")["Body"].read()
+    body = s3_env.client().get_object(Bucket=bucket, Key="runs/lora-run/eval/final/eval_results.json")["Body"].read()
+    assert "Contents" not in s3_env.client().list_objects_v2(Bucket=bucket, Prefix="runs/lora-run/final/eval_results")
     assert json.loads(body)["loss"] == pytest.approx(result["loss"])
 
     p = plot(run, str(tmp_path / "s3.png"))
@@ -87,7 +88,7 @@ def test_s3_generate_evaluate_plot_runs(s3_storage, workspace, tmp_path, s3_env)
 
     runs = {r["name"]: r for r in list_runs(s3_storage)}
     assert sorted(runs) == ["full-run", "lora-run", "sweep1/trial-0", "sweep1/trial-1"]
-    assert runs["lora-run"]["status"] == "finished" and runs["lora-run"]["outputs"] == f"{run}/final"
+    assert runs["lora-run"]["status"] == "completed" and runs["lora-run"]["outputs"] == f"{run}/final"
     assert runs["sweep1/trial-1"]["checkpoint"] == 4
 
 

@@ -32,6 +32,33 @@ app = typer.Typer(
 )
 
 
+def version() -> str:
+    """The installed distribution's version, else the package's own (a source tree on PYTHONPATH)."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return dist_version("raytune_ft")
+    except PackageNotFoundError:
+        import raytune_ft
+
+        return raytune_ft.__version__
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"rtf {version()}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(
+    show_version: bool = typer.Option(False, "--version", help="Print the version and exit.",
+                                      callback=_print_version, is_eager=True),
+) -> None:
+    """raytune_ft: fine-tune language models on Ray from one declarative job spec."""
+
+
 # --------------------------------------------------------------------------- spec commands
 
 
@@ -81,27 +108,32 @@ def plan(
                                          help="Tokens per epoch, when the data is not readable here."),
 ) -> None:
     """Show what a spec will run: resolved spec, DeepSpeed config, scaling, batch, memory, time and cost
-    estimates, and whether its storage is reachable and writable."""
+    estimates, and whether its storage is reachable and writable (one line after the plan: ok, skipped or
+    failed). Exit 0 once the plan is printed, whatever the preflight found; 2 for an invalid spec."""
     from raytune_ft import estimate as est
-    from raytune_ft.plan import make_plan
+    from raytune_ft.plan import make_plan, placeholders
     from raytune_ft.render_plan import render_plan
 
     spec = load(spec_path, overrides)
     p = make_plan(spec)
+    marks = placeholders(spec)
     e = est.estimate(spec, tokens_per_epoch=tokens)
     proposal = est.fit(spec) if fit else None
     checked = None
     if preflight:
-        from raytune_ft.storage import preflight as storage_preflight
+        from raytune_ft.storage import preflight_status
 
-        checked = storage_preflight(spec.storage)
+        held = [m for m in marks if m.startswith("storage.")]
+        checked = (("skipped", f"{'; '.join(held)}: a placeholder, set your own storage")
+                   if held else preflight_status(spec.storage))
     if as_json:
         d = p.to_dict()
         d["estimate"] = e.to_dict()
+        d["placeholders"] = marks
         if proposal is not None:
             d["fit"] = {"set": proposal[0], "summary": proposal[1]}
         if checked is not None:
-            d["preflight"] = checked
+            d["preflight"] = {"status": checked[0], "message": checked[1]}
         out(json.dumps(d, indent=2, default=str))
     else:
         out(render_plan(p, extra=est.render(e)))
@@ -110,8 +142,10 @@ def plan(
             out(f"fit:          {summary}")
             if sets:
                 out("              " + " ".join(f"--set {x}" for x in sets))
+        if marks:
+            out(f"placeholders: {'; '.join(marks)} (replace them, or --set them, before submitting)")
         if checked is not None:
-            out(f"storage preflight: {checked}")
+            out(f"storage preflight: {checked[1] if checked[0] == 'ok' else ': '.join(checked)}")
 
 
 @app.command()

@@ -126,6 +126,77 @@ def finished_run(spec: JobSpec) -> Finished | None:
     return None
 
 
+def mark_stopped(spec: JobSpec, reason: str) -> None:
+    """Record in the run dir why the run ended without final/ (with its last committed step), so `rtf runs`
+    reports a stopped run from this record instead of guessing from file times. Best effort: a run dir that
+    was never created stays absent, and storage errors are ignored (the run is stopping anyway)."""
+    from raytune_ft import checkpoints as ck
+
+    try:
+        run = RunDir.of(spec)
+        if not run.exists():
+            return
+        last = None if spec.tune is not None else ck.latest_committed(run.fs, run.path)
+        run.mark_stopped(reason, last.step if last else None)
+    except (OSError, UserError):
+        pass
+
+
+def check_resume_from(spec: JobSpec, uri: str, base: str | None = None) -> str:
+    """``--resume-from`` as the worker will read it: a local path made absolute against the directory rtf
+    was run from (Ray workers run in their own working directory), and checked to be a committed
+    checkpoint before anything starts, so a wrong path fails in a second with one line instead of after
+    Ray's retries, and leaves no run directory behind. Returns the path to pass on."""
+    import pyarrow.fs as pafs
+
+    from raytune_ft import checkpoints as ck
+    from raytune_ft import storage as st
+    from raytune_ft.errors import UserError
+
+    if spec.tune is not None:
+        raise UserError("--resume-from names one run's checkpoint; a sweep resumes its own trials: "
+                        "resubmit the same spec to continue it")
+    if st.is_s3(uri):
+        fs, _ = st.open(spec.storage)
+        bucket, key = st.split_s3(uri)
+        path, shown = f"{bucket}/{key}".rstrip("/"), uri
+    else:
+        if "://" in uri:
+            raise UserError(f"--resume-from {uri}: only local paths and s3:// URIs are supported")
+        path = os.path.normpath(os.path.join(base or os.getcwd(), os.path.expanduser(uri)))
+        fs, shown = pafs.LocalFileSystem(), path
+        if not os.path.isdir(path):
+            raise UserError(f"--resume-from {uri}: no such checkpoint directory ({path})")
+    info = ck.inspect_checkpoint(fs, path)
+    if not info.committed:
+        raise UserError(f"--resume-from {uri}: not a committed checkpoint ({info.reason}); "
+                        f"`rtf checkpoints list` on its run dir shows the committed ones")
+    return shown
+
+
+class _DropTokenAuthNotice:
+    """Drops Ray's "Token authentication is enabled for this Ray cluster…" notice, logged on every new
+    local cluster: auth on is what rtf wants, and there is nothing for the user to do. The warning that
+    auth is *disabled* passes."""
+
+    def filter(self, record) -> bool:
+        return not str(record.getMessage()).startswith("Token authentication is enabled")
+
+
+def quiet_ray_console(out) -> None:
+    """Keep Ray's chatter that is not the user's to act on off the console: the token-auth notice, and the
+    color codes Ray wraps its '(raylet)' prefixes in when the output is not a terminal (a file, a CI log,
+    `rtf logs`), where they show as raw escape sequences. An explicit RAY_COLOR_PREFIX is kept."""
+    import logging
+
+    auth = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    if not any(isinstance(f, _DropTokenAuthNotice) for f in auth.filters):
+        auth.addFilter(_DropTokenAuthNotice())
+    isatty = getattr(out, "isatty", None)
+    if not (callable(isatty) and isatty()):
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
+
+
 STORAGE_MARKERS = ("AWS Error", "NETWORK_CONNECTION", "Could not connect to server", "curlCode",
                    "EndpointConnectionError", "Connection refused", "Could not resolve host", "SlowDown",
                    "ServiceUnavailable")
@@ -198,6 +269,7 @@ def run(spec: JobSpec, *, fresh: bool = False, resume_from: str | None = None,
                             "resubmit the same spec to continue it")
         from raytune_ft.sweep.tune import run_sweep
 
+        RunDir.of(spec).clear_stopped()
         return run_sweep(spec, fresh=fresh, on_event=on_event)
     plan = plan or make_plan(spec)
     emit = on_event or (lambda e: None)
@@ -211,6 +283,7 @@ def run(spec: JobSpec, *, fresh: bool = False, resume_from: str | None = None,
         if aside:
             emit({"kind": "info", "message": f"--fresh: the previous run was moved aside to {aside}"})
     run_dir.write_spec(to_yaml(spec))
+    run_dir.clear_stopped()
     worker = WorkerConfig(plan, resume_from=resume_from, progress_board=board_name(spec.name))
     attempt = 0
     while True:
@@ -313,6 +386,7 @@ def main(argv: list[str] | None = None) -> int:
     def stopped(signum, frame):  # `rtf stop` / `ray job stop` send SIGTERM
         raise KeyboardInterrupt
 
+    spec = None
     try:
         install_sealed()  # secrets forwarded by `rtf submit --address`, before anything reads them
         spec = load_spec(a.spec)
@@ -320,10 +394,13 @@ def main(argv: list[str] | None = None) -> int:
         if done is not None:  # before the preflight's marker and before Ray: nothing starts, nothing is written
             print(f"done: {done.message()}", flush=True)
             return 0
+        if a.resume_from:  # checked where the path means something (this machine), before Ray
+            a.resume_from = check_resume_from(spec, a.resume_from)
         on_event({"kind": "info", "message": f"storage preflight: {st.preflight(spec.storage)}"})
         skipped = check_data(spec)
         if skipped:
             on_event({"kind": "info", "message": f"data: {skipped} bad row(s) will be skipped (data.on_bad_row: skip)"})
+        quiet_ray_console(sys.stdout)  # the job's log: no raw color codes, no token-auth notice
         ray.init(address=os.environ.get("RAY_ADDRESS", "auto"), log_to_driver=True)
         signal.signal(signal.SIGTERM, stopped)  # after ray.init, which sets its own (a bare sys.exit)
         result = run(spec, fresh=a.fresh, resume_from=a.resume_from, on_event=on_event, settled=True)
@@ -334,10 +411,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return e.exit_code
     except KeyboardInterrupt:
+        if spec is not None:
+            mark_stopped(spec, "stopped")
         print("stopped: training stopped; committed checkpoints are intact, submit the same spec to resume "
               "from the latest one", file=sys.stderr, flush=True)
         return 143
     if not result.ok:
+        mark_stopped(spec, f"failed: {result.error}")
         print(f"error: training failed: {result.error}", file=sys.stderr, flush=True)
         return 1
     print(f"done: outputs in {st.join(result.run_uri, FINAL)}", flush=True)

@@ -9,7 +9,7 @@ import time
 
 from raytune_ft import storage as st
 from raytune_ft.data.pipeline import check_data
-from raytune_ft.launch.driver import before_start, run
+from raytune_ft.launch.driver import before_start, mark_stopped, quiet_ray_console, run
 from raytune_ft.launch.progress import Renderer, print_summary
 from raytune_ft.plan import make_plan
 from raytune_ft.spec.models import JobSpec
@@ -34,6 +34,7 @@ def run_local(spec: JobSpec, *, fresh: bool = False, resume_from: str | None = N
     t0 = time.time()
     owned = not ray.is_initialized()  # a caller (a notebook, a test session) may have started Ray already
     if owned:
+        quiet_ray_console(out)
         ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=bool(os.environ.get("RTF_WORKER_LOGS")),
                  configure_logging=False, namespace="rtf")
     print(f"ray: {'started' if owned else 'reusing the running Ray'} in {time.time() - t0:.1f}s with "
@@ -47,6 +48,7 @@ def run_local(spec: JobSpec, *, fresh: bool = False, resume_from: str | None = N
         result = run(spec, fresh=fresh, resume_from=resume_from, on_event=renderer.handle, plan=plan, settled=True)
     except KeyboardInterrupt:
         renderer.close()
+        mark_stopped(spec, "interrupted")
         print("\ninterrupted: training stopped. Committed checkpoints are intact; "
               "run the same command again to resume from the latest one.", file=out)
         return 130
@@ -55,6 +57,7 @@ def run_local(spec: JobSpec, *, fresh: bool = False, resume_from: str | None = N
         if owned:
             ray.shutdown()
     if not result.ok:
+        mark_stopped(spec, f"failed: {result.error}")
         print(f"error: training failed: {result.error}", file=out)
         return 1
     print_summary(result.summary, result.run_uri, out)

@@ -155,6 +155,8 @@ def print_summary(summary: dict[str, Any], run_uri: str, out) -> None:
         ("eval loss", f(summary.get("eval_loss"))),
         ("perplexity", f(summary.get("perplexity"), "{:.2f}")),
         ("tokens", f(summary.get("tokens"), "{:,}")),
+        *([("tokens since resume", f(summary["attempt_tokens"], "{:,}"))]  # what runtime and tokens/s cover
+          if summary.get("resumed_from_step") is not None and summary.get("attempt_tokens") is not None else []),
         ("runtime", f(summary.get("runtime_s"), "{:.1f}s")),
         ("tokens/s", f(summary.get("tokens_per_s"), "{:,.0f}")),
     ]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import sys
 
+from raytune_ft.launch.driver import check_resume_from  # noqa: F401  (the submit-side check)
 from raytune_ft.spec import absolutize
 from raytune_ft.spec.models import JobSpec
 
@@ -33,5 +34,7 @@ def submit(spec: JobSpec, *, address: str | None = None, fresh: bool = False, re
                               follow=follow, out=out)
     from raytune_ft.launch.local import run_local
 
+    if resume_from:
+        resume_from = check_resume_from(spec, resume_from)
     print(f"mode: local embedded Ray ({why})", file=out)
     return run_local(absolutize(spec), fresh=fresh, resume_from=resume_from, out=out)

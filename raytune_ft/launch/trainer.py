@@ -44,12 +44,12 @@ def scaling_config(plan: Plan):
 
 
 def build_trainer(spec: JobSpec, worker: WorkerConfig, *, callbacks: Sequence[Any] = ()):
-    """A ``TorchTrainer`` that runs :func:`raytune_ft.train.recipe.train_loop` with ``worker`` on every
+    """A ``TorchTrainer`` that runs :func:`raytune_ft.train.entry.train_loop` with ``worker`` on every
     worker, named and stored as the run dir of ``spec`` (Ray Train's stale snapshot dropped first)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from raytune_ft.train.recipe import train_loop
+    from raytune_ft.train.entry import train_loop  # light: the driver never imports transformers/peft
 
     plan = worker.plan
     run_dir = RunDir.of(spec)

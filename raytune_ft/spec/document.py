@@ -178,10 +178,13 @@ def _message(err: dict) -> str:
         if typ == "union_tag_invalid":
             return plain
         return plain + (f" (got {got!r})" if got is not None and not isinstance(got, (dict, list)) else
-                        f" (got a {type(got).__name__})" if got is not None else "")
+                        f" (got a {type(got).__name__})" if got is not None else
+                        " (got null: the value is empty)" if "input" in err else "")
     msg = msg.replace("Input should be", "must be").replace("Input", "value")
     if got is not None and not isinstance(got, (dict, list)):
         msg += f" (got {got!r})"
+    elif got is None and "input" in err:
+        msg += " (got null: the value is empty)"
     return msg
 
 

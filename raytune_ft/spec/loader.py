@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 from pydantic import ValidationError
+from yaml.constructor import SafeConstructor
 
 from raytune_ft.errors import SpecError, UserError
 from raytune_ft.spec.document import (
@@ -66,7 +67,9 @@ def _construct(node: yaml.Node, fname: str, loc: Loc, lines: dict, problems: lis
         return out
     if isinstance(node, yaml.SequenceNode):
         return [_construct(v, fname, loc + (i,), lines, problems) for i, v in enumerate(node.value)]
-    return yaml.safe_load(yaml.serialize(node))
+    # a scalar, constructed as safe_load would; an empty value (`key:`) is null, which re-serialising the
+    # node and loading that text turned into "not valid YAML … line 1, column 1"
+    return SafeConstructor().construct_object(node, deep=True)
 
 
 # A job spec is a few kilobytes. These caps make hostile files (an alias bomb, a 50 MB string, 500-deep

@@ -14,6 +14,7 @@ from raytune_ft.storage.checks import (
     classify_pyarrow_error,
     describe,
     preflight,
+    preflight_status,
     storage_errors,
 )
 from raytune_ft.storage.core import (
@@ -89,6 +90,7 @@ __all__ = [
     "local_path",
     "open",
     "preflight",
+    "preflight_status",
     "pyarrow_filesystem",
     "read_bytes",
     "read_json",

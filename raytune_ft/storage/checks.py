@@ -211,6 +211,16 @@ def storage_errors(storage: Any, action: str = "access") -> Iterator[None]:
 # Preflight
 
 
+def preflight_status(storage: Any, **kwargs: Any) -> tuple[str, str]:
+    """:func:`preflight` for a report that goes on after it: ``("ok", what was checked)``, ``("skipped",
+    why)`` when there is nothing to check with (no credentials), or ``("failed", the one-line error)``."""
+    try:
+        return "ok", preflight(storage, **kwargs)
+    except UserError as e:
+        state = "skipped" if getattr(e, "kind", None) == "no_credentials" else "failed"
+        return state, e.message + (f" ({e.hint})" if e.hint else "")
+
+
 def preflight(storage: Any, *, timeout: float = 10.0, max_attempts: int = 2) -> str:
     """Check that ``storage.path`` is usable before any compute is paid for; return what was checked.
 

@@ -29,6 +29,7 @@ import dataclasses
 import json
 import os
 import posixpath
+import re
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -192,7 +193,14 @@ def endpoint_url(storage: Any) -> str | None:
         )
     if parts.path not in ("", "/") or parts.query:
         raise StorageError(f"S3 endpoint {shown!r} must be scheme://host[:port] without a path")
+    if ":" not in parts.hostname and not _HOSTNAME.fullmatch(parts.hostname):
+        # botocore refuses it too, but with a bare ValueError ("Invalid endpoint") and a traceback
+        raise StorageError(f"S3 endpoint {shown!r}: {parts.hostname!r} is not a valid host name "
+                           "(letters, digits, '-' and '.' only)")
     return f"{parts.scheme}://{parts.netloc}"
+
+
+_HOSTNAME = re.compile(r"((?!-)[a-z\d-]{1,63}(?<!-)\.)*(?!-)[a-z\d-]{1,63}(?<!-)", re.IGNORECASE)
 
 
 def region(storage: Any) -> str:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -409,10 +410,18 @@ def run_sweep(spec: JobSpec, *, fresh: bool = False, on_event: Callable[[dict[st
     holder = ray.remote(num_cpus=0)(PlacementGroupRegistry).options(
         name=registry, namespace=NAMESPACE, get_if_exists=True).remote()
     tuner = _tuner(spec, sweep, restore, registry, emit)
+    # Tune's new output engine prints its experiment table and a TensorBoard hint even at verbose=0; the
+    # legacy engine is silent at verbose=0, and the SweepEvents callback reports the sweep instead
+    air_output = os.environ.get("RAY_AIR_NEW_OUTPUT")
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     try:
         with relay(board_name(spec.name), emit):  # the trials' lines, from SweepEvents
             tuner.fit()
     finally:  # trials Tune stopped at the end (Ctrl-C) leave their workers' placement groups behind
+        if air_output is None:
+            os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
+        else:
+            os.environ["RAY_AIR_NEW_OUTPUT"] = air_output
         for name in ray.get(holder.names.remote()):
             free_placement_group(registry, name)
         ray.kill(holder)

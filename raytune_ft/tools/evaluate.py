@@ -9,8 +9,10 @@ change the scored tokens). The loss is the mean cross-entropy over every scored 
 size, and differs slightly from the ``eval_loss`` HF Trainer logs during training, which averages each
 batch's token mean weighted by the batch's number of examples (same model and tokens, other weighting).
 
-Results go to ``eval_results.json`` in the source's dir (the run's ``final/``, the checkpoint dir, the model
-dir; on S3 for an s3:// source) unless another path is given.
+Results go beside a run's committed outputs, never inside them (``final/`` and each checkpoint are committed
+with their files listed; an evaluation must not change them): ``RUN/eval/final/eval_results.json`` for the
+run's ``final/``, ``RUN/eval/checkpoint-NNNNNNNN/eval_results.json`` for a checkpoint. A model dir outside a
+run gets ``eval_results.json`` in it. On S3 for an s3:// source; ``--out`` chooses another path.
 """
 
 from __future__ import annotations
@@ -220,8 +222,24 @@ def _ppl(loss: float) -> float:
 # output
 
 
+EVAL_DIR = "eval"
+
+
+def results_path(src: Source) -> str:
+    """Where ``rtf eval`` writes by default (see the module docstring)."""
+    from raytune_ft.checkpoints import parse_step
+    from raytune_ft.rundir import FINAL as FINAL_DIR
+
+    where = src.result_dir
+    join = st.join if src.remote else os.path.join
+    name = (where.rstrip("/").rsplit("/", 1)[-1] if src.remote else os.path.basename(os.path.normpath(where)))
+    if src.run_dir and (name == FINAL_DIR or parse_step(name) is not None):
+        return join(src.run_dir, EVAL_DIR, name, RESULTS_FILE)
+    return join(where, RESULTS_FILE)
+
+
 def _write(src: Source, result: dict[str, Any], out: str | None) -> str:
-    target = out or (st.join(src.result_dir, RESULTS_FILE) if src.remote else os.path.join(src.path, RESULTS_FILE))
+    target = out or results_path(src)
     payload = {k: v for k, v in result.items() if k != "written"}
     payload = _finite(payload)
     if st.is_s3(target):
@@ -269,5 +287,7 @@ def render(result: dict[str, Any]) -> str:
             lines.append("  ".join("-" * w for w in widths) + "  ------")
     lines += [f"note: {x}" for x in result.get("notes") or []]
     if result.get("written"):
-        lines.append(f"wrote {result['written']}")
+        lines.append(f"wrote {result['written']}" + (" (beside the run's committed outputs, which are unchanged)"
+                                                     if f"{os.sep}{EVAL_DIR}{os.sep}" in result["written"]
+                                                     or f"/{EVAL_DIR}/" in result["written"] else ""))
     return "\n".join(lines)

@@ -109,7 +109,8 @@ def merge(source: str | Source, out_dir: str, dtype: str = "float32", *, overwri
             f"QLoRA adapter: the base was loaded unquantized in {dtype} (dequantized) and merged; the merged model "
             "is not quantized, and its outputs differ slightly from the quantized base + adapter used in training"
         )
-    messages.append(f"merged {src.describe()} into {src.base_model} ({dtype}) -> {out_dir}")
+    messages.append(f"merged {src.describe()} + base {src.base_model} ({dtype}) → {out_dir} "
+                    "(a new model dir; the base model and the adapter are unchanged)")
     return {
         "out_dir": out_dir,
         "base": src.base_model,

@@ -3,13 +3,19 @@
 A run dir is a subdirectory holding any of ``rtf_spec.yaml``, ``metrics.jsonl``, ``final/`` or
 ``checkpoint-*``; a sweep dir holds ``trial-*`` run dirs, each listed as ``sweep/trial-<id>``.
 
-Status:
+Status, from what the run dir records (not from file times, except as the last resort below):
 
-* ``finished``: ``final/final_results.json`` exists (its steps and losses are shown);
-* ``running``: not finished and something in the run changed in the last :data:`RUNNING_WINDOW_S`
+* ``completed``: ``final/final_results.json`` exists (its steps and losses are shown);
+* ``stopped early``: a sweep trial the scheduler stopped (its row in the sweep's ``results.csv``);
+* ``stopped``: the run (or, for a trial, its sweep) was stopped with Ctrl-C or `rtf stop`: its
+  ``rtf_stopped.json`` says so (written by the local target and the cluster driver; removed when the run
+  is resubmitted and starts again);
+* ``failed``: ``rtf_stopped.json`` records a failure, or ``results.csv`` an error for the trial;
+* ``running``: none of the above, and something in the run changed in the last :data:`RUNNING_WINDOW_S`
   seconds (metrics.jsonl or a checkpoint);
-* ``incomplete``: neither (stopped, failed, or not started). ``checkpoint`` is the latest committed step,
-  the one a resubmission resumes from.
+* ``incomplete``: none of the above (killed without a word, or not started).
+
+``checkpoint`` is the latest committed step, the one a resubmission resumes from.
 """
 
 from __future__ import annotations
@@ -50,9 +56,12 @@ def list_runs(storage_path: str = "./rtf_runs", *, endpoint_url: str | None = No
             if _is_run(fs, d):
                 runs.append(_describe(fs, d, name, remote, now))
                 continue
-            for t in st.list_dirs(fs, d):
-                if t.startswith(rd.TRIAL_PREFIX) and _is_run(fs, st.fs_join(d, t)):
-                    runs.append(_describe(fs, st.fs_join(d, t), f"{name}/{t}", remote, now))
+            trials = [t for t in st.list_dirs(fs, d) if t.startswith(rd.TRIAL_PREFIX) and _is_run(fs, st.fs_join(d, t))]
+            if trials:
+                recorded = _sweep_records(fs, d)
+                for t in trials:
+                    runs.append(_describe(fs, st.fs_join(d, t), f"{name}/{t}", remote, now,
+                                          trial_status=recorded["trials"].get(t), stop=recorded["stop"]))
     return sorted(runs, key=lambda r: r["name"])
 
 
@@ -72,7 +81,39 @@ def _is_run(fs, path: str) -> bool:
     return False
 
 
-def _describe(fs, path: str, name: str, remote: bool, now: float) -> dict[str, Any]:
+def _sweep_records(fs, sweep_path: str) -> dict[str, Any]:
+    """What a sweep dir records about its trials: each trial's status in ``results.csv`` and the sweep's
+    stop record."""
+    import csv
+    import io
+
+    trials: dict[str, str] = {}
+    text = _read_text(fs, st.fs_join(sweep_path, rd.RESULTS_CSV))
+    if text:
+        for rec in csv.DictReader(io.StringIO(text)):
+            if rec.get("trial") and rec.get("status"):
+                trials[rec["trial"]] = rec["status"].removesuffix(", diverged")
+    stop = _read_json(fs, st.fs_join(sweep_path, rd.STOPPED))
+    return {"trials": trials, "stop": stop if isinstance(stop, dict) else None}
+
+
+def _recorded_status(final: bool, stop: dict[str, Any] | None, trial_status: str | None) -> str | None:
+    """The status the run dir records, or None when it records none (still running, or killed)."""
+    from raytune_ft.sweep.results import STATUS_ERROR, STATUS_STOPPED
+
+    if final:
+        return "completed"
+    if trial_status == STATUS_STOPPED:
+        return "stopped early"
+    if trial_status == STATUS_ERROR:
+        return "failed"
+    if stop is not None:
+        return "failed" if str(stop.get("reason", "")).startswith("failed") else "stopped"
+    return None
+
+
+def _describe(fs, path: str, name: str, remote: bool, now: float, *, trial_status: str | None = None,
+              stop: dict[str, Any] | None = None) -> dict[str, Any]:
     from raytune_ft import checkpoints as ck
 
     def uri(p: str) -> str:
@@ -89,6 +130,7 @@ def _describe(fs, path: str, name: str, remote: bool, now: float) -> dict[str, A
         "outputs": None,
         "updated": None,
         "method": None,
+        "reason": None,
     }
     mtimes = [i.mtime.timestamp() for i in _entries(fs, path) if i.mtime is not None]
     spec = _read_text(fs, st.fs_join(path, rd.SPEC))
@@ -112,11 +154,17 @@ def _describe(fs, path: str, name: str, remote: bool, now: float) -> dict[str, A
 
     results = _read_json(fs, st.fs_join(path, rd.FINAL, rd.FINAL_RESULTS))
     if isinstance(results, dict):
-        row["status"] = "finished"
         row["outputs"] = uri(st.fs_join(path, rd.FINAL))
         row["steps"] = results.get("steps", row["steps"])
         row["train_loss"] = _num(results.get("train_loss"), row["train_loss"])
         row["eval_loss"] = _num(results.get("eval_loss"), row["eval_loss"])
+    own = _read_json(fs, st.fs_join(path, rd.STOPPED))
+    stop = own if isinstance(own, dict) else stop
+    recorded = _recorded_status(isinstance(results, dict), stop, trial_status)
+    if recorded is not None:
+        row["status"] = recorded
+        if recorded in ("stopped", "failed") and stop is not None and stop.get("reason"):
+            row["reason"] = str(stop["reason"])
     elif mtimes and now - max(mtimes) < RUNNING_WINDOW_S:
         row["status"] = "running"
     if row["steps"] is None and row["checkpoint"] is not None:

@@ -75,6 +75,7 @@ class RtfCallback(TrainerCallback):
         self.metrics_path = os.path.join(work_dir, rd.METRICS)
         self.t_start = self.t_last = time.time()
         self.tokens_last = 0
+        self.tokens_start: int | None = None  # tokens seen before this attempt (a resume carries them on)
         self.step_last = 0
         self.start_step = 0
         self.last_metrics: dict[str, Any] = {}
@@ -89,7 +90,7 @@ class RtfCallback(TrainerCallback):
         self.monitor = HardwareMonitor(args.device.index or 0 if args.device.type == "cuda" else None)
         self.t_start = self.t_last = time.time()
         self.step_last = self.start_step = state.global_step
-        self.tokens_last = state.num_input_tokens_seen or 0
+        self.tokens_last = self.tokens_start = state.num_input_tokens_seen or 0
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         logs = logs if logs is not None else {}

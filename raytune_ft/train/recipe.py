@@ -292,7 +292,9 @@ def _run(spec: JobSpec, run: RunContext, work: str, publisher: Publisher, config
         tokenizer.save_pretrained(final)
         trainer.state.save_to_json(os.path.join(final, rd.TRAINER_STATE))
         runtime = result.metrics.get("train_runtime") or (time.time() - t0)
-        tokens = int(trainer.state.num_input_tokens_seen or 0)
+        tokens = int(trainer.state.num_input_tokens_seen or 0)  # the whole run's: a resume carries it on
+        # this attempt's tokens over this attempt's runtime (train_runtime covers only this train() call)
+        attempt_tokens = tokens - (callback.tokens_start if callback.tokens_start is not None else tokens)
         summary = {
             "train_loss": _last_train_loss(trainer.state.log_history),
             "train_loss_avg": result.training_loss,
@@ -302,7 +304,8 @@ def _run(spec: JobSpec, run: RunContext, work: str, publisher: Publisher, config
             "max_steps": trainer.state.max_steps,
             "tokens": tokens,
             "runtime_s": runtime,
-            "tokens_per_s": tokens / runtime if runtime else None,
+            "attempt_tokens": attempt_tokens,
+            "tokens_per_s": attempt_tokens / runtime if runtime else None,
             "trainable_params": trainable,
             "total_params": total,
             "resumed_from_step": resume.step if resume else None,
