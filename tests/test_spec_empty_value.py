@@ -26,7 +26,7 @@ def test_empty_value_is_the_fields_error_with_its_line(tmp_path, capsys):
         main(["validate", str(path)])
     err = capsys.readouterr().err
     assert ex.value.code == 2 and "not valid YAML" not in err and "Traceback" not in err
-    assert "training.learning_rate: must be a valid number" in err
+    assert "training.learning_rate: must be a number" in err
 
 
 def test_empty_value_where_null_is_allowed_means_null(tmp_path):
