@@ -32,6 +32,7 @@ from raytune_ft.spec import spec_from_dict, spec_hash, to_yaml
 from raytune_ft.spec.models import JobSpec
 from raytune_ft.train.callbacks import AtMaxSteps, RtfCallback, StopAtMaxSteps, barrier, gather
 from raytune_ft.train.modeling import apply_method, build_model, count_parameters, hf_token
+from raytune_ft.train.trackers import finish_trackers, setup_trackers
 
 log = logging.getLogger("raytune_ft")
 TOKENIZER_DIR = "tokenizer"
@@ -227,6 +228,7 @@ def train_loop(config: dict[str, Any]) -> None:
     try:
         _run(spec, run, work, publisher, config)
     finally:
+        finish_trackers()  # W&B/MLflow runs ended (HF's callbacks leave W&B open)
         shutil.rmtree(work, ignore_errors=True)
 
 
@@ -280,6 +282,7 @@ def _run(spec: JobSpec, run: RunContext, work: str, publisher: Publisher, config
         info(f"resuming from {config.get('resume_from') or run.uri(resume.name)} at step {resume.step}")
     if run.rank == 0:
         restore_metrics(run, work, resume.step if resume else None)
+    setup_trackers(spec, run, resumed_from=resume.step if resume else None)  # MLflow/W&B: env vars for HF's callbacks
 
     tb = None
     if run.rank == 0 and "tensorboard" in spec.monitoring.report_to:
