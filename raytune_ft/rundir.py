@@ -47,6 +47,7 @@ TRIAL_PREFIX = "trial-"
 TUNE_DIR = "tune"
 SWEEP_SPEC = "sweep_spec.yaml"
 RESULTS_CSV = "results.csv"
+TRACKERS = "trackers.json"  # the MLflow/W&B run ids a resumed run reattaches to (raytune_ft.train.trackers)
 STOPPED = "rtf_stopped.json"  # why a run ended without final/ (Ctrl-C, rtf stop, a failure); gone when it resumes
 BEST_YAML = "best.yaml"
 

@@ -198,8 +198,8 @@ def test_metric_for_best_model_is_the_trainers_name(tmp_path, capsys):
 def test_a_tracker_that_is_not_installed_is_refused(tmp_path, capsys, monkeypatch):
     from raytune_ft.spec import base as spec_base
 
-    # The dev install has wandb (its own tests need it), so its absence is simulated: the one mock here,
-    # standing for a machine without the package.
+    # The dev install has wandb (tests/test_trackers.py needs it), so its absence is simulated: the one mock
+    # here, standing for a machine without the package.
     real = spec_base.importable
     monkeypatch.setattr(spec_base, "importable", lambda m: False if m == "wandb" else real(m))
     doc = base(tmp_path)
@@ -209,9 +209,10 @@ def test_a_tracker_that_is_not_installed_is_refused(tmp_path, capsys, monkeypatc
     spec.write_text(yaml.safe_dump(doc))
     code, out = run_cli(["validate", str(spec)], capsys)
     assert code == 2 and "monitoring.report_to names wandb, which is not installed here" in out
-    assert "pip install wandb" in out
-    code, out = run_cli(["validate", str(spec), "--set", "cluster.pip=[wandb]"], capsys)
-    assert code == 0, out  # installed on the cluster by the job's runtime_env
+    assert "pip install 'raytune_ft[wandb]'" in out
+    for pip in ("wandb", "wandb>=0.17", "raytune_ft[wandb]"):
+        code, out = run_cli(["validate", str(spec), "--set", f"cluster.pip=['{pip}']"], capsys)
+        assert code == 0, out  # installed on the cluster by the job's runtime_env
 
 
 def test_wont_fit_warning_suggests_only_what_is_off():

@@ -11,7 +11,7 @@ import typer
 
 from raytune_ft import rundir as rd
 
-COMMANDS = ("generate", "merge", "eval", "plot", "runs")
+COMMANDS = ("generate", "merge", "eval", "plot", "runs", "push")
 TrustOpt = typer.Option(False, "--trust-remote-code", help="Run the model's own Python code (custom "
                         "architectures). Never taken from a run's stored spec.")
 
@@ -116,9 +116,25 @@ def runs_cmd(
     typer.echo(json.dumps(runs, indent=2) if as_json else render(runs, storage))
 
 
+def push_cmd(
+    source: str = typer.Argument(..., metavar="RUN", help="Job spec, run dir or its final/ (local or s3://)."),
+    repo_id: str = typer.Option(..., "--repo-id", metavar="ORG/NAME", help="The Hub model repo to create/update."),
+    private: bool = typer.Option(False, "--private", help="Create the repo private."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="List the files and print the model card; no network."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Upload a finished run's final/ (model or adapter, tokenizer, a model card, the loss plot) to the
+    Hugging Face Hub, with the token in $HF_TOKEN."""
+    from raytune_ft.tools.push import push, render
+
+    result = push(source, repo_id, private=private, dry_run=dry_run)
+    typer.echo(json.dumps(result, indent=2) if as_json else render(result))
+
+
 app = typer.Typer()
 app.command("generate")(generate_cmd)
 app.command("merge")(merge_cmd)
 app.command("eval")(eval_cmd)
 app.command("plot")(plot_cmd)
 app.command("runs")(runs_cmd)
+app.command("push")(push_cmd)

@@ -9,6 +9,7 @@ the loader turns it into ``file:line dotted.path: message``.
 from __future__ import annotations
 
 import math
+import re
 from typing import Any, Literal, Union
 
 from pydantic import Field, field_validator, model_validator
@@ -544,14 +545,19 @@ class JobSpec(Section):
                 "a freshly trained tokenizer changes the vocabulary, so the embeddings must train too: "
                 "use method.type full with tokenizer.train"
             )
-        missing = [r for r in self.monitoring.report_to if r in ("wandb", "mlflow") and not base.importable(r)
-                   and not self.cluster.image and not any(p.split("[")[0].split("=")[0].split(">")[0].strip() == r
-                                                          for p in self.cluster.pip or [])]
+        pips = {"mlflow": ("mlflow", "mlflow-skinny", "raytune_ft[mlflow]"), "wandb": ("wandb", "raytune_ft[wandb]")}
+        missing = [r for r in self.monitoring.report_to if r in pips and not base.importable(r) and not self.cluster.image
+                   and not any({n, n.split("[")[0]} & set(pips[r])
+                               for n in (re.split(r"[=<>!~ ;]", p.strip())[0] for p in self.cluster.pip or []))]
         if missing:
             raise ValueError(
                 f"monitoring.report_to names {', '.join(missing)}, which is not installed here (training would "
-                f"silently report nothing): pip install {' '.join(missing)}, or list it in cluster.pip, or "
-                "run in a cluster.image that has it")
+                f"silently report nothing): pip install 'raytune_ft[{','.join(missing)}]', or list it in "
+                "cluster.pip, or run in a cluster.image that has it")
+        if "mlflow" in self.monitoring.report_to and "MLFLOW_TRACKING_URI" not in self.env:
+            raise ValueError("monitoring.report_to mlflow needs the tracking store: set env.MLFLOW_TRACKING_URI "
+                             "(a literal such as sqlite:///mlflow.db or http://host:5000, or null to forward "
+                             "yours)")
         if t.liger_kernel and not self.compute.use_gpu:
             raise ValueError("training.liger_kernel runs Triton GPU kernels: it needs compute.gpus_per_worker >= 1")
         if self.model.init is not None and m.type != "full":

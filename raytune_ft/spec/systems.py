@@ -215,3 +215,5 @@ class FaultTolerance(Section):
 
 class Monitoring(Section):
     report_to: list[Literal["tensorboard", "wandb", "mlflow", "none"]] = ["tensorboard"]
+    experiment: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$",
+                                   description="MLflow experiment and W&B project (default: the run name).")

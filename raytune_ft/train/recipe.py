@@ -37,6 +37,7 @@ from raytune_ft.train.config import WorkerConfig
 from raytune_ft.train.env import apply_env, env_report
 from raytune_ft.train.modeling import apply_method, build_model, count_parameters, hf_token
 from raytune_ft.train.progress import Publisher
+from raytune_ft.train.trackers import finish_trackers, setup_trackers
 
 log = logging.getLogger("raytune_ft")
 
@@ -199,6 +200,7 @@ def train_loop(config: WorkerConfig) -> None:
     try:
         _run(spec, run, work, publisher, config)
     finally:
+        finish_trackers()  # W&B/MLflow runs ended (HF's callbacks leave W&B open)
         shutil.rmtree(work, ignore_errors=True)
 
 
@@ -251,6 +253,7 @@ def _run(spec: JobSpec, run: RunContext, work: str, publisher: Publisher, config
         info(f"resuming from {config.resume_from or run.dir.uri_of(resume.name)} at step {resume.step}")
     if run.rank == 0:
         restore_metrics(run, work, resume.step if resume else None)
+    setup_trackers(spec, run, resumed_from=resume.step if resume else None)  # MLflow/W&B: env vars for HF's callbacks
 
     tb = None
     if run.rank == 0 and "tensorboard" in spec.monitoring.report_to:
