@@ -34,8 +34,9 @@ from raytune_ft.data.formats import (
     render_chat,
     tokenize_examples,
 )
+from raytune_ft.data.hub import is_hub, read_hub_rows
 from raytune_ft.data.packing import pack_examples, packing_efficiency, padding_efficiency, token_count
-from raytune_ft.data.sources import read_rows
+from raytune_ft.data.sources import RawRow, read_rows
 from raytune_ft.data.split import split_indices
 from raytune_ft.errors import DataError, UserError
 
@@ -214,9 +215,8 @@ def _load(source: Any, on_bad_row: str, filesystem_for: FilesystemFor | None, st
         raise UserError(f"{path}: weight must be > 0, got {weight}")
     if on_bad_row not in ("error", "skip"):
         raise UserError(f"data.on_bad_row must be 'error' or 'skip', got {on_bad_row!r}")
-    fs, fs_path = _filesystem(path, filesystem_for)
     rows, skipped = [], 0
-    for raw in read_rows(fs_path, filesystem=fs, name=path):
+    for raw in _rows(source, path, filesystem_for):
         problem = raw.error
         if problem is None:
             try:
@@ -235,6 +235,14 @@ def _load(source: Any, on_bad_row: str, filesystem_for: FilesystemFor | None, st
     if not rows:
         raise DataError(f"{path}: no usable rows" + (f" ({skipped} bad rows skipped)" if skipped else ""))
     return _Source(path, fmt, weight, rows)
+
+
+def _rows(source: Any, path: str, filesystem_for: FilesystemFor | None) -> Iterator[RawRow]:
+    if is_hub(path):
+        return read_hub_rows(path, config=_get(source, "config"), split=_get(source, "split"),
+                             revision=_get(source, "revision"))
+    fs, fs_path = _filesystem(path, filesystem_for)
+    return read_rows(fs_path, filesystem=fs, name=path)
 
 
 def _filesystem(path: str, filesystem_for: FilesystemFor | None) -> tuple[Any, str]:

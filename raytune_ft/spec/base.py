@@ -37,6 +37,22 @@ PIP_REQ_RE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?(\[[A-Za-z0-9.
                         r"[A-Za-z0-9.*+!_-]+)*)?")
 HOST_PATH = r"([A-Za-z0-9._-]+|\[[0-9A-Fa-f:.]+\])(:[0-9]{1,5})?(/[A-Za-z0-9._~%/-]*)?"  # host[:port][/path]
 CONTROL_RE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+HUB_PREFIX = "hf://datasets/"
+HUB_REPO_RE = re.compile(r"([A-Za-z0-9][A-Za-z0-9._-]{0,95}/)?[A-Za-z0-9][A-Za-z0-9._-]{0,95}")  # [org/]name
+HUB_REF_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,127}")  # a config, split, branch, tag or commit
+
+
+def check_hub_source(path: str, config: str | None, split: str | None, revision: str | None) -> None:
+    """``hf://datasets/[ORG/]NAME`` with its config/split/revision; those three only for such a path."""
+    if not path.startswith(HUB_PREFIX):
+        given = [n for n, v in (("config", config), ("split", split), ("revision", revision)) if v is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)} apply only to a hub dataset (path: hf://datasets/ORG/NAME)")
+        return
+    check_shape(path[len(HUB_PREFIX):], HUB_REPO_RE, "hf://datasets/ORG/NAME (a Hugging Face dataset id)")
+    for name, v in (("config", config), ("split", split), ("revision", revision)):
+        if v is not None and not HUB_REF_RE.fullmatch(v):
+            raise ValueError(f"{name} must be letters, digits and ._/- (got {v!r})")
 
 
 def importable(module: str) -> bool:

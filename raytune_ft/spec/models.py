@@ -170,10 +170,19 @@ class MethodSpec(Section):
 
 
 class DataSource(Section):
-    path: str = Field(..., min_length=1, description="Local file/dir, HF save_to_disk dir, or s3:// URI.")
+    path: str = Field(..., min_length=1, description="Local file/dir, HF save_to_disk dir, s3:// URI, or a hub "
+                      "dataset hf://datasets/ORG/NAME.")
     format: Literal["alpaca", "chat", "text"] = "alpaca"
     fields: dict[str, str] | None = Field(None, description="Canonical field -> column name in the file.")
     weight: float = Field(1.0, gt=0)
+    config: str | None = Field(None, description="Hub datasets only: the dataset's configuration (subset).")
+    split: str | None = Field(None, description="Hub datasets only: the split to read (default train).")
+    revision: str | None = Field(None, description="Hub datasets only: a branch, tag or commit (default main).")
+
+    @model_validator(mode="after")
+    def _hub_source(self):
+        base.check_hub_source(self.path, self.config, self.split, self.revision)
+        return self
 
     @field_validator("fields")
     @classmethod
