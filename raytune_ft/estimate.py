@@ -243,7 +243,7 @@ def estimate(spec: JobSpec, *, tokens: Tokens | None = None, tokens_per_epoch: i
         est.steps = max(1, math.ceil(est.train_tokens / step_tokens))
     arch = resolve_arch(spec)
     if arch is None:
-        est.notes.append("model shape unknown offline: no FLOPs, no time")
+        est.notes.append("model shape unknown (see the memory note): no FLOPs, no time")
         return est
     trainable = memory_estimate(spec, arch).trainable_params
     seq_attn = min(mean_len, seq_cap)  # attention runs per example, packed or not
@@ -343,7 +343,7 @@ def fit(spec: JobSpec) -> tuple[list[str], str]:
     if cap is None:
         return [], "no fit check: compute.accelerator_type is unset or has no known memory size"
     if not memory_estimate(spec).known:
-        return [], "no fit check: the model's shape is unknown offline"
+        return [], "no fit check: the model's shape is unknown"
 
     def total(sets: dict[str, Any]) -> float:
         return memory_estimate(_apply(spec, sets)).total / GIB

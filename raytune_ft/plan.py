@@ -128,7 +128,8 @@ def cached_config(repo_id: str, revision: str | None = None) -> Path | None:
 
 
 def resolve_arch(spec: JobSpec) -> Arch | None:
-    """The model's shape, without downloading: model.init, a local config.json, or a known hub id."""
+    """The model's shape: model.init, a local config.json, the HF cache's, a known hub id, or (only for an
+    unknown id, and not offline) its config.json from the Hub with a short timeout."""
     m = spec.model
     if m.init is not None:
         i = m.init
@@ -140,14 +141,7 @@ def resolve_arch(spec: JobSpec) -> Arch | None:
     if not cfg_path.is_file():
         cfg_path = cached_config(m.name_or_path, m.revision) or cfg_path
     if cfg_path.is_file():
-        try:
-            c = json.loads(cfg_path.read_text())
-            heads = c["num_attention_heads"]
-            return Arch(c["hidden_size"], c["num_hidden_layers"], heads, c.get("num_key_value_heads") or heads,
-                        c["intermediate_size"], c["vocab_size"], bool(c.get("tie_word_embeddings", False)),
-                        str(cfg_path))
-        except (KeyError, ValueError, TypeError):
-            return None
+        return _arch_from_config(cfg_path)
     key = m.name_or_path.lower().split("/")[-1]
     key = re.sub(r"-(instruct|chat|hf|base|it)$", "", key)
     key = key.replace("meta-llama-", "llama-")
@@ -155,7 +149,57 @@ def resolve_arch(spec: JobSpec) -> Arch | None:
         if key == name or key.startswith(name + "-"):
             return Arch(a["hidden"], a["layers"], a["heads"], a["kv"], a["inter"], a["vocab"], bool(a["tied"]),
                         f"known shape of {name}")
-    return None
+    fetched = fetch_config(m.name_or_path, m.revision)
+    return _arch_from_config(fetched) if fetched is not None else None
+
+
+HUB_TIMEOUT_S = 5.0
+_hub_misses: dict[tuple[str, str | None], str] = {}  # (id, revision) -> why its config could not be fetched
+
+
+def fetch_config(repo_id: str, revision: str | None = None) -> Path | None:
+    """A hub model's config.json fetched into the HF cache, when the Hub answers within HUB_TIMEOUT_S.
+
+    huggingface_hub's own download retries unreachable hosts for about 25 s before it gives up, too long for
+    `rtf plan`: one metadata request with a short timeout and no retries decides first (the gap this fills).
+    Offline (HF_HUB_OFFLINE) nothing is tried. Why it failed is kept for the plan's note (``hub_miss``)."""
+    key = (repo_id, revision)
+    if key in _hub_misses or "/" not in repo_id or repo_id.startswith(("/", ".")):
+        return None
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_download, hf_hub_url
+
+    if constants.is_offline_mode():
+        _hub_misses[key] = "offline mode is on (HF_HUB_OFFLINE)"
+        return None
+    try:
+        get_hf_file_metadata(hf_hub_url(repo_id, "config.json", revision=revision), timeout=HUB_TIMEOUT_S)
+        return Path(hf_hub_download(repo_id, "config.json", revision=revision, etag_timeout=HUB_TIMEOUT_S))
+    except Exception as e:  # unreachable, timed out, gated, not found: the plan says which and goes on
+        text = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        _hub_misses[key] = f"the Hub at {constants.ENDPOINT} did not give its config.json ({text})"
+        return None
+
+
+def hub_miss(repo_id: str | None, revision: str | None = None) -> str | None:
+    return _hub_misses.get((repo_id or "", revision))
+
+
+def _unknown_arch_note(name: str | None, revision: str | None) -> str:
+    miss = hub_miss(name, revision)
+    return (f"architecture of {name} unknown: not a local dir, not in the Hugging Face cache, not a known hub id"
+            + (f", and {miss}" if miss else "") + f"; download its config once (hf download {name} config.json) "
+            "or give a local dir")
+
+
+def _arch_from_config(cfg_path: Path) -> Arch | None:
+    try:
+        c = json.loads(cfg_path.read_text())
+        heads = c["num_attention_heads"]
+        return Arch(c["hidden_size"], c["num_hidden_layers"], heads, c.get("num_key_value_heads") or heads,
+                    c["intermediate_size"], c["vocab_size"], bool(c.get("tie_word_embeddings", False)),
+                    str(cfg_path))
+    except (KeyError, ValueError, TypeError, OSError):
+        return None
 
 
 # --------------------------------------------------------------------------- DeepSpeed
@@ -281,9 +325,7 @@ def memory_estimate(spec: JobSpec, arch: Arch | None = None) -> MemoryEstimate:
     arch = arch or resolve_arch(spec)
     est = MemoryEstimate(known=arch is not None)
     if arch is None:
-        est.notes.append(f"architecture of {spec.model.name_or_path} unknown offline: not a local dir, not in the "
-                         "Hugging Face cache, not model.init, not a known hub id; download its config once "
-                         "(huggingface-cli download ID config.json) or give a local dir")
+        est.notes.append(_unknown_arch_note(spec.model.name_or_path, spec.model.revision))
         return est
     t, m, ds = spec.training, spec.method, spec.deepspeed
     world = max(1, spec.compute.num_workers)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from raytune_ft.plan import GIB, Arch, deepspeed_config, make_plan, memory_estimate
@@ -93,6 +95,36 @@ def test_local_config_json_is_read(tmp_path):
 
 
 def test_unknown_model_is_reported_not_guessed():
-    p = make_plan(spec(model={"name_or_path": "someone/mystery-model"}))
+    p = make_plan(spec(model={"name_or_path": "someone/mystery-model"}))  # tests run with HF_HUB_OFFLINE=1
     assert not p.memory.known
-    assert "unknown offline" in p.memory.notes[0]
+    assert p.memory.notes[0].startswith("architecture of someone/mystery-model unknown: not a local dir, not in "
+                                        "the Hugging Face cache, not a known hub id, and offline mode is on")
+    assert "hf download someone/mystery-model config.json" in p.memory.notes[0]
+
+
+def test_an_unreachable_hub_is_tried_once_briefly_and_named(tmp_path):
+    """Not offline, the Hub at a closed port on 127.0.0.1 (a real refused connection): one try, no retries,
+    and the note names the endpoint; the table of known shapes is still used first, without any request."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    code = (
+        "from raytune_ft.plan import make_plan, resolve_arch\n"
+        "from tests.test_plan import spec\n"
+        "p = make_plan(spec(model={'name_or_path': 'someone/mystery-model'}))\n"
+        "print(p.memory.known, p.memory.notes[0])\n"
+        "print(resolve_arch(spec(model={'name_or_path': 'meta-llama/Llama-3.1-8B'})).source)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    env.update(HF_ENDPOINT=f"http://127.0.0.1:{port}", HF_HOME=str(tmp_path), PYTHONPATH=os.getcwd())
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    first, second = r.stdout.splitlines()[:2]
+    assert first.startswith("False architecture of someone/mystery-model unknown")
+    assert f"the Hub at http://127.0.0.1:{port} did not give its config.json" in first
+    assert second == "known shape of llama-3.1-8b"
+    assert "Retrying" not in r.stderr
