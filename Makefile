@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.rtf-installed
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install demo test test-fast lint bench bench-gpu image clean gpu-wheelhouse gpu-check gpu-check-dry
+.PHONY: install demo test test-fast lint bench bench-estimate bench-gpu image clean gpu-wheelhouse gpu-check gpu-check-dry
 
 install: $(STAMP)
 
@@ -39,6 +39,10 @@ lint: install
 
 bench: install
 	$(PY) bench/run_all.py
+
+# rtf plan's time estimate against measured training time on this CPU (bench/estimate_check.py says how)
+bench-estimate: install
+	$(PY) bench/estimate_check.py
 
 bench-gpu: install
 	$(PY) bench/gpu.py

@@ -226,8 +226,8 @@ def estimate(spec: JobSpec, *, tokens: Tokens | None = None, tokens_per_epoch: i
     gpus = max(1, int(math.ceil(c.num_workers * c.gpus_per_worker))) if c.use_gpu else 0
     mfu, mfu_src = _mfu(spec)
     price, price_src = _price(spec)
-    est = Estimate(tokens, None, None, None, gpus, PEAK_TFLOPS.get(c.accelerator_type or ""), mfu, mfu_src,
-                   None, price, price_src, None)
+    peak = c.peak_tflops or PEAK_TFLOPS.get(c.accelerator_type or "")
+    est = Estimate(tokens, None, None, None, gpus, peak, mfu, mfu_src, None, price, price_src, None)
     seq_cap = spec.data.max_seq_length or 2048
     # tokens per optimizer step: packed rows are full rows; unpacked batches hold examples of mean length
     mean_len = tokens.mean_len or seq_cap
@@ -248,17 +248,17 @@ def estimate(spec: JobSpec, *, tokens: Tokens | None = None, tokens_per_epoch: i
     trainable = memory_estimate(spec, arch).trainable_params
     seq_attn = min(mean_len, seq_cap)  # attention runs per example, packed or not
     est.flops_per_token = flops_per_token(arch, spec, trainable, seq_attn)
-    if not c.use_gpu:
-        est.notes.append("CPU run: no peak FLOP/s table for CPUs; time not estimated")
-        return est
     if est.peak_tflops is None:
-        est.notes.append(f"compute.accelerator_type {c.accelerator_type or 'unset'}: peak FLOP/s unknown; set "
-                         "compute.accelerator_type (e.g. H100) for a time estimate")
+        est.notes.append("CPU run: no peak FLOP/s table for CPUs; set compute.peak_tflops for a time estimate"
+                         if not c.use_gpu else
+                         f"compute.accelerator_type {c.accelerator_type or 'unset'}: peak FLOP/s unknown; set "
+                         "compute.accelerator_type (e.g. H100) or compute.peak_tflops for a time estimate")
         return est
     if est.train_tokens is None:
         est.notes.append("training length " + tokens.how)
         return est
-    seconds = est.train_tokens * est.flops_per_token / (gpus * est.peak_tflops * 1e12 * mfu)
+    devices = gpus or max(1, c.num_workers)  # on CPU: one device (peak_tflops) per worker
+    seconds = est.train_tokens * est.flops_per_token / (devices * est.peak_tflops * 1e12 * mfu)
     est.hours = seconds / 3600
     if price is not None:
         est.cost = est.hours * gpus * price
@@ -310,13 +310,16 @@ def render(est: Estimate) -> list[str]:
     if est.flops_per_token:
         lines.append(f"compute:      {est.flops_per_token / 1e9:.2f} GFLOP per token"
                      + (f", {est.gpus} GPU(s) × {est.peak_tflops:g} TFLOP/s peak × MFU {est.mfu:.0%} ({est.mfu_source})"
-                        if est.peak_tflops and est.gpus else ""))
+                        if est.peak_tflops and est.gpus else
+                        f", CPU × {est.peak_tflops:g} TFLOP/s peak (compute.peak_tflops) × MFU {est.mfu:.0%} "
+                        f"({est.mfu_source})" if est.peak_tflops else ""))
     if est.hours is not None:
         h = est.hours
         when = f"{h * 3600:.0f} s" if h < 1 / 60 else f"{h * 60:.0f} min" if h < 1 else f"{h:.1f} h"
         cost = (f"; cost ≈ ${est.cost:,.2f} at ${est.price_per_gpu_hour:.2f}/GPU-hour ({est.price_source})"
                 if est.cost is not None else f"; {est.price_source}")
-        lines.append(f"time:         ≈ {when} of training ({h * est.gpus:.1f} GPU-hours){cost}")
+        lines.append(f"time:         ≈ {when} of training ({h * est.gpus:.1f} GPU-hours){cost}" if est.gpus else
+                     f"time:         ≈ {when} of training on CPU")
     if est.sweep and est.sweep.get("wall_hours") is not None:
         s = est.sweep
         pts = ", ".join(f"{k}={v}" for k, v in s["costliest_point"].items()) or "the spec as written"

@@ -50,6 +50,22 @@ def test_lora_8b_by_hand():
     assert "assumed for lora" in e.mfu_source
 
 
+def test_cpu_time_needs_peak_tflops_and_then_is_by_hand():
+    cpu = {"num_workers": 2, "gpus_per_worker": 0, "accelerator_type": None, "assumed_mfu": 0.2}
+    s = spec("meta-llama/Llama-3.2-1B", compute=cpu)
+    e = E.estimate(s, tokens=E.Tokens(None, None, None, "unknown"))
+    assert e.hours is None and any("set compute.peak_tflops" in n for n in e.notes)
+    s = spec("meta-llama/Llama-3.2-1B", compute={**cpu, "peak_tflops": 0.5})
+    e = E.estimate(s, tokens=E.Tokens(None, None, None, "unknown"))
+    tokens = 1000 * 4 * 4 * 2 * 2048
+    assert e.train_tokens == tokens
+    assert e.hours == pytest.approx(hours(tokens, e.flops_per_token, 2, 0.5, 0.2))  # 2 workers, 1 device each
+    assert e.cost is None and e.gpus == 0
+    text = "\n".join(E.render(e))
+    assert "CPU × 0.5 TFLOP/s peak (compute.peak_tflops) × MFU 20% (compute.assumed_mfu)" in text
+    assert "of training on CPU" in text
+
+
 def test_lora_1b_with_checkpointing_and_price_by_hand():
     s = spec("meta-llama/Llama-3.2-1B", training={"gradient_checkpointing": True},
              compute={"num_workers": 1, "accelerator_type": "H100", "price_per_hour": 2.0, "assumed_mfu": 0.5})

@@ -54,6 +54,9 @@ class ComputeSpec(Section):
                                       "time estimate (default: a figure measured by this project, else a table).")
     price_per_hour: float | None = Field(None, ge=0, description="USD per GPU-hour for `rtf plan`'s cost "
                                          "estimate (default: a list price table).")
+    peak_tflops: float | None = Field(None, gt=0, le=100_000, description="Peak dense TFLOP/s of one worker's "
+                                      "device for `rtf plan`'s time estimate (default: a table by "
+                                      "accelerator_type; on CPU, only this; `make bench` measures this CPU's).")
 
     @field_validator("accelerator_type")
     @classmethod
