@@ -10,6 +10,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may download in tests
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
+pytest_plugins = ["tests.seaweed"]  # SeaweedFS on 127.0.0.1: the `seaweed` and `seaweed_server` fixtures
+
 
 @pytest.fixture(scope="session")
 def ray_local():

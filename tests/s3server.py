@@ -297,12 +297,13 @@ def s3_server_own(monkeypatch: pytest.MonkeyPatch) -> Iterator[S3Server]:
     server.stop()
 
 
-@pytest.fixture(params=["local", "s3"])
+@pytest.fixture(params=["local", "s3", "seaweedfs"])
 def storage_root(request: pytest.FixtureRequest, tmp_path, monkeypatch: pytest.MonkeyPatch) -> tuple[str, str | None]:
     """A fresh, empty storage root on each backend, as ``(uri, endpoint_url)``: a local dir
-    (endpoint ``None``), then ``s3://<new bucket>/root`` on the session moto server (env applied)."""
+    (endpoint ``None``), then ``s3://<new bucket>/root`` on the session moto server, then on the session
+    SeaweedFS (tests/seaweed.py; env applied for both)."""
     if request.param == "local":
         return str(tmp_path / "storage"), None
-    server: S3Server = request.getfixturevalue("s3_server")
+    server = request.getfixturevalue("s3_server" if request.param == "s3" else "seaweed_server")
     apply_env(monkeypatch, server)
     return f"s3://{server.create_bucket()}/root", server.endpoint_url
