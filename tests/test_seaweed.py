@@ -53,3 +53,28 @@ def test_preflight_failures_are_classified(seaweed_server, monkeypatch):
     err = preflight_error(st.StorageConfig(path=f"s3://{bucket}/p", endpoint_url=endpoint))
     assert err.kind == "bad_secret"
     assert "secret key in $AWS_SECRET_ACCESS_KEY does not match" in err.message
+
+
+def test_a_deleted_checkpoint_uploaded_with_markers_leaves_no_directory(seaweed_server, monkeypatch, tmp_path):
+    """Ray Train uploads checkpoints with pyarrow's copy_files, which writes a `dir/` marker object per
+    level. SeaweedFS keeps such a directory when its marker is deleted before its files (pyarrow's own
+    delete_dir order), so pruned checkpoints stayed listed; st.delete_dir deletes files, then markers."""
+    import pyarrow.fs as pafs
+
+    for k, v in seaweed_server.env().items():
+        monkeypatch.setenv(k, v)
+    bucket = seaweed_server.create_bucket()
+    fs, root = st.pyarrow_filesystem(st.StorageConfig(path=f"s3://{bucket}/runs",
+                                                      endpoint_url=seaweed_server.endpoint_url))
+    src = tmp_path / "ckpt"
+    (src / "sub" / "deeper").mkdir(parents=True)
+    (src / "model.safetensors").write_bytes(b"w" * 1000)
+    (src / "sub" / "deeper" / "state.json").write_text("{}")
+    for step in (1, 2):
+        pafs.copy_files(str(src), f"{root}/run/checkpoint-0000000{step}", source_filesystem=pafs.LocalFileSystem(),
+                        destination_filesystem=fs)
+    assert st.list_dirs(fs, f"{root}/run") == ["checkpoint-00000001", "checkpoint-00000002"]
+    st.delete_dir(fs, f"{root}/run/checkpoint-00000001")
+    assert st.list_dirs(fs, f"{root}/run") == ["checkpoint-00000002"]
+    assert set(st.list_files(fs, f"{root}/run/checkpoint-00000002")) == {"model.safetensors",
+                                                                         "sub/deeper/state.json"}

@@ -513,13 +513,28 @@ def delete_dir(fs: pyarrow.fs.FileSystem, path: str) -> None:
     """Delete ``path`` and everything under it; nothing happens when it does not exist."""
     import pyarrow.fs as pafs
 
-    if fs.get_file_info(path).type == pafs.FileType.NotFound:
-        if is_local_fs(fs):
-            return
-        # S3: a "directory" without a marker object still reports its children
-        if not fs.get_file_info(pafs.FileSelector(path, allow_not_found=True)):
-            return
-    fs.delete_dir(path)
+    if is_local_fs(fs):
+        if fs.get_file_info(path).type != pafs.FileType.NotFound:
+            fs.delete_dir(path)
+        return
+    # Object stores: the files first, then the directory markers deepest first, then the path's own.
+    # pyarrow's delete_dir removes markers and files in one batch; SeaweedFS keeps a marker-made directory
+    # whose marker went before its files, so a pruned checkpoint (Ray Train's uploads write markers) stayed
+    # listed. On S3 and moto this order costs one request per file and gives the same result.
+    entries = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True, recursive=True))
+    files = [e.path for e in entries if e.type == pafs.FileType.File]
+    dirs = sorted((e.path for e in entries if e.type == pafs.FileType.Directory), key=lambda p: -p.count("/"))
+    if files:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=min(8, len(files))) as pool:
+            for _ in pool.map(fs.delete_file, files):  # re-raises the first failure
+                pass
+    for d in [*dirs, path]:
+        try:
+            fs.delete_dir(d)
+        except FileNotFoundError:  # no marker object: nothing to delete
+            pass
 
 
 def upload_dir(local_dir: str, fs: pyarrow.fs.FileSystem, dest_path: str) -> None:
