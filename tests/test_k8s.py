@@ -410,6 +410,25 @@ def test_kubernetes_options_are_honoured():
     assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "my-secrets", "key": "auth_token"}
 
 
+def test_pods_get_shared_memory_and_a_grace_period():
+    job = main_doc(spec_with(cluster__kubernetes={"worker_memory": "40Gi", "head_memory": "2Gi"}))
+    cluster = job["spec"]["rayClusterSpec"]
+    for pod, shm in ((group_of(job)["template"]["spec"], "10Gi"),  # a quarter of 40Gi
+                     (cluster["headGroupSpec"]["template"]["spec"], "1Gi")):  # at least 1Gi
+        assert pod["terminationGracePeriodSeconds"] == 120
+        assert {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": shm}} in pod["volumes"]
+        assert {"name": "dshm", "mountPath": "/dev/shm"} in pod["containers"][0]["volumeMounts"]
+    job = main_doc(spec_with(cluster__kubernetes={"worker_memory": "1000Gi", "shm_size": None}))
+    assert {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "64Gi"}} in \
+        group_of(job)["template"]["spec"]["volumes"]  # at most 64Gi
+    job = main_doc(spec_with(cluster__kubernetes={"worker_memory": "6000Mi", "shm_size": "3Gi",
+                                                  "termination_grace_seconds": 300}))
+    worker = group_of(job)["template"]["spec"]
+    assert worker["terminationGracePeriodSeconds"] == 300
+    assert {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "3Gi"}} in worker["volumes"]
+    assert k8s.shm_size(k8s.kube_settings(spec_with()), "6000Mi") == "1500Mi"
+
+
 @pytest.mark.parametrize("name", ["Quickstart", "my_run.v2", "7b-lora", "x" * 63, "a" * 47, "-", "Ünïcode"])
 def test_k8s_names_are_valid_and_distinct(name):
     n = k8s.k8s_name(name)

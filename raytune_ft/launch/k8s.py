@@ -41,6 +41,10 @@ Choices, so nobody has to rediscover them:
   same spec, whose ``name`` and ``storage.path`` are the run identity, so the driver resumes from the
   last committed checkpoint in storage. That is why storage must be ``s3://`` here: a pod's local
   disk dies with the pod.
+* **Long runs.** Every pod mounts a memory-backed ``/dev/shm`` (``kubernetes.shm_size``; default a quarter
+  of the pod's memory within [1Gi, 64Gi]: the 64 MiB Kubernetes default breaks NCCL) and gets
+  ``terminationGracePeriodSeconds = kubernetes.termination_grace_seconds`` (default 120) between SIGTERM
+  and SIGKILL, time for a checkpoint on eviction or a spot reclaim.
 * **Deterministic.** Same spec, same bytes: no timestamps, sorted env, names derived from the spec.
 """
 
@@ -207,11 +211,30 @@ def _container(name: str, image: str, env: list, resources: dict, ports: list | 
         c["ports"] = ports
     c["env"] = env
     c["resources"] = resources
-    c["volumeMounts"] = [{"name": "rtf-spec", "mountPath": SPEC_MOUNT_DIR, "readOnly": True}]
+    c["volumeMounts"] = [{"name": "rtf-spec", "mountPath": SPEC_MOUNT_DIR, "readOnly": True},
+                         {"name": "dshm", "mountPath": "/dev/shm"}]
     return c
 
 
-def _pod_spec(container: dict, configmap: str, kube: KubernetesSpec, node_selector: bool) -> dict[str, Any]:
+_QUANTITY_BYTES = {"": 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15, "E": 10**18,
+                   "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60, "m": 1e-3}
+
+
+def shm_size(kube: KubernetesSpec, pod_memory: str) -> str:
+    """/dev/shm for a pod: ``kubernetes.shm_size``, else a quarter of its memory within [1Gi, 64Gi].
+
+    Kubernetes gives containers a 64 MiB /dev/shm, which NCCL (and DataLoader workers) outgrow: multi-GPU
+    pods fail with "unhandled system error" in NCCL. A memory-backed emptyDir replaces it."""
+    if kube.shm_size:
+        return kube.shm_size
+    m = re.fullmatch(r"([0-9]+(?:\.[0-9]+)?)([A-Za-z]*)", pod_memory)
+    total = float(m.group(1)) * _QUANTITY_BYTES.get(m.group(2), 1) if m else 16 * 2**30
+    mib = int(min(max(total / 4, 2**30), 64 * 2**30) // 2**20)
+    return f"{mib // 1024}Gi" if mib % 1024 == 0 else f"{mib}Mi"
+
+
+def _pod_spec(container: dict, configmap: str, kube: KubernetesSpec, node_selector: bool,
+              shm: str) -> dict[str, Any]:
     pod: dict[str, Any] = {}
     if kube.service_account:
         pod["serviceAccountName"] = kube.service_account
@@ -219,8 +242,11 @@ def _pod_spec(container: dict, configmap: str, kube: KubernetesSpec, node_select
         pod["nodeSelector"] = dict(sorted(kube.node_selector.items()))
     if kube.tolerations:
         pod["tolerations"] = [dict(t) for t in kube.tolerations]
+    # SIGTERM (eviction, spot reclaim) to SIGKILL: the workers' time to commit a checkpoint
+    pod["terminationGracePeriodSeconds"] = kube.termination_grace_seconds
     pod["containers"] = [container]
-    pod["volumes"] = [{"name": "rtf-spec", "configMap": {"name": configmap, "items": [{"key": SPEC_FILE, "path": SPEC_FILE}]}}]
+    pod["volumes"] = [{"name": "rtf-spec", "configMap": {"name": configmap, "items": [{"key": SPEC_FILE, "path": SPEC_FILE}]}},
+                      {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": shm}}]
     return pod
 
 
@@ -261,7 +287,7 @@ def cluster_spec(spec: JobSpec, name: str, configmap: str) -> dict[str, Any]:
             "rayStartParams": {"dashboard-host": "0.0.0.0", "num-gpus": "0"},
             "template": {
                 "metadata": {"labels": dict(labels)},
-                "spec": _pod_spec(head, configmap, kube, node_selector=False),
+                "spec": _pod_spec(head, configmap, kube, node_selector=False, shm=shm_size(kube, kube.head_memory)),
             },
         },
         "workerGroupSpecs": [
@@ -274,7 +300,8 @@ def cluster_spec(spec: JobSpec, name: str, configmap: str) -> dict[str, Any]:
                 "rayStartParams": worker_params,
                 "template": {
                     "metadata": {"labels": dict(labels)},
-                    "spec": _pod_spec(worker, configmap, kube, node_selector=True),
+                    "spec": _pod_spec(worker, configmap, kube, node_selector=True,
+                                      shm=shm_size(kube, lay["memory"])),
                 },
             }
         ],

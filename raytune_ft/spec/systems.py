@@ -84,6 +84,11 @@ class KubernetesSpec(Section):
     shutdown_after_job_finishes: bool = True
     ttl_seconds_after_finished: int = Field(3600, ge=0)
     ray_version: str | None = None
+    shm_size: str | None = Field(None, description="Memory-backed /dev/shm on the pods (NCCL, DataLoader "
+                                 "workers; Kubernetes' default is 64 MiB). Default: a quarter of the pod's "
+                                 "memory, at least 1Gi, at most 64Gi. It counts against the pod's memory.")
+    termination_grace_seconds: int = Field(120, ge=0, le=3600, description="What a pod gets between SIGTERM "
+                                           "(eviction, spot reclaim) and SIGKILL: time for a checkpoint.")
 
     @field_validator("namespace")
     @classmethod
@@ -98,7 +103,7 @@ class KubernetesSpec(Section):
             return v
         return check_shape(v, K8S_NAME_RE, "a Kubernetes object name (lowercase letters, digits, '-' and '.')")
 
-    @field_validator("head_cpu", "head_memory", "worker_cpu", "worker_memory")
+    @field_validator("head_cpu", "head_memory", "worker_cpu", "worker_memory", "shm_size")
     @classmethod
     def _quantity(cls, v):
         if v is None:
