@@ -37,8 +37,11 @@ lint: install
 	$(VENV)/bin/ruff check raytune_ft tests bench
 	$(PY) -m pytest -q -p no:cacheprovider tests/test_layout.py  # layers, cycles, run-dir names, sizes
 
+# make bench BENCH_ARGS=--update-docs (on a quiet machine) also writes the quickstart figures into
+# bench/RESULTS.md and README.md
+BENCH_ARGS ?=
 bench: install
-	$(PY) bench/run_all.py
+	$(PY) bench/run_all.py $(BENCH_ARGS)
 
 # rtf plan's time estimate against measured training time on this CPU (bench/estimate_check.py says how)
 bench-estimate: install

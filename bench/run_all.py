@@ -1,11 +1,14 @@
-"""``make bench``: the CPU benchmarks (CLI latency, training throughput, overhead) and a summary.
+"""``make bench``: the CPU benchmarks (CLI latency, training throughput, overhead, the quickstart) and a
+summary.
 
 Runs, in order: bench/cli_latency.py, bench/throughput.py, bench/overhead.py (which takes its cold-start
-breakdown from the throughput run's rtf submits instead of starting more). Prints every table and a
-summary; writes the full results to bench/out/latest.json and the tables to bench/out/latest.md.
-Designed to finish in under 10 minutes on 2 cores (more when the machine is busy).
+breakdown from the throughput run's rtf submits instead of starting more), bench/quickstart.py (the
+training `make demo` runs: the figures README.md quotes). Prints every table and a summary; writes the
+full results to bench/out/latest.json and the tables to bench/out/latest.md; with ``--update-docs``, also
+the quickstart figures into bench/RESULTS.md and README.md (run it on a quiet machine). Designed to finish
+in about 10 minutes on 2 quiet cores (more when the machine is busy; ``--no-quickstart`` saves ~2 minutes).
 
-    python bench/run_all.py [--examples 160] [--reps 2] [--threads 1] [--out bench/out]
+    python bench/run_all.py [--examples 160] [--reps 2] [--threads 1] [--out bench/out] [--update-docs]
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import cli_latency  # noqa: E402
 import common as C  # noqa: E402
 import overhead  # noqa: E402
+import quickstart  # noqa: E402
 import throughput  # noqa: E402
 
 
@@ -72,6 +76,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="overhead: also the 4 end-to-end logging_steps runs (about 2-3 more minutes)")
     ap.add_argument("--out", type=Path, default=C.BENCH / "out")
     ap.add_argument("--keep", action="store_true", help="keep the work directory (printed)")
+    ap.add_argument("--no-quickstart", action="store_true", help="skip the quickstart's training (~2 min quiet)")
+    ap.add_argument("--update-docs", action="store_true",
+                    help="write the quickstart figures into bench/RESULTS.md and README.md")
     a = ap.parse_args(argv)
 
     t0 = time.time()
@@ -79,13 +86,17 @@ def main(argv: list[str] | None = None) -> int:
     res: dict = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "machine": C.machine_info(),
                  "args": {k: str(v) for k, v in vars(a).items()}}
     try:
-        log(f"[1/3] CLI latency ({a.cli_reps} runs of each command)")
+        log(f"[1/4] CLI latency ({a.cli_reps} runs of each command)")
         res["cli"] = cli_latency.bench(a.cli_reps, log=log)
-        log(f"[2/3] throughput: a/b/c × {a.reps}, {a.examples} examples, {a.threads} thread(s)")
+        log(f"[2/4] throughput: a/b/c × {a.reps}, {a.examples} examples, {a.threads} thread(s)")
         res["throughput"] = throughput.bench(a.examples, a.reps, a.threads, work / "tp", log=log)
         cold = [r["startup"] for k in ("b", "c") for r in res["throughput"]["variants"][k]["runs"]]
-        log("[3/3] overhead: reporting cost and checkpoints (cold starts taken from the throughput runs)")
+        log("[3/4] overhead: reporting cost and checkpoints (cold starts taken from the throughput runs)")
         res["overhead"] = overhead.bench(work / "ov", cold_from=cold, e2e_reporting=a.e2e_reporting, log=log)
+        if not a.no_quickstart:
+            log("[4/4] quickstart: `make demo`'s training (the figures README.md quotes)")
+            res["quickstart"] = quickstart.run(work / "qs")
+            res["quickstart"]["source"] = quickstart.source_label(C.machine_info())
     finally:
         if a.keep:
             log(f"work directory kept: {work}")
@@ -106,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
           *(["", "Where packing's time goes (same examples, forward + backward, in-process, CPU time):", "",
              throughput.layouts_table(res["throughput"]["layouts"])] if "layouts" in res["throughput"] else []),
           "", "## Overhead", "", overhead.tables(res["overhead"]),
+          *(["", "## Quickstart", "", quickstart.block(res["quickstart"])] if "quickstart" in res else []),
           "", f"make bench took {res['seconds']:.0f}s"]
     text = "\n".join(md)
     print(text)
@@ -113,6 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     (a.out / "latest.json").write_text(json.dumps(res, indent=2, default=str))
     (a.out / "latest.md").write_text(text + "\n")
     log(f"results: {a.out / 'latest.md'}, {a.out / 'latest.json'}")
+    if a.update_docs and "quickstart" in res:
+        quickstart.update_docs(res["quickstart"])
+        log(f"quickstart figures written to {quickstart.RESULTS} and {quickstart.README}")
     return 0
 
 

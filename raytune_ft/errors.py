@@ -25,14 +25,16 @@ class UserError(Exception):
 class SpecError(UserError):
     """The job spec (or an override) is invalid. Holds one line per problem."""
 
-    def __init__(self, problems: list[str], *, source: str | None = None):
+    def __init__(self, problems: list[str], *, source: str | None = None, notes: list[str] | tuple[str, ...] = ()):
         self.problems = list(problems)
+        self.notes = list(notes)  # checks that could not run because of the problems (said, not silently dropped)
         self.source = source
         head = f"invalid job spec{f' {source}' if source else ''}"
         if len(self.problems) == 1:  # one problem, one line
-            super().__init__(f"{head}: {self.problems[0]}")
+            text = f"{head}: {self.problems[0]}"
         else:
-            super().__init__(f"{head}: {len(problems)} problems\n" + "\n".join(f"  {p}" for p in problems))
+            text = f"{head}: {len(problems)} problems\n" + "\n".join(f"  {p}" for p in problems)
+        super().__init__(text + "".join(f"\n  note: {n}" for n in self.notes))
 
 
 class DataError(UserError):

@@ -81,9 +81,9 @@ def test_a_valid_sweep_loads_and_round_trips():
      "tune.space.training.learning_rate: tune.search optuna samples values"),
     ({"space": {"training.learning_rate": 0.001}},
      "tune.space.training.learning_rate: must be a one-key mapping"),
-    ({"space": SPACE, "num_samples": None}, "tune: tune.search random samples training.learning_rate, method.lora.r: "
+    ({"space": SPACE, "num_samples": None}, "tune.num_samples: tune.search random samples training.learning_rate, method.lora.r: "
      "set tune.num_samples"),
-    ({"space": SPACE, "mode": "max"}, "tune: tune.metric eval_loss is a loss (lower is better): tune.mode must be min"),
+    ({"space": SPACE, "mode": "max"}, "tune.mode: tune.metric eval_loss is a loss (lower is better): tune.mode must be min"),
     ({"space": SPACE, "scheduler": {"type": "asha", "grace_period": 3}},
      "tune.scheduler.grace_period: must be a multiple of training.eval_steps (2)"),
     ({"space": SPACE, "scheduler": {"type": "asha", "grace_period": 10}},

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationInfo, model_validator
 
 # Every pattern is used with fullmatch: ``$`` alone would accept a trailing newline ("abc\n"), which then
 # becomes a job id, a storage prefix or a line of a rendered manifest.
@@ -89,3 +89,23 @@ def looks_like_token(value: str) -> bool:
 
 class Section(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
+
+
+def section_rule(fn):
+    """A section's rule across its own fields, run after its fields validate (pydantic's model validator).
+    Validation with the context ``{"section_rules": False}`` leaves it out: :mod:`raytune_ft.spec.collect`
+    validates a section without its failed fields that way and runs the rule itself (``RULE_ATTR``), so a
+    rule that does not read a failed field is still reported in the same pass."""
+
+    def rule(self, info: ValidationInfo):
+        if (info.context or {}).get("section_rules") is False:
+            return self
+        fn(self)
+        return self
+
+    rule.__name__, rule.__qualname__, rule.__doc__ = fn.__name__, fn.__qualname__, fn.__doc__
+    setattr(rule, RULE_ATTR, fn)
+    return model_validator(mode="after")(rule)
+
+
+RULE_ATTR = "rtf_rule"

@@ -188,10 +188,11 @@ def _message(err: dict) -> str:
     return msg
 
 
-def format_errors(exc: ValidationError, where: Source) -> list[str]:
+def format_errors(exc: ValidationError | list[dict], where: Source) -> list[str]:
+    """One ``file:line dotted.path: message`` line per error (pydantic's, or dicts shaped like them)."""
     out: list[str] = []
     seen: set[str] = set()
-    for err in exc.errors(include_url=False):
+    for err in exc if isinstance(exc, list) else exc.errors(include_url=False):
         loc = clean_loc(err["loc"])
         path = dotted(loc) or "<spec>"
         place = where.where(loc)

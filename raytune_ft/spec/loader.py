@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import ValidationError
 from yaml.constructor import SafeConstructor
 
 from raytune_ft.errors import SpecError, UserError
+from raytune_ft.spec.collect import collect
 from raytune_ft.spec.document import (
     Loc,
     Source,
@@ -30,7 +30,6 @@ from raytune_ft.spec.document import (
     shown_override,
 )
 from raytune_ft.spec.models import JobSpec
-from raytune_ft.spec.space import check_space
 
 PRESETS_DIR = Path(__file__).resolve().parents[2] / "jobspecs"
 
@@ -254,14 +253,12 @@ def load_document(path: str | Path, overrides: list[str] | tuple[str, ...] = ())
 
 
 def validate_document(doc: dict, src: Source | None = None, *, label: str | None = None) -> JobSpec:
-    src = src or Source()
-    try:
-        spec = JobSpec.model_validate(doc)
-        if spec.tune is not None:
-            check_space(spec)  # every swept path exists and every value it can take gives a valid spec
-        return spec
-    except ValidationError as e:
-        raise SpecError(format_errors(e, src), source=label)
+    """The spec, or a SpecError listing every problem found in one pass (:mod:`raytune_ft.spec.collect`):
+    fields, cross-section rules, and a sweep's swept paths and values (each value gives a valid spec)."""
+    spec, errors, notes = collect(doc)
+    if errors or spec is None:
+        raise SpecError(format_errors(errors, src or Source()), source=label, notes=notes)
+    return spec
 
 
 def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> JobSpec:

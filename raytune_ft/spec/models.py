@@ -9,12 +9,11 @@ the loader turns it into ``file:line dotted.path: message``.
 from __future__ import annotations
 
 import math
-import re
 from typing import Any, Literal, Union
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from raytune_ft.spec import base
+from raytune_ft.spec import rules
 from raytune_ft.spec.base import (  # noqa: F401  (re-exported: the spec's names live here)
     CONTROL_RE,
     ENV_NAME_RE,
@@ -25,6 +24,7 @@ from raytune_ft.spec.base import (  # noqa: F401  (re-exported: the spec's names
     check_shape,
     looks_like_token,
     no_userinfo,
+    section_rule,
 )
 from raytune_ft.spec.systems import (  # noqa: F401
     ClusterSpec,
@@ -54,8 +54,8 @@ class ModelInit(Section):
     tie_word_embeddings: bool = False
     rope_theta: float = Field(10000.0, gt=0)
 
-    @model_validator(mode="after")
-    def _heads_divide(self) -> ModelInit:
+    @section_rule
+    def _heads_divide(self) -> None:
         if self.hidden_size % self.num_heads:
             raise ValueError(
                 f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})"
@@ -63,7 +63,6 @@ class ModelInit(Section):
         kv = self.num_kv_heads or self.num_heads
         if self.num_heads % kv:
             raise ValueError(f"num_heads ({self.num_heads}) must be divisible by num_kv_heads ({kv})")
-        return self
 
 
 class ModelSpec(Section):
@@ -74,13 +73,12 @@ class ModelSpec(Section):
     attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "flex_attention", "eager"] = "auto"
     trust_remote_code: bool = False
 
-    @model_validator(mode="after")
-    def _one_source(self) -> ModelSpec:
+    @section_rule
+    def _one_source(self) -> None:
         if (self.name_or_path is None) == (self.init is None):
             raise ValueError("give exactly one of model.name_or_path (pretrained) or model.init (from scratch)")
         if self.init is not None and self.revision is not None:
             raise ValueError("model.revision applies to a pretrained model, not to model.init")
-        return self
 
 
 class TokenizerTrain(Section):
@@ -92,11 +90,10 @@ class TokenizerSpec(Section):
     name_or_path: str | None = Field(None, description="Defaults to the model's own tokenizer.")
     train: TokenizerTrain | None = Field(None, description="Train a BPE tokenizer on the training data.")
 
-    @model_validator(mode="after")
-    def _not_both(self) -> TokenizerSpec:
+    @section_rule
+    def _not_both(self) -> None:
         if self.name_or_path is not None and self.train is not None:
             raise ValueError("give tokenizer.name_or_path or tokenizer.train, not both")
-        return self
 
 
 # --------------------------------------------------------------------------- method
@@ -127,12 +124,11 @@ class LoraSpec(Section):
             raise ValueError("layer indices must be >= 0")
         return v
 
-    @model_validator(mode="after")
-    def _layers_need_names(self) -> LoraSpec:
+    @section_rule
+    def _layers_need_names(self) -> None:
         if self.layers_to_transform is not None and self.target_modules == "all-linear":
             raise ValueError('method.lora.layers_to_transform needs target_modules as a list of module names '
                              '(e.g. [q_proj, v_proj]), not "all-linear" (PEFT refuses the combination)')
-        return self
 
 
 class QuantizationSpec(Section):
@@ -147,8 +143,8 @@ class MethodSpec(Section):
     lora: LoraSpec | None = None
     quantization: QuantizationSpec | None = None
 
-    @model_validator(mode="after")
-    def _method_rules(self) -> MethodSpec:
+    @section_rule
+    def _method_rules(self) -> None:
         if self.type == "full" and self.lora is not None:
             raise ValueError("method.type full trains every weight and takes no method.lora; remove it or use lora")
         if self.type == "full" and self.quantization is not None:
@@ -157,7 +153,6 @@ class MethodSpec(Section):
             raise ValueError("method.type qlora needs method.quantization (e.g. {bits: 4, quant_type: nf4})")
         if self.type == "lora" and self.quantization is not None:
             raise ValueError("method.quantization is for qlora; set method.type: qlora or remove it")
-        return self
 
     @property
     def lora_or_default(self) -> LoraSpec | None:
@@ -218,13 +213,15 @@ class DataSpec(Section):
             raise ValueError("needs at least one source")
         return v
 
-    @model_validator(mode="after")
-    def _data_rules(self) -> DataSpec:
+    @section_rule
+    def _one_eval(self) -> None:
         if self.eval is not None and self.eval_split is not None:
             raise ValueError("give data.eval (a source) or data.eval_split (a fraction of train), not both")
+
+    @section_rule
+    def _packing_length(self) -> None:
         if self.packing and self.max_seq_length is None:
             raise ValueError("data.packing needs data.max_seq_length (the packed row length)")
-        return self
 
     @property
     def train_sources(self) -> list[DataSource]:
@@ -316,14 +313,24 @@ class TrainingSpec(Section):
             raise ValueError(f"{v!r} is not a metric evaluation reports; use one of {', '.join(EVAL_METRICS)}")
         return name
 
-    @model_validator(mode="after")
-    def _training_rules(self) -> TrainingSpec:
+    # one rule per method: the loader's one-pass collector reports each that fails, not only the first
+    @section_rule
+    def _how_long(self) -> None:
         if self.max_steps is None and self.num_epochs is None:
             raise ValueError("give training.max_steps or training.num_epochs (how long to train)")
+
+    @section_rule
+    def _one_warmup(self) -> None:
         if self.warmup_ratio and self.warmup_steps:
             raise ValueError("give training.warmup_ratio or training.warmup_steps, not both")
+
+    @section_rule
+    def _eval_steps_need_steps(self) -> None:
         if self.eval_steps is not None and self.eval_strategy != "steps":
             raise ValueError("training.eval_steps needs training.eval_strategy: steps")
+
+    @section_rule
+    def _best_needs_eval(self) -> None:
         if self.load_best_model_at_end:
             if self.eval_strategy == "no":
                 raise ValueError("training.load_best_model_at_end needs training.eval_strategy steps or epoch")
@@ -334,11 +341,13 @@ class TrainingSpec(Section):
                         f"training.load_best_model_at_end needs save_steps ({self.save_steps}) to be a "
                         f"multiple of eval_steps ({every}) so every saved checkpoint has an eval metric"
                     )
+
+    @section_rule
+    def _early_needs_best(self) -> None:
         if self.early_stopping is not None and not self.load_best_model_at_end:
             raise ValueError(
                 "training.early_stopping needs training.load_best_model_at_end: true (and an eval_strategy)"
             )
-        return self
 
     @property
     def eval_batch_size(self) -> int:
@@ -439,15 +448,26 @@ class TuneSpec(Section):
         return {"type": v} if isinstance(v, str) else v
 
     @model_validator(mode="after")
-    def _tune_rules(self) -> TuneSpec:
-        if self.mode == "max":
-            raise ValueError(f"tune.metric {self.metric} is a loss (lower is better): tune.mode must be min")
-        sampled = [p for p, d in self.space.items() if d.kind != "grid"]
-        if self.search in ("random", "optuna") and sampled and self.num_samples is None:
-            raise ValueError(f"tune.search {self.search} samples {', '.join(sampled)}: set tune.num_samples "
-                             "(how many trials to run)")
+    def _tune_rules(self, info: ValidationInfo) -> TuneSpec:
+        if (info.context or {}).get("tune_rules") is False:  # raytune_ft.spec.collect runs them itself
+            return self
+        found = tune_rule_problems(self)
+        if found:
+            raise rules.located_error(found, "TuneSpec")
         return self
 
+
+def tune_rule_problems(tune: Any) -> list[tuple[tuple[str, ...], str, Any]]:
+    """(location within tune, message, value) for each rule of a tune section that fails."""
+    found: list[tuple[tuple[str, ...], str, Any]] = []
+    if tune.mode == "max":
+        found.append((("mode",), f"tune.metric {tune.metric} is a loss (lower is better): tune.mode must be min",
+                      tune.mode))
+    sampled = [p for p, d in tune.space.items() if d.kind != "grid"]
+    if tune.search in ("random", "optuna") and sampled and tune.num_samples is None:
+        found.append((("num_samples",), f"tune.search {tune.search} samples {', '.join(sampled)}: set "
+                      "tune.num_samples (how many trials to run)", None))
+    return found
 
 
 # --------------------------------------------------------------------------- the job
@@ -516,61 +536,14 @@ class JobSpec(Section):
         return v
 
     @model_validator(mode="after")
-    def _cross_rules(self) -> JobSpec:
-        t, m, ds = self.training, self.method, self.deepspeed
-        if m.type == "qlora" and m.quantization is not None:
-            q = m.quantization
-            if t.precision == "fp16" and q.compute_dtype == "bfloat16":
-                raise ValueError(
-                    "training.precision fp16 with method.quantization.compute_dtype bfloat16 mixes two "
-                    "half types; use precision bf16, or compute_dtype float16"
-                )
-            if t.precision == "bf16" and q.compute_dtype == "float16":
-                raise ValueError(
-                    "training.precision bf16 with method.quantization.compute_dtype float16 mixes two "
-                    "half types; use compute_dtype bfloat16"
-                )
-        if ds is not None and m.type == "qlora" and m.quantization is not None:
-            if ds.stage == 3 and m.quantization.bits == 8:
-                raise ValueError(
-                    "deepspeed stage 3 cannot partition 8-bit bitsandbytes weights; use 4-bit QLoRA or ZeRO stage 2"
-                )
-            if ds.offload_params:
-                raise ValueError(
-                    "deepspeed.offload_params cannot move quantized (QLoRA) weights to CPU; "
-                    "drop offload_params or use method.type lora"
-                )
-        if self.data.has_eval is False and t.eval_strategy != "no":
-            raise ValueError(
-                f"training.eval_strategy {t.eval_strategy} needs evaluation data: set data.eval or data.eval_split"
-            )
-        if self.model.init is not None and self.tokenizer.name_or_path is None and self.tokenizer.train is None:
-            raise ValueError(
-                "model.init builds a model from scratch, which has no tokenizer: set tokenizer.train "
-                "(BPE trained on your data) or tokenizer.name_or_path"
-            )
-        if self.tokenizer.train is not None and m.type != "full":
-            raise ValueError(
-                "a freshly trained tokenizer changes the vocabulary, so the embeddings must train too: "
-                "use method.type full with tokenizer.train"
-            )
-        pips = {"mlflow": ("mlflow", "mlflow-skinny", "raytune_ft[mlflow]"), "wandb": ("wandb", "raytune_ft[wandb]")}
-        missing = [r for r in self.monitoring.report_to if r in pips and not base.importable(r) and not self.cluster.image
-                   and not any({n, n.split("[")[0]} & set(pips[r])
-                               for n in (re.split(r"[=<>!~ ;]", p.strip())[0] for p in self.cluster.pip or []))]
-        if missing:
-            raise ValueError(
-                f"monitoring.report_to names {', '.join(missing)}, which is not installed here (training would "
-                f"silently report nothing): pip install 'raytune_ft[{','.join(missing)}]', or list it in "
-                "cluster.pip, or run in a cluster.image that has it")
-        if "mlflow" in self.monitoring.report_to and "MLFLOW_TRACKING_URI" not in self.env:
-            raise ValueError("monitoring.report_to mlflow needs the tracking store: set env.MLFLOW_TRACKING_URI "
-                             "(a literal such as sqlite:///mlflow.db or http://host:5000, or null to forward "
-                             "yours)")
-        if t.liger_kernel and not self.compute.use_gpu:
-            raise ValueError("training.liger_kernel runs Triton GPU kernels: it needs compute.gpus_per_worker >= 1")
-        if self.model.init is not None and m.type != "full":
-            raise ValueError("model.init starts from random weights; LoRA on random weights is pointless: use method.type full")
+    def _cross_rules(self, info: ValidationInfo) -> JobSpec:
+        """Every rule of :mod:`raytune_ft.spec.rules`, each failure at its own field. The loader's one-pass
+        collector (:mod:`raytune_ft.spec.collect`) runs them itself, also when other sections have errors."""
+        if (info.context or {}).get("cross_rules") is False:
+            return self
+        found, _ = rules.cross_problems(self)
+        if found:
+            raise rules.located_error([(loc, msg, None) for loc, msg in found], "JobSpec")
         return self
 
     @property

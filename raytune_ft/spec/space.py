@@ -3,7 +3,7 @@ exists and is sweepable, each distribution fits its field, every value it can ta
 every combination of edge values) gives a valid spec, and the scheduler's rungs fall on reported steps.
 
 Pure functions of the spec: pydantic only, nothing from Ray Tune (:mod:`raytune_ft.sweep.tune` turns a
-checked space into Tune's objects).
+checked space into Tune's objects); :mod:`raytune_ft.spec.collect` runs these checks with the rest of the spec's.
 """
 
 from __future__ import annotations
@@ -119,43 +119,42 @@ def invalid(base: dict, values: dict[str, Any]) -> str | None:
     return None
 
 
-def space_problems(spec: JobSpec) -> list[tuple[tuple[Any, ...], str, Any]]:
-    """(location, message, value) for every problem of the spec's tune section against the schema."""
-    tune = spec.tune
-    assert tune is not None
+def entry_problem(path: str, dist: Any, search: str) -> tuple[str, Any] | None:
+    """What is wrong with sweeping ``path`` with ``dist`` under ``search`` whatever the rest of the spec
+    holds (the path exists and is sweepable, the distribution fits its field and the search), or None."""
+    info, why = field_at(path)
+    if info is None:
+        return why, path
+    kind = numeric_kind(path)
+    if dist.lo_hi is not None:
+        if kind is None:
+            return (f"{dist.kind} samples numbers but `{path}` is not numeric; "
+                    "list its values with choice or grid", dist.kind)
+        if kind == "int" and not all(float(x).is_integer() for x in dist.lo_hi):
+            return f"`{path}` is an integer: {dist.kind} bounds must be whole numbers (got {list(dist.lo_hi)})", \
+                list(dist.lo_hi)
+    if search == "grid" and dist.lo_hi is not None:
+        return (f"tune.search grid runs every value: give a list with {{grid: [...]}} "
+                f"or {{choice: [...]}}, not {dist.kind}", dist.kind)
+    if search == "optuna" and dist.kind == "grid":
+        return "tune.search optuna samples values: use {choice: [...]} instead of grid", "grid"
+    return None
+
+
+def value_problems(base: dict, entries: list[tuple[str, Any]], combinations: bool = True
+                   ) -> list[tuple[tuple[Any, ...], str, Any]]:
+    """Each swept value tried on ``base`` (a valid spec's document without ``tune``): the edge values of
+    every entry, then (for small spaces, when each value alone is valid) every combination of them."""
     problems: list[tuple[tuple[Any, ...], str, Any]] = []
-    base = base_doc(spec)
     edges: dict[str, list[Any]] = {}
-    for path, dist in tune.space.items():
-        loc = ("tune", "space", path)
-        info, why = field_at(path)
-        if info is None:
-            problems.append((loc, why, path))
-            continue
-        kind = numeric_kind(path)
-        if dist.lo_hi is not None:
-            if kind is None:
-                problems.append((loc, f"{dist.kind} samples numbers but `{path}` is not numeric; "
-                                      "list its values with choice or grid", dist.kind))
-                continue
-            if kind == "int" and not all(float(x).is_integer() for x in dist.lo_hi):
-                problems.append((loc, f"`{path}` is an integer: {dist.kind} bounds must be whole numbers "
-                                      f"(got {list(dist.lo_hi)})", list(dist.lo_hi)))
-                continue
-        if tune.search == "grid" and dist.lo_hi is not None:
-            problems.append((loc, f"tune.search grid runs every value: give a list with {{grid: [...]}} "
-                                  f"or {{choice: [...]}}, not {dist.kind}", dist.kind))
-            continue
-        if tune.search == "optuna" and dist.kind == "grid":
-            problems.append((loc, "tune.search optuna samples values: use {choice: [...]} instead of grid", "grid"))
-            continue
-        values = edge_values(dist, kind)
+    for path, dist in entries:
+        values = edge_values(dist, numeric_kind(path))
         bad = next(((v, err) for v in values if (err := invalid(base, {path: v}))), None)
         if bad is not None:
-            problems.append((loc, f"the value {bad[0]!r} gives an invalid spec: {bad[1]}", bad[0]))
+            problems.append((("tune", "space", path), f"the value {bad[0]!r} gives an invalid spec: {bad[1]}", bad[0]))
             continue
         edges[path] = values
-    if not problems and len(edges) > 1:
+    if combinations and not problems and len(edges) > 1:
         combos = math.prod(len(v) for v in edges.values())
         if combos <= MAX_COMBINATIONS:
             for combo in itertools.product(*edges.values()):
@@ -165,7 +164,14 @@ def space_problems(spec: JobSpec) -> list[tuple[tuple[Any, ...], str, Any]]:
                     shown = ", ".join(f"{p}={v!r}" for p, v in values.items())
                     problems.append((("tune", "space"), f"the combination {shown} gives an invalid spec: {err}", None))
                     break
-    t = spec.training
+    return problems
+
+
+def schedule_problems(spec: Any) -> list[tuple[tuple[Any, ...], str, Any]]:
+    """The metric comes from what the run reports and ASHA's rungs fall on reported steps. Reads only
+    ``spec.tune``, ``spec.training`` and ``spec.data`` (any object holding those validated sections)."""
+    tune, t = spec.tune, spec.training
+    problems: list[tuple[tuple[Any, ...], str, Any]] = []
     if tune.metric in EVAL_METRICS and (not spec.data.has_eval or t.eval_strategy == "no"):
         problems.append((("tune", "metric"), f"{tune.metric} comes from evaluation: set training.eval_strategy "
                          "(steps, with eval_steps) and data.eval or data.eval_split, or use tune.metric loss",
@@ -191,24 +197,10 @@ def space_problems(spec: JobSpec) -> list[tuple[tuple[Any, ...], str, Any]]:
     return problems
 
 
-def report_interval(spec: JobSpec) -> int | None:
+def report_interval(spec: Any) -> int | None:
     """Every how many steps the sweep's metric reaches Tune (None: per epoch)."""
     t = spec.training
     assert spec.tune is not None
     if spec.tune.metric in EVAL_METRICS:
         return (t.eval_steps or t.logging_steps) if t.eval_strategy == "steps" else None
     return t.save_steps
-
-
-def check_space(spec: JobSpec) -> None:
-    """Raise pydantic's ValidationError located at ``tune.space.<path>`` (the loader adds file:line)."""
-    problems = space_problems(spec)
-    if not problems:
-        return
-    from pydantic import ValidationError
-    from pydantic_core import PydanticCustomError
-
-    raise ValidationError.from_exception_data("JobSpec", [
-        {"type": PydanticCustomError("value_error", "{msg}", {"msg": msg}), "loc": loc, "input": value}
-        for loc, msg, value in problems
-    ])

@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, field_validator
 
 from raytune_ft.spec.base import (
     ACCELERATOR_RE,
@@ -24,6 +24,7 @@ from raytune_ft.spec.base import (
     Section,
     check_shape,
     no_userinfo,
+    section_rule,
 )
 
 
@@ -33,15 +34,14 @@ class DeepSpeedSpec(Section):
     offload_params: bool = False
     config: str | None = Field(None, description="Path to a raw DeepSpeed JSON; replaces the generated one.")
 
-    @model_validator(mode="after")
-    def _ds_rules(self) -> DeepSpeedSpec:
+    @section_rule
+    def _ds_rules(self) -> None:
         if self.config is not None and (self.stage or self.offload_optimizer or self.offload_params):
             raise ValueError("deepspeed.config replaces the generated config; drop stage/offload_* or drop config")
         if self.offload_params and self.stage != 3:
             raise ValueError(f"deepspeed.offload_params needs ZeRO stage 3 (got stage {self.stage})")
         if self.offload_optimizer and self.stage == 0:
             raise ValueError("deepspeed.offload_optimizer needs ZeRO stage 1, 2 or 3 (got stage 0)")
-        return self
 
 
 class ComputeSpec(Section):

@@ -1,0 +1,161 @@
+"""The rules that span sections of a job spec, each located at the field a user changes to fix it.
+
+:class:`JobSpec` runs them all when the spec is validated; :mod:`raytune_ft.spec.collect` runs them on a
+spec whose other sections have field errors, through a view in which reading a failed value raises
+:class:`Blocked`, so a rule runs exactly when what it reads is valid. Every rule returns a message that says
+what to change, or None. Rules take the spec (or any object with the sections as attributes): nothing here
+imports the models.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from raytune_ft.spec import base
+
+Loc = tuple[Any, ...]
+
+
+@dataclass(frozen=True)
+class Rule:
+    loc: Loc  # where its problem is reported
+    check: Callable[[Any], str | None]
+
+
+class Blocked(Exception):  # noqa: N818  (not an error: a signal that a rule read a value that failed)
+    """A rule read a value that failed validation (``what``: its dotted path); the rule cannot be checked."""
+
+    def __init__(self, what: str):
+        super().__init__(what)
+        self.what = what
+
+
+def _qlora_dtypes(s: Any) -> str | None:
+    m = s.method  # each rule reads what decides it first: a failed value it never reads does not block it
+    if m.type != "qlora" or m.quantization is None:
+        return None
+    t, q = s.training, m.quantization
+    if t.precision == "fp16" and q.compute_dtype == "bfloat16":
+        return ("training.precision fp16 with method.quantization.compute_dtype bfloat16 mixes two "
+                "half types; use precision bf16, or compute_dtype float16")
+    if t.precision == "bf16" and q.compute_dtype == "float16":
+        return ("training.precision bf16 with method.quantization.compute_dtype float16 mixes two "
+                "half types; use compute_dtype bfloat16")
+    return None
+
+
+def _zero3_8bit(s: Any) -> str | None:
+    m = s.method
+    if m.type == "qlora" and m.quantization is not None and m.quantization.bits == 8 \
+            and s.deepspeed is not None and s.deepspeed.stage == 3:
+        return "deepspeed stage 3 cannot partition 8-bit bitsandbytes weights; use 4-bit QLoRA or ZeRO stage 2"
+    return None
+
+
+def _offload_quantized(s: Any) -> str | None:
+    m = s.method
+    if m.type == "qlora" and m.quantization is not None and s.deepspeed is not None and s.deepspeed.offload_params:
+        return ("deepspeed.offload_params cannot move quantized (QLoRA) weights to CPU; "
+                "drop offload_params or use method.type lora")
+    return None
+
+
+def _eval_data(s: Any) -> str | None:
+    if s.training.eval_strategy != "no" and not s.data.has_eval:
+        return (f"training.eval_strategy {s.training.eval_strategy} needs evaluation data: set data.eval or "
+                "data.eval_split")
+    return None
+
+
+def _init_tokenizer(s: Any) -> str | None:
+    if s.model.init is not None and s.tokenizer.name_or_path is None and s.tokenizer.train is None:
+        return ("model.init builds a model from scratch, which has no tokenizer: set tokenizer.train "
+                "(BPE trained on your data) or tokenizer.name_or_path")
+    return None
+
+
+def _trained_tokenizer_full(s: Any) -> str | None:
+    if s.tokenizer.train is not None and s.method.type != "full":
+        return ("a freshly trained tokenizer changes the vocabulary, so the embeddings must train too: "
+                "use method.type full with tokenizer.train")
+    return None
+
+
+def _init_full(s: Any) -> str | None:
+    if s.model.init is not None and s.method.type != "full":
+        return "model.init starts from random weights; LoRA on random weights is pointless: use method.type full"
+    return None
+
+
+TRACKER_PIPS = {"mlflow": ("mlflow", "mlflow-skinny", "raytune_ft[mlflow]"), "wandb": ("wandb", "raytune_ft[wandb]")}
+
+
+def _tracker_installed(s: Any) -> str | None:
+    absent = [r for r in s.monitoring.report_to if r in TRACKER_PIPS and not base.importable(r)]
+    if not absent or s.cluster.image:
+        return None
+    pips = [re.split(r"[=<>!~ ;]", p.strip())[0] for p in s.cluster.pip or []]
+    missing = [r for r in absent if not any({n, n.split("[")[0]} & set(TRACKER_PIPS[r]) for n in pips)]
+    if missing:
+        return (f"monitoring.report_to names {', '.join(missing)}, which is not installed here (training would "
+                f"silently report nothing): pip install 'raytune_ft[{','.join(missing)}]', or list it in "
+                "cluster.pip, or run in a cluster.image that has it")
+    return None
+
+
+def _mlflow_uri(s: Any) -> str | None:
+    if "mlflow" in s.monitoring.report_to and "MLFLOW_TRACKING_URI" not in (s.env or {}):
+        return ("monitoring.report_to mlflow needs the tracking store: set env.MLFLOW_TRACKING_URI "
+                "(a literal such as sqlite:///mlflow.db or http://host:5000, or null to forward yours)")
+    return None
+
+
+def _liger_gpu(s: Any) -> str | None:
+    if s.training.liger_kernel and not s.compute.use_gpu:
+        return "training.liger_kernel runs Triton GPU kernels: it needs compute.gpus_per_worker >= 1"
+    return None
+
+
+CROSS_RULES: tuple[Rule, ...] = (
+    Rule(("training", "precision"), _qlora_dtypes),
+    Rule(("deepspeed", "stage"), _zero3_8bit),
+    Rule(("deepspeed", "offload_params"), _offload_quantized),
+    Rule(("training", "eval_strategy"), _eval_data),
+    Rule(("model", "init"), _init_tokenizer),
+    Rule(("tokenizer", "train"), _trained_tokenizer_full),
+    Rule(("monitoring", "report_to"), _tracker_installed),
+    Rule(("monitoring", "report_to"), _mlflow_uri),
+    Rule(("training", "liger_kernel"), _liger_gpu),
+    Rule(("method", "type"), _init_full),
+)
+
+
+def cross_problems(sections: Any) -> tuple[list[tuple[Loc, str]], set[str]]:
+    """(location, message) for every rule that fails, and the failed values that kept other rules from
+    running (when ``sections`` raises :class:`Blocked` for them)."""
+    found: list[tuple[Loc, str]] = []
+    blocked: set[str] = set()
+    for rule in CROSS_RULES:
+        try:
+            msg = rule.check(sections)
+        except Blocked as b:
+            blocked.add(b.what)
+            continue
+        if msg:
+            found.append((rule.loc, msg))
+    return found, blocked
+
+
+def located_error(problems: list[tuple[Loc, str, Any]], title: str) -> Exception:
+    """One pydantic ValidationError holding every (location, message, value): raised from a model validator,
+    pydantic keeps each at its own location under the model's."""
+    from pydantic import ValidationError
+    from pydantic_core import PydanticCustomError
+
+    return ValidationError.from_exception_data(title, [
+        {"type": PydanticCustomError("value_error", "{msg}", {"msg": msg}), "loc": loc, "input": value}
+        for loc, msg, value in problems
+    ])
