@@ -1,6 +1,6 @@
-"""Training against a real S3-compatible HTTP server on 127.0.0.1: checkpoints, metrics and final/ land
-in the bucket; the server going away mid-run ends in recovery or a clear storage error, and never
-damages a committed checkpoint."""
+"""Training against a real object store on 127.0.0.1 (SeaweedFS, tests/seaweed.py): checkpoints, metrics
+and final/ land in the bucket; the store going away mid-run (its process killed, then started again on the
+same ports and data) ends in recovery or a clear storage error, and never damages a committed checkpoint."""
 
 from __future__ import annotations
 
@@ -15,12 +15,11 @@ from raytune_ft.storage import pyarrow_filesystem
 from tests.test_resume import Proc, model4  # noqa: F401 - fixture
 from tests.tiny import spec_doc, write_spec
 
-pytest_plugins = ["tests.s3server"]
 pytestmark = pytest.mark.ray
 
 
-def test_s3_run_survives_the_server_going_away(s3_server_own, tiny, model4, tmp_path):  # noqa: F811
-    server = s3_server_own
+def test_s3_run_survives_the_server_going_away(seaweed, tiny, model4, tmp_path):  # noqa: F811
+    server = seaweed
     bucket = server.create_bucket()
     train, _, _ = tiny
     doc = spec_doc("s3run", model4, train, None, f"s3://{bucket}/runs",

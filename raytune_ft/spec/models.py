@@ -21,6 +21,7 @@ from raytune_ft.spec.base import (  # noqa: F401  (re-exported: the spec's names
     SECRETISH,
     TOKEN_VALUE_RE,
     Section,
+    check_hub_source,
     check_shape,
     looks_like_token,
     no_userinfo,
@@ -174,10 +175,9 @@ class DataSource(Section):
     split: str | None = Field(None, description="Hub datasets only: the split to read (default train).")
     revision: str | None = Field(None, description="Hub datasets only: a branch, tag or commit (default main).")
 
-    @model_validator(mode="after")
-    def _hub_source(self):
-        base.check_hub_source(self.path, self.config, self.split, self.revision)
-        return self
+    @section_rule
+    def _hub_source(self) -> None:
+        check_hub_source(self.path, self.config, self.split, self.revision)
 
     @field_validator("fields")
     @classmethod
