@@ -282,7 +282,7 @@ def test_bootstrap_forms_a_two_node_cluster_and_runs_the_job(pods, tmp_path):
 
 
 @pytest.mark.ray
-@pytest.mark.timeout(90)
+@pytest.mark.timeout(240)
 def test_bootstrap_exit_code_missing_node_and_wrong_token(pods):
     token = secrets.token_hex(24)
     gcs, dash, client, agent = _free_ports(4)
@@ -303,6 +303,26 @@ def test_bootstrap_exit_code_missing_node_and_wrong_token(pods):
                       "RTF_RAY_START_ARGS": f"--ray-client-server-port {client2} --dashboard-agent-listen-port {agent2}"},
                    RTF_NUM_NODES=1, RTF_RAY_TEMP_DIR=pods.temp_dir())
     exit7 = pods.start("exit7", env, "bash", "-c", 'echo "addr=$RAY_ADDRESS"; exit 7')
+    # and a pod stopped with SIGTERM while its job runs: the job gets the signal and its grace period
+    # (here it takes 2 s to "checkpoint" and exits 0) before Ray is stopped; the bootstrap exits 143
+    gcs3, dash3, client3, agent4 = _free_ports(4)
+    marker = pods.tmp / "stopped-cleanly"
+    job = (f"trap 'sleep 2; ray status >/dev/null 2>&1; echo ray-status=$? > {marker}; exit 0' TERM; "
+           "echo JOB-READY; while :; do sleep 0.2; done")
+    stopped = pods.start("sigterm", pods.env(**{**base, "RTF_RAY_PORT": gcs3, "RTF_DASHBOARD_PORT": dash3,
+                                                "RTF_RAY_START_ARGS": f"--ray-client-server-port {client3} "
+                                                                      f"--dashboard-agent-listen-port {agent4}"},
+                                             RTF_NUM_NODES=1, RTF_TERM_GRACE=20, RTF_RAY_TEMP_DIR=pods.temp_dir()),
+                         "bash", "-c", job)
+    log = pods.tmp / "sigterm.log"
+    deadline = time.time() + 120
+    while "JOB-READY" not in log.read_text(errors="replace") and time.time() < deadline:
+        time.sleep(0.5)
+    assert "JOB-READY" in log.read_text(errors="replace"), pods.output()[-3000:]
+    os.kill(stopped.pid, signal.SIGTERM)  # the bootstrap alone, as a container runtime signals PID 1
+    assert _wait(stopped, 40, pods) == 143, pods.output()[-4000:]
+    assert marker.read_text().strip() == "ray-status=0", pods.output()[-3000:]  # stopped on its own, Ray still up
+    assert "waiting up to 20s for the job to stop" in pods.output()
     assert _wait(intruder, 45, pods) == 2, pods.output()[-4000:]
     assert _wait(lonely, 60, pods) == 3, pods.output()[-4000:]
     assert _wait(exit7, 60, pods) == 7, pods.output()[-4000:]

@@ -32,6 +32,9 @@
 #   RTF_POLL_INTERVAL           seconds between checks (default 5)
 #   RTF_HEAD_LOST_TIMEOUT       seconds a worker waits for a vanished head (default 120)
 #   RTF_LEAVE_TIMEOUT           seconds rank 0 waits for the others to leave (default 60)
+#   RTF_TERM_GRACE              on SIGTERM/SIGINT, seconds rank 0 gives the job (sent the same signal)
+#                               to stop before Ray is stopped (default 90; keep it under the platform's
+#                               stop grace period)
 #   RTF_WORKDIR                 working directory for the job (default: the current one; when it
 #                               is not writable, $HOME/rtf-work with a warning)
 #   RTF_PYTHON                  the Python with Ray installed (default: python)
@@ -53,6 +56,7 @@ POLL=${RTF_POLL_INTERVAL:-5}
 HEAD_LOST_TIMEOUT=${RTF_HEAD_LOST_TIMEOUT:-120}
 LEAVE_TIMEOUT=${RTF_LEAVE_TIMEOUT:-60}
 STOP_TIMEOUT=${RTF_STOP_TIMEOUT:-30}
+TERM_GRACE=${RTF_TERM_GRACE:-90}
 RAY_PID=""
 JOB_PID=""
 
@@ -65,7 +69,7 @@ die() {
 }
 is_uint() { [[ $1 =~ ^[0-9]+$ ]]; }
 
-for v in RANK NUM_NODES PORT JOIN_TIMEOUT POLL HEAD_LOST_TIMEOUT LEAVE_TIMEOUT STOP_TIMEOUT; do
+for v in RANK NUM_NODES PORT JOIN_TIMEOUT POLL HEAD_LOST_TIMEOUT LEAVE_TIMEOUT STOP_TIMEOUT TERM_GRACE; do
   is_uint "${!v}" || die 2 "$v must be a non-negative integer (got '${!v}')"
 done
 ((NUM_NODES >= 1)) || die 2 "the node count must be at least 1"
@@ -177,7 +181,17 @@ stop_ray() {
 
 on_signal() {
   log "received $1; shutting down"
-  [[ -n $JOB_PID ]] && kill -TERM "$JOB_PID" 2>/dev/null
+  if [[ -n $JOB_PID ]] && kill -0 "$JOB_PID" 2>/dev/null; then
+    # A pod stop or eviction: the job gets the signal and up to RTF_TERM_GRACE seconds, with Ray still
+    # up, to record its stop (and checkpoint) before Ray goes.
+    kill -TERM "$JOB_PID" 2>/dev/null
+    log "waiting up to ${TERM_GRACE}s for the job to stop"
+    local waited=0
+    while kill -0 "$JOB_PID" 2>/dev/null && ((waited < TERM_GRACE)); do
+      sleep 1
+      waited=$((waited + 1))
+    done
+  fi
   exit 143
 }
 trap 'on_signal SIGTERM' TERM
