@@ -7,10 +7,11 @@ import hashlib
 import io
 import json
 import os
+import random
 
 import pytest
 
-from raytune_ft.errors import UserError
+from raytune_ft.errors import SealError, UserError
 from raytune_ft.launch import ray_jobs as rj
 from raytune_ft.launch import secrets as sec
 from raytune_ft.launch.progress import EVENT_PREFIX
@@ -95,6 +96,16 @@ def test_commands_need_an_address(clean_env):
 # --------------------------------------------------------------------------- the seal
 
 
+def _refused(blob: bytes, token: str | None = "cluster-token") -> str:
+    """The SealError ``unseal`` gives for ``blob``: a one-line UserError (exit 2) without the value."""
+    with pytest.raises(SealError) as ei:
+        worker_env.unseal(blob, token)
+    msg = str(ei.value)
+    assert isinstance(ei.value, UserError) and ei.value.exit_code == 2
+    assert "\n" not in msg and SECRET not in msg and "xxxx" not in msg, msg
+    return msg
+
+
 def test_seal_round_trip_and_refusals():
     values = {"HF_TOKEN": SECRET, "OTHER": "x" * 1000}
     blob = worker_env.seal(values, "cluster-token")
@@ -102,19 +113,53 @@ def test_seal_round_trip_and_refusals():
     assert worker_env.sealed_names(blob) == ["HF_TOKEN", "OTHER"]
     assert worker_env.unseal(blob, "cluster-token") == values
     assert worker_env.seal(values, "cluster-token") != blob  # fresh salt and nonce each time
-    with pytest.raises(worker_env.SealError, match="another Ray auth token") as ei:
-        worker_env.unseal(blob, "other-token")
-    assert SECRET not in str(ei.value)
-    with pytest.raises(worker_env.SealError, match="no Ray auth token"):
-        worker_env.unseal(blob, None)
+    assert worker_env.unseal(worker_env.seal({"U": "é ✓ \x00"}, "tök"), "tök") == {"U": "é ✓ \x00"}
+    assert "another Ray auth token" in _refused(blob, "other-token")
+    assert "no Ray auth token" in _refused(blob, None)
+    # the names are bound to the ciphertext: another name list, with the value untouched, is refused
     doc = json.loads(blob)
-    ct = bytearray(__import__("base64").b64decode(doc["ciphertext"]))
-    ct[3] ^= 1
-    doc["ciphertext"] = __import__("base64").b64encode(bytes(ct)).decode()
-    with pytest.raises(worker_env.SealError):  # tampering is detected, not decrypted to garbage
-        worker_env.unseal(json.dumps(doc).encode(), "cluster-token")
-    with pytest.raises(worker_env.SealError, match="damaged"):
-        worker_env.unseal(b"{not json", "cluster-token")
+    doc["names"] = ["HF_TOKEN", "OTHER2"]
+    assert "altered" in _refused(json.dumps(doc).encode())
+
+
+def test_every_damaged_or_foreign_blob_is_one_clear_error():
+    blob = worker_env.seal({"HF_TOKEN": SECRET, "OTHER": "x" * 40}, "cluster-token")
+    # every single-bit flip anywhere in the file (JSON, base64, names, ciphertext, tag, final newline)
+    for i in range(len(blob)):
+        for bit in (0, 5):
+            bad = bytearray(blob)
+            bad[i] ^= 1 << bit
+            _refused(bytes(bad))
+    for n in range(len(blob) - 1):  # every truncation (the final newline alone may go)
+        _refused(blob[:n])
+    rng = random.Random(12)
+    for size in (0, 1, 16, 64, 300, 4096):
+        _refused(bytes(rng.getrandbits(8) for _ in range(size)))
+    for text in (b"{not json", b"null", b"[]", b'"x"', b"123", b"\xff\xfe{}", b"[" * 100000,
+                 b'{"format": "rtf-sealed-env/2"}', b'{"format": "rtf-sealed-env/1", "names": ["A"]}',
+                 b'{"format": "rtf-sealed-env/2", "names": "AB", "salt": 1, "nonce": null, "ciphertext": []}'):
+        _refused(text)
+    doc = json.loads(blob)
+    assert "format rtf-sealed-env/1" in _refused(json.dumps({**doc, "format": "rtf-sealed-env/1"}).encode())
+    shown = _refused(json.dumps({**doc, "format": SECRET}).encode())  # foreign text is never quoted
+    assert "format unknown" in shown
+    shown = _refused(json.dumps({**doc, "names": ["HF_TOKEN", f"A\nerror: {SECRET}"]}).encode())
+    assert "names" in shown
+    assert worker_env.sealed_names(b"[]") == [] and worker_env.sealed_names(b"\xff") == []
+
+
+def test_a_damaged_seal_ends_the_driver_in_one_line(tmp_path, monkeypatch, capsys):
+    """Where the job's driver opens the seal (first thing, before the spec or Ray): exit 2, one line."""
+    from raytune_ft.launch import driver
+
+    (tmp_path / worker_env.SEALED_FILE).write_bytes(worker_env.seal({"RTF_UNIT_SECRET": SECRET}, "tok")[:-40])
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(worker_env, "_found", None)
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "tok")
+    assert driver.main(["rtf_spec.yaml"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {worker_env.SEALED_FILE} is damaged") and err.count("\n") == 1, err
+    assert "Traceback" not in err and SECRET not in err
 
 
 def test_install_sealed_from_the_working_dir(tmp_path, monkeypatch):

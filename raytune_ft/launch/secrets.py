@@ -17,8 +17,8 @@ import sys
 from collections.abc import Mapping
 from typing import Any
 
-from raytune_ft.errors import UserError
-from raytune_ft.train.env import SealError, install_sealed
+from raytune_ft.errors import SealError, UserError
+from raytune_ft.train.env import install_sealed
 
 # Set by rtf itself (or by Ray) on the cluster; a spec may not override them.
 RESERVED_ENV = frozenset({"RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS",
