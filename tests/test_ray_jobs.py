@@ -367,11 +367,11 @@ def test_submit_over_plain_http_refuses_secrets_before_contacting(clean_env, tmp
     clean_env.setenv("RTF_UNIT_SECRET", SECRET)
     spec = write_spec(tmp_path / "s.yaml", spec_doc("rj", tmp_path / "m", tmp_path / "t.jsonl", None, tmp_path / "runs",
                                                     env={"RTF_UNIT_SECRET": None}))
-    with pytest.raises(SystemExit) as ei:  # 192.0.2.1 (TEST-NET-1) is never routed: refused before any connection
-        main(["submit", str(spec), "--address", "http://192.0.2.1:8265"])
+    with pytest.raises(SystemExit) as ei:  # a documentation address (TEST-NET-3): refused before any connection
+        main(["submit", str(spec), "--address", "http://203.0.113.7:8265"])
     err = capsys.readouterr().err
     assert ei.value.code == 2 and err.count("\n") == 1, err
-    assert err.startswith("error: env forwards RTF_UNIT_SECRET, but http://192.0.2.1:8265 is plain HTTP to another "
+    assert err.startswith("error: env forwards RTF_UNIT_SECRET, but http://203.0.113.7:8265 is plain HTTP to another "
                           "machine") and "--allow-secrets-over-plain-http" in err
     assert SECRET not in err and "tok-plain" not in err
     # with the flag it goes on: warned, then it tries the address (0.0.0.0 is this machine, nothing listens on 9)
