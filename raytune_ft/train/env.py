@@ -38,7 +38,7 @@ SEALED_FILE = "rtf_secrets.sealed"
 FORMAT = "rtf-sealed-env/2"  # /1 was a hand-made HMAC construction, no longer read
 _SALT_BYTES, _NONCE_BYTES, _TAG_BYTES = 16, 12, 16
 _HKDF_INFO = b"rtf sealed env v2: AES-256-GCM key"
-_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")  # what may be quoted from an unauthenticated file
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,255}")  # what may be quoted from an unauthenticated file
 _MAX_NAMES = 256
 # Opt-in diagnostic: `env: {RTF_ENV_DIGESTS: "HF_TOKEN,OTHER"}` makes each worker record the SHA-256
 # of those variables' values in final_results.json (compare with `printf %s "$HF_TOKEN" | sha256sum`)
@@ -72,7 +72,8 @@ def seal(values: Mapping[str, str], token: str) -> bytes:
     names = sorted(values)
     bad = [n for n in names if not _NAME.fullmatch(n)]
     if bad or len(names) > _MAX_NAMES:
-        raise ValueError(f"cannot seal variables with these names: {bad[:3]}")
+        raise UserError(f"env: cannot forward {len(names)} variable(s) with these names (at most {_MAX_NAMES} "
+                        f"names of up to 256 letters, digits and _): {', '.join(n[:40] for n in bad[:3])}")
     salt, nonce = _random.token_bytes(_SALT_BYTES), _random.token_bytes(_NONCE_BYTES)
     plain = json.dumps(dict(values), sort_keys=True).encode("utf-8")
     cipher = _aead(token, salt).encrypt(nonce, plain, _associated(names))  # ciphertext || 16-byte tag
