@@ -43,3 +43,8 @@ class DataError(UserError):
 
 class StorageError(UserError):
     """Storage is unreachable, missing, refuses the credentials or is not writable."""
+
+
+class SealError(UserError):
+    """The sealed secrets of a Ray job could not be opened: wrong or missing cluster token, a damaged,
+    truncated or foreign ``rtf_secrets.sealed``. One line, naming variables, never holding a value."""

@@ -8,7 +8,8 @@ on this machine, each with its own temp dir and one CPU), through the Ray Jobs A
   runtime_env or metadata (SDK and dashboard HTTP), not in `rtf logs`, not in any file of the run
   directory or of either node's Ray temp dir (logs, unpacked packages);
 * a longer job: Ctrl-C on `--follow` detaches (the job runs on), `logs --follow` reattaches, `status`,
-  `logs`, `jobs` report it, a second submit of the running run is refused,
+  `logs`, `jobs` report it (a forwarded value the job prints is masked in `--follow` and `logs`), a
+  second submit of the running run is refused,
   `stop` ends it, and its first committed checkpoint is intact and committed;
 * a bad data row fails on the cluster (driver preflight) with its file:line, exit 2, before any worker.
 
@@ -329,20 +330,26 @@ def test_detach_status_logs_jobs_stop_keeps_the_checkpoint(cluster, trained, tin
     from raytune_ft import checkpoints as ck
 
     train, _, model_dir = tiny
-    doc = spec_doc("mn-long", model_dir, train, None, tmp_path / "runs", training={"max_steps": 2000, "save_steps": 3})
+    doc = spec_doc("mn-long", model_dir, train, None, tmp_path / "runs", training={"max_steps": 2000, "save_steps": 3},
+                   env={"RTF_TEST_SHOWN": None})
     doc["storage"]["keep_checkpoints"] = 1000  # nothing pruned: the first checkpoint must still be there
     spec = write_spec(tmp_path / "long.yaml", doc)
-    f = Follow(["submit", str(spec), "--address", cluster.url], cluster.env(), tmp_path)
+    # a forwarded value the job itself prints: the model path, in the worker's "model: pretrained PATH" event
+    shown = str(model_dir)
+    env = cluster.env(RTF_TEST_SHOWN=shown)
+    f = Follow(["submit", str(spec), "--address", cluster.url], env, tmp_path)
     job = f.wait_for(r"job: (rtf-mn-long-\S+) submitted", 60).group(1)
     f.wait_for(r"checkpoint committed: step 3 ", 200)
     f.p.send_signal(signal.SIGINT)  # Ctrl-C: detach, the job runs on
     assert f.finish(30) == 130, f.text[-3000:]
     assert f"detached: job {job} keeps running" in f.text and f"rtf logs {job} --follow" in f.text
+    assert "model: pretrained ***;" in f.text and shown not in f.text, f.text[-3000:]  # masked in --follow
 
-    reattach = Follow(["logs", job, "--follow", "--address", cluster.url], cluster.env(), tmp_path)
+    reattach = Follow(["logs", job, "--follow", "--address", cluster.url], env, tmp_path)
     reattach.wait_for(r"checkpoint committed: step 3 .*\n.*\] \d+/2000  loss", 60)  # the same live view
     reattach.p.send_signal(signal.SIGINT)
     assert reattach.finish(30) == 130 and f"detached: job {job} keeps running" in reattach.text
+    assert "model: pretrained ***;" in reattach.text and shown not in reattach.text
 
     code, out = cluster.rtf("status", job, "--address", cluster.url)
     assert code == 0 and re.search(r"status:\s+RUNNING", out), out
@@ -352,9 +359,10 @@ def test_detach_status_logs_jobs_stop_keeps_the_checkpoint(cluster, trained, tin
     rows = {ln.split()[0]: ln.split() for ln in out.splitlines()[1:]}
     assert rows[job][1:3] == ["mn-long", "RUNNING"] and re.match(r"\d+/2000", rows[job][-1])
     assert rows[trained["job"]][1:3] == ["mn-lora", "SUCCEEDED"] and rows[trained["job"]][-1] == "4/4"
-    code, out = cluster.rtf("logs", "mn-long", "--address", cluster.url)  # a run name means its newest job
+    code, out = cluster.rtf("logs", "mn-long", "--address", cluster.url, env=env)  # a run name: its newest job
     assert code == 0 and "checkpoint committed: step 3 →" in out and "RTF_EVENT" not in out
-    code, out = cluster.rtf("submit", str(spec), "--address", cluster.url)  # one driver per run directory
+    assert "model: pretrained ***;" in out and shown not in out  # masked in logs, as in --follow
+    code, out = cluster.rtf("submit", str(spec), "--address", cluster.url, env=env)  # one driver per run dir
     assert code == 2 and f"run mn-long is already RUNNING on this cluster as job {job}" in out, out
 
     code, out = cluster.rtf("stop", job, "--address", cluster.url)

@@ -7,10 +7,11 @@ import hashlib
 import io
 import json
 import os
+import random
 
 import pytest
 
-from raytune_ft.errors import UserError
+from raytune_ft.errors import SealError, UserError
 from raytune_ft.launch import ray_jobs as rj
 from raytune_ft.launch import secrets as sec
 from raytune_ft.launch.progress import EVENT_PREFIX
@@ -95,6 +96,16 @@ def test_commands_need_an_address(clean_env):
 # --------------------------------------------------------------------------- the seal
 
 
+def _refused(blob: bytes, token: str | None = "cluster-token") -> str:
+    """The SealError ``unseal`` gives for ``blob``: a one-line UserError (exit 2) without the value."""
+    with pytest.raises(SealError) as ei:
+        worker_env.unseal(blob, token)
+    msg = str(ei.value)
+    assert isinstance(ei.value, UserError) and ei.value.exit_code == 2
+    assert "\n" not in msg and SECRET not in msg and "xxxx" not in msg, msg
+    return msg
+
+
 def test_seal_round_trip_and_refusals():
     values = {"HF_TOKEN": SECRET, "OTHER": "x" * 1000}
     blob = worker_env.seal(values, "cluster-token")
@@ -102,19 +113,53 @@ def test_seal_round_trip_and_refusals():
     assert worker_env.sealed_names(blob) == ["HF_TOKEN", "OTHER"]
     assert worker_env.unseal(blob, "cluster-token") == values
     assert worker_env.seal(values, "cluster-token") != blob  # fresh salt and nonce each time
-    with pytest.raises(worker_env.SealError, match="another Ray auth token") as ei:
-        worker_env.unseal(blob, "other-token")
-    assert SECRET not in str(ei.value)
-    with pytest.raises(worker_env.SealError, match="no Ray auth token"):
-        worker_env.unseal(blob, None)
+    assert worker_env.unseal(worker_env.seal({"U": "é ✓ \x00"}, "tök"), "tök") == {"U": "é ✓ \x00"}
+    assert "another Ray auth token" in _refused(blob, "other-token")
+    assert "no Ray auth token" in _refused(blob, None)
+    # the names are bound to the ciphertext: another name list, with the value untouched, is refused
     doc = json.loads(blob)
-    ct = bytearray(__import__("base64").b64decode(doc["ciphertext"]))
-    ct[3] ^= 1
-    doc["ciphertext"] = __import__("base64").b64encode(bytes(ct)).decode()
-    with pytest.raises(worker_env.SealError):  # tampering is detected, not decrypted to garbage
-        worker_env.unseal(json.dumps(doc).encode(), "cluster-token")
-    with pytest.raises(worker_env.SealError, match="damaged"):
-        worker_env.unseal(b"{not json", "cluster-token")
+    doc["names"] = ["HF_TOKEN", "OTHER2"]
+    assert "altered" in _refused(json.dumps(doc).encode())
+
+
+def test_every_damaged_or_foreign_blob_is_one_clear_error():
+    blob = worker_env.seal({"HF_TOKEN": SECRET, "OTHER": "x" * 40}, "cluster-token")
+    # every single-bit flip anywhere in the file (JSON, base64, names, ciphertext, tag, final newline)
+    for i in range(len(blob)):
+        for bit in (0, 5):
+            bad = bytearray(blob)
+            bad[i] ^= 1 << bit
+            _refused(bytes(bad))
+    for n in range(len(blob) - 1):  # every truncation (the final newline alone may go)
+        _refused(blob[:n])
+    rng = random.Random(12)
+    for size in (0, 1, 16, 64, 300, 4096):
+        _refused(bytes(rng.getrandbits(8) for _ in range(size)))
+    for text in (b"{not json", b"null", b"[]", b'"x"', b"123", b"\xff\xfe{}", b"[" * 100000,
+                 b'{"format": "rtf-sealed-env/2"}', b'{"format": "rtf-sealed-env/1", "names": ["A"]}',
+                 b'{"format": "rtf-sealed-env/2", "names": "AB", "salt": 1, "nonce": null, "ciphertext": []}'):
+        _refused(text)
+    doc = json.loads(blob)
+    assert "format rtf-sealed-env/1" in _refused(json.dumps({**doc, "format": "rtf-sealed-env/1"}).encode())
+    shown = _refused(json.dumps({**doc, "format": SECRET}).encode())  # foreign text is never quoted
+    assert "format unknown" in shown
+    shown = _refused(json.dumps({**doc, "names": ["HF_TOKEN", f"A\nerror: {SECRET}"]}).encode())
+    assert "names" in shown
+    assert worker_env.sealed_names(b"[]") == [] and worker_env.sealed_names(b"\xff") == []
+
+
+def test_a_damaged_seal_ends_the_driver_in_one_line(tmp_path, monkeypatch, capsys):
+    """Where the job's driver opens the seal (first thing, before the spec or Ray): exit 2, one line."""
+    from raytune_ft.launch import driver
+
+    (tmp_path / worker_env.SEALED_FILE).write_bytes(worker_env.seal({"RTF_UNIT_SECRET": SECRET}, "tok")[:-40])
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(worker_env, "_found", None)
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "tok")
+    assert driver.main(["rtf_spec.yaml"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {worker_env.SEALED_FILE} is damaged") and err.count("\n") == 1, err
+    assert "Traceback" not in err and SECRET not in err
 
 
 def test_install_sealed_from_the_working_dir(tmp_path, monkeypatch):
@@ -195,6 +240,7 @@ def _ev(**e) -> str:
 LOG = "\n".join([
     "2026-01-01 INFO job_manager.py -- Runtime env is setting up.",
     _ev(kind="info", message="storage preflight: ok"),
+    _ev(kind="info", message=f"model: /models/{SECRET}/m"),  # an event that carries a forwarded value
     "(RayTrainWorker pid=1) noise",
     _ev(kind="log", step=1, max_steps=4, loss=2.5),
     _ev(kind="checkpoint", step=2, path="/r/checkpoint-00000002"),
@@ -213,17 +259,18 @@ def test_progress_and_render():
     assert "storage preflight: ok" in text and "[" in text and "3/4  loss 2.0000" in text
     assert "checkpoint committed: step 2 → /r/checkpoint-00000002" in text
     assert "done: 4 steps" in text and EVENT_PREFIX not in text
-    assert SECRET not in text and "leaked *** by" in text
+    assert SECRET not in text and "leaked *** by" in text and "model: /models/***/m" in text
 
 
 def test_follower_handles_split_chunks_and_reconnects():
     out = io.StringIO()
-    f = rj._Follower(out, {"X": SECRET}, verbose=False)
+    f = rj._Follower(sec.Masked(out, {"X": SECRET}), verbose=False)
     for i in range(0, len(LOG), 7):  # arbitrary chunk boundaries
         f.feed(LOG[i:i + 7])
     text = out.getvalue()
     assert "1/4" in text and "3/4" in text and "checkpoint committed: step 2" in text
     assert "error: something the driver says" in text and "noise" not in text and SECRET not in text
+    assert "model: /models/***/m" in text  # event lines too (they were shown unmasked)
     assert f.summary == {"steps": 4, "max_steps": 4, "train_loss": 1.9} and f.shown_error
     f.reconnect()  # the stream starts over: nothing is shown twice
     before = out.getvalue()
@@ -273,3 +320,70 @@ def test_an_open_cluster_is_detected(tmp_path):
     finally:
         srv.shutdown()
     assert rj.checks_tokens("http://127.0.0.1:9", timeout=2) is None
+
+
+def test_status_and_jobs_records_mask_forwarded_values(monkeypatch):
+    from ray.job_submission import JobDetails, JobStatus, JobType
+
+    monkeypatch.setenv("RTF_UNIT_SECRET", SECRET)
+    job = JobDetails(type=JobType.SUBMISSION, submission_id="rtf-x-1", status=JobStatus.FAILED,
+                     entrypoint="python -u -m raytune_ft.launch.driver rtf_spec.yaml",
+                     message=f"Job failed: cannot log in with {SECRET}\nmore", driver_exit_code=2,
+                     metadata={"rtf_name": "x", "rtf_forwarded_env": "RTF_UNIT_SECRET"})
+    rec = rj.job_record(None, job, progress=False)
+    assert rec["message"] == "Job failed: cannot log in with ***\nmore"
+    assert "message:  Job failed: cannot log in with ***" in rj.render_status(rec) and SECRET not in json.dumps(rec)
+    assert sec.local_values("RTF_UNIT_SECRET,RTF_NOT_SET_HERE,") == {"RTF_UNIT_SECRET": SECRET}
+
+
+# --------------------------------------------------------------------------- plain http
+
+
+def test_plain_http_to_another_machine_warns_and_needs_the_flag_for_secrets():
+    for url in ("https://ray.example.com", "http://127.0.0.1:8265", "http://127.8.9.10:8265", "http://[::1]:8265",
+                "http://localhost:8265", "http://LOCALHOST.:8265", "http://[::ffff:127.0.0.1]:8265"):
+        assert not sec.sends_in_clear(url), url
+        assert sec.check_transport(url, ["HF_TOKEN"]) is None  # silent, secrets or not
+    for url in ("http://10.0.0.5:8265", "http://head:8265", "http://ray.example.com", "http://0.0.0.0:8265",
+                "http://[2001:db8::1]:8265", "http://localhost.example.com:8265", rj.dashboard_url("ray://head:10001")):
+        assert sec.sends_in_clear(url), url
+    url = "http://10.0.0.5:8265"
+    assert sec.check_transport(url, []) == (f"warning: {url} is plain HTTP to another machine: the Ray auth token "
+                                            "crosses the network unencrypted; prefer https or an SSH tunnel to the head")
+    with pytest.raises(UserError) as ei:
+        sec.check_transport(url, ["HF_TOKEN", "A_KEY"])
+    assert ei.value.exit_code == 2 and "\n" not in str(ei.value)
+    assert str(ei.value).startswith(f"env forwards A_KEY, HF_TOKEN, but {url} is plain HTTP to another machine")
+    assert str(ei.value).endswith("or pass --allow-secrets-over-plain-http to send them anyway")
+    warning = sec.check_transport(url, ["HF_TOKEN"], allow_plain_http=True)  # opted in: proceeds, still warned
+    assert warning.startswith(f"warning: {url} is plain HTTP") and "(and with it HF_TOKEN)" in warning
+
+
+def test_submit_over_plain_http_refuses_secrets_before_contacting(clean_env, tmp_path, capsys):
+    from raytune_ft.cli import main
+    from tests.tiny import write_spec
+
+    clean_env.setenv("RAY_AUTH_TOKEN", "tok-plain")
+    clean_env.setenv("RTF_UNIT_SECRET", SECRET)
+    spec = write_spec(tmp_path / "s.yaml", spec_doc("rj", tmp_path / "m", tmp_path / "t.jsonl", None, tmp_path / "runs",
+                                                    env={"RTF_UNIT_SECRET": None}))
+    with pytest.raises(SystemExit) as ei:  # a documentation address (TEST-NET-3): refused before any connection
+        main(["submit", str(spec), "--address", "http://203.0.113.7:8265"])
+    err = capsys.readouterr().err
+    assert ei.value.code == 2 and err.count("\n") == 1, err
+    assert err.startswith("error: env forwards RTF_UNIT_SECRET, but http://203.0.113.7:8265 is plain HTTP to another "
+                          "machine") and "--allow-secrets-over-plain-http" in err
+    assert SECRET not in err and "tok-plain" not in err
+    # with the flag it goes on: warned, then it tries the address (0.0.0.0 is this machine, nothing listens on 9)
+    with pytest.raises(SystemExit) as ei:
+        main(["submit", str(spec), "--address", "http://0.0.0.0:9", "--allow-secrets-over-plain-http"])
+    err = capsys.readouterr().err
+    assert ei.value.code == 2, err
+    assert err.splitlines()[0] == ("warning: http://0.0.0.0:9 is plain HTTP to another machine: the Ray auth token "
+                                   "(and with it RTF_UNIT_SECRET) crosses the network unencrypted; prefer https or "
+                                   "an SSH tunnel to the head")
+    assert err.splitlines()[1].startswith("error: cannot reach the Ray Jobs API at http://0.0.0.0:9"), err
+    with pytest.raises(SystemExit):  # loopback: no warning
+        main(["submit", str(spec), "--address", "http://127.0.0.1:9"])
+    err = capsys.readouterr().err
+    assert "warning" not in err and err.startswith("error: cannot reach the Ray Jobs API at http://127.0.0.1:9"), err

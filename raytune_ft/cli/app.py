@@ -157,12 +157,17 @@ def submit(
     resume_from: Optional[str] = typer.Option(None, "--resume-from", help="Resume from this checkpoint URI."),
     follow: bool = typer.Option(True, "--follow/--no-follow",
                                 help="Cluster mode: stream progress until the job ends (Ctrl-C detaches)."),
+    allow_plain_http: bool = typer.Option(
+        False, "--allow-secrets-over-plain-http",
+        help="Forward the spec's secrets to a plain http:// address on another machine, where the Ray auth token "
+             "(the key to them) crosses the network unencrypted. Without it such a submit is refused."),
 ) -> None:
     """Run a spec: locally on an embedded Ray, or on a cluster when an address is given."""
     from raytune_ft.launch import submit as do_submit
 
     spec = load(spec_path, overrides)
-    code = do_submit(spec, address=address, fresh=fresh, resume_from=resume_from, follow=follow)
+    code = do_submit(spec, address=address, fresh=fresh, resume_from=resume_from, follow=follow,
+                     allow_plain_http=allow_plain_http)
     raise typer.Exit(code)
 
 

@@ -370,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     from raytune_ft.data.pipeline import check_data
     from raytune_ft.launch.progress import EVENT_PREFIX, Renderer
     from raytune_ft.spec import load_spec
-    from raytune_ft.train.env import SealError, install_sealed
+    from raytune_ft.train.env import install_sealed
 
     ap = argparse.ArgumentParser(prog="raytune_ft.launch.driver")
     ap.add_argument("spec")
@@ -404,10 +404,7 @@ def main(argv: list[str] | None = None) -> int:
         ray.init(address=os.environ.get("RAY_ADDRESS", "auto"), log_to_driver=True)
         signal.signal(signal.SIGTERM, stopped)  # after ray.init, which sets its own (a bare sys.exit)
         result = run(spec, fresh=a.fresh, resume_from=a.resume_from, on_event=on_event, settled=True)
-    except SealError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return 2
-    except UserError as e:
+    except UserError as e:  # a SealError among them: one line, exit 2
         print(f"error: {e}", file=sys.stderr, flush=True)
         return e.exit_code
     except KeyboardInterrupt:

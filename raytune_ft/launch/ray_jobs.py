@@ -44,7 +44,6 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from raytune_ft import rundir as rd
-from raytune_ft import storage as st
 from raytune_ft.errors import UserError
 from raytune_ft.launch import secrets as sec
 from raytune_ft.launch.progress import EVENT_PREFIX, Renderer, print_summary
@@ -265,14 +264,17 @@ def write_bundle(spec: Any, bundle: str, values: dict[str, str], token: str | No
 
 
 def submit_cluster(spec: Any, address: str, why: str, *, fresh: bool = False, resume_from: str | None = None,
-                   follow: bool = True, out=None) -> int:
+                   follow: bool = True, out=None, allow_plain_http: bool = False) -> int:
     """Submit ``spec`` (already absolutized) as a Ray job; follow it when asked. Returns an exit code."""
     from raytune_ft.plan import make_plan
 
-    out = out or sys.stderr
     plan = make_plan(spec)
     sec.check_names(spec)
     values = sec.collect(spec)  # an unset secret fails here, before anything is sent
+    out = sec.Masked(out or sys.stderr, values)
+    warning = sec.check_transport(dashboard_url(address), values, allow_plain_http=allow_plain_http)
+    if warning:  # before the token is first sent
+        print(warning, file=out)
     cluster = connect(address)
     if values and not cluster.token.value:
         raise UserError(f"env forwards {', '.join(values)}, which needs Ray token authentication (the "
@@ -355,12 +357,12 @@ def render_log(text: str, hide: dict[str, str] | None = None) -> str:
             buf.write(f"done: {s.get('steps')} steps, train loss {s.get('train_loss')}, outputs in {e.get('final')}\n")
         else:
             renderer.handle(e)
-    return st.scrub(buf.getvalue(), hide or {})
+    return sec.mask(buf.getvalue(), hide or {})
 
 
 class _Follower:
-    def __init__(self, out, hide: dict[str, str], verbose: bool) -> None:
-        self.out, self.hide, self.verbose = out, hide, verbose
+    def __init__(self, out, verbose: bool) -> None:
+        self.out, self.verbose = out, verbose  # out: a sec.Masked stream
         self.renderer = Renderer(out)
         self.partial = ""
         self.lines = 0  # complete lines seen (to skip them when the stream reconnects)
@@ -386,7 +388,7 @@ class _Follower:
                 return
             self.renderer.handle(e)
             return
-        text = st.scrub(line.rstrip("\r"), self.hide)
+        text = line.rstrip("\r")
         if self.verbose or text.lstrip().startswith(DRIVER_MESSAGES):
             self.shown_error |= text.lstrip().startswith("error:")
             self.renderer.handle({"kind": "info", "message": text})
@@ -400,9 +402,8 @@ def follow_job(cluster: Cluster, job_id: str, *, out=None, run_uri: str | None =
     """Stream a job's progress until it ends (exit code from its outcome). Ctrl-C detaches."""
     import asyncio
 
-    out = out or sys.stderr
-    verbose = bool(os.environ.get("RTF_WORKER_LOGS"))
-    f = _Follower(out, dict(hide or {}), verbose)
+    out = sec.Masked(out or sys.stderr, hide or {})  # everything shown below goes through it
+    f = _Follower(out, bool(os.environ.get("RTF_WORKER_LOGS")))
 
     async def tail() -> None:
         async for chunk in cluster.client.tail_job_logs(job_id):
@@ -438,7 +439,7 @@ def follow_job(cluster: Cluster, job_id: str, *, out=None, run_uri: str | None =
     if status == "FAILED" and not f.shown_error and msg:
         lines = msg.splitlines()
         tail_lines = "\n".join("  " + ln for ln in lines[-15:]) if len(lines) > 1 else ""
-        print(st.scrub(f"error: {lines[0]}" + (f"\n{tail_lines}" if tail_lines else ""), f.hide), file=out)
+        print(f"error: {lines[0]}" + (f"\n{tail_lines}" if tail_lines else ""), file=out)
     print(f"job {job_id} {status}" + (f" (driver exit code {code})" if code is not None else "")
           + f"; full log: rtf logs {job_id}", file=out)
     if status == "STOPPED":
@@ -497,10 +498,12 @@ def _steps(p: dict[str, Any] | None) -> str:
 def job_record(cluster: Cluster, job: Any, progress: bool = True) -> dict[str, Any]:
     meta = job.metadata or {}
     p = _progress(cluster, job) if progress else None
+    hide = sec.local_values(meta.get("rtf_forwarded_env"))
     return {"job": job.submission_id or job.job_id, "run": meta.get("rtf_name"), "status": str(job.status),
             "start_time": job.start_time, "end_time": job.end_time, "driver_exit_code": job.driver_exit_code,
             "step": (p or {}).get("step"), "max_steps": (p or {}).get("max_steps"), "storage": meta.get("rtf_run"),
-            "message": job.message, "entrypoint": job.entrypoint}
+            "message": job.message and sec.mask(job.message, hide),
+            "entrypoint": job.entrypoint and sec.mask(job.entrypoint, hide)}
 
 
 def status(address: str | None, job: str) -> dict[str, Any]:
@@ -526,7 +529,7 @@ def logs(address: str | None, job: str) -> str:
     jid = j.submission_id or j.job_id
     with cluster.calls(f"job {jid}"):
         text = cluster.client.get_job_logs(jid)
-    return render_log(text, _local_values(j))
+    return render_log(text, sec.local_values((j.metadata or {}).get("rtf_forwarded_env")))
 
 
 def follow(address: str | None, job: str, *, out=None) -> int:
@@ -534,13 +537,8 @@ def follow(address: str | None, job: str, *, out=None) -> int:
     cluster = connect(cluster_address(address))
     j = resolve(cluster, job)
     return follow_job(cluster, j.submission_id or j.job_id, out=out or sys.stderr,
-                      run_uri=(j.metadata or {}).get("rtf_run"), hide=_local_values(j))
-
-
-def _local_values(job: Any) -> dict[str, str]:
-    """The values, in this environment, of the variables the job forwarded: masked in printed logs."""
-    names = [n for n in (job.metadata or {}).get("rtf_forwarded_env", "").split(",") if n]
-    return {n: os.environ[n] for n in names if os.environ.get(n)}
+                      run_uri=(j.metadata or {}).get("rtf_run"),
+                      hide=sec.local_values((j.metadata or {}).get("rtf_forwarded_env")))
 
 
 def stop(address: str | None, job: str, *, wait_s: float = 60.0) -> tuple[int, str]:

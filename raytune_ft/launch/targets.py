@@ -7,6 +7,7 @@ import os
 import sys
 
 from raytune_ft.launch.driver import check_resume_from  # noqa: F401  (the submit-side check)
+from raytune_ft.launch.secrets import Masked, local_values
 from raytune_ft.spec import absolutize
 from raytune_ft.spec.models import JobSpec
 
@@ -24,15 +25,17 @@ def choose_target(spec: JobSpec, address: str | None) -> tuple[str, str | None, 
 
 
 def submit(spec: JobSpec, *, address: str | None = None, fresh: bool = False, resume_from: str | None = None,
-           follow: bool = True, out=None) -> int:
+           follow: bool = True, out=None, allow_plain_http: bool = False) -> int:
     out = out or sys.stderr
     mode, addr, why = choose_target(spec, address)
     if mode == "cluster":
         from raytune_ft.launch.ray_jobs import submit_cluster
 
         return submit_cluster(absolutize(spec), addr, why, fresh=fresh, resume_from=resume_from,
-                              follow=follow, out=out)
+                              follow=follow, out=out, allow_plain_http=allow_plain_http)
     from raytune_ft.launch.local import run_local
+
+    out = Masked(out, local_values(spec.forwarded_env))  # what the run shows, as on a cluster
 
     if resume_from:
         resume_from = check_resume_from(spec, resume_from)

@@ -2,10 +2,12 @@
 
 The spec names variables; ``env: {HF_TOKEN: null}`` forwards the submitter's ``$HF_TOKEN``. Ray Jobs
 (:mod:`raytune_ft.launch.ray_jobs`, :mod:`raytune_ft.launch.secrets`) seals the values into
-``rtf_secrets.sealed`` in the job's ``working_dir`` bundle: an encrypt-then-MAC envelope (HMAC-SHA256
-keystream + HMAC-SHA256 tag, stdlib only) under a key derived (HKDF-SHA256) from the **cluster's Ray auth
-token** and a random per-job salt, so the key never travels and the copies of the bundle Ray keeps are
-ciphertext, readable only by whoever holds the cluster token (who can run arbitrary code there anyway).
+``rtf_secrets.sealed`` in the job's ``working_dir`` bundle: AES-256-GCM (``cryptography``'s AEAD; the
+variable names and the format bound as associated data) under a key derived with HKDF-SHA256 from the
+**cluster's Ray auth token** and a random per-job salt, so the key never travels and the copies of the
+bundle Ray keeps are ciphertext, readable only by whoever holds the cluster token (who can run arbitrary
+code there anyway). Any file that is not exactly such an envelope for this token is one
+:class:`~raytune_ft.errors.SealError` (a one-line UserError, exit 2), never a value in a message.
 
 Here, both halves of that envelope (:func:`seal`, :func:`unseal`) and what runs on the cluster: every
 process of the job opens the seal with the token it already has (Ray's token auth gives it to every
@@ -21,94 +23,139 @@ Without token authentication there is no key: secrets are then refused.
 from __future__ import annotations
 
 import base64
+import binascii
 import hashlib
-import hmac
 import json
 import os
+import re
 import secrets as _random
 from collections.abc import Mapping
 from typing import Any
 
-from raytune_ft.errors import UserError
+from raytune_ft.errors import SealError, UserError
 
 SEALED_FILE = "rtf_secrets.sealed"
-FORMAT = "rtf-sealed-env/1"
+FORMAT = "rtf-sealed-env/2"  # /1 was a hand-made HMAC construction, no longer read
+_SALT_BYTES, _NONCE_BYTES, _TAG_BYTES = 16, 12, 16
+_HKDF_INFO = b"rtf sealed env v2: AES-256-GCM key"
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,255}")  # what may be quoted from an unauthenticated file
+_MAX_NAMES = 256
 # Opt-in diagnostic: `env: {RTF_ENV_DIGESTS: "HF_TOKEN,OTHER"}` makes each worker record the SHA-256
 # of those variables' values in final_results.json (compare with `printf %s "$HF_TOKEN" | sha256sum`)
 # to check that a forwarded secret arrived intact without revealing it.
 DIGESTS_ENV = "RTF_ENV_DIGESTS"
 
 
-class SealError(Exception):
-    """The sealed secrets could not be opened (wrong token, damaged file). Never holds a value."""
+def _aead(token: str, salt: bytes):
+    """AES-256-GCM under a key derived (HKDF-SHA256) from the cluster token and the per-job salt."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+    key = HKDF(algorithm=hashes.SHA256(), length=32, salt=salt, info=_HKDF_INFO).derive(token.encode("utf-8"))
+    return AESGCM(key)
 
 
-def _keys(token: str, salt: bytes) -> tuple[bytes, bytes]:
-    prk = hmac.new(salt, token.encode("utf-8"), hashlib.sha256).digest()  # HKDF-Extract
-    enc = hmac.new(prk, b"rtf sealed env v1: encryption\x01", hashlib.sha256).digest()  # HKDF-Expand, 1 block
-    mac = hmac.new(prk, b"rtf sealed env v1: authentication\x01", hashlib.sha256).digest()
-    return enc, mac
+def _associated(names: list[str]) -> bytes:
+    """What the tag binds besides the ciphertext: the format and the variable names, framed as JSON."""
+    return json.dumps([FORMAT, names], separators=(",", ":")).encode("utf-8")
 
 
-def _keystream(key: bytes, nonce: bytes, n: int) -> bytes:
-    blocks = [hmac.new(key, nonce + i.to_bytes(8, "big"), hashlib.sha256).digest() for i in range((n + 31) // 32)]
-    return b"".join(blocks)[:n]
-
-
-def _xor(a: bytes, b: bytes) -> bytes:
-    return bytes(x ^ y for x, y in zip(a, b))
+def _b64(b: bytes) -> str:
+    return base64.b64encode(b).decode("ascii")
 
 
 def seal(values: Mapping[str, str], token: str) -> bytes:
     """An envelope holding ``values``, openable only with ``token`` (the cluster's Ray auth token)."""
     if not token:
         raise ValueError("sealing needs the cluster's auth token")
-    salt, nonce = _random.token_bytes(16), _random.token_bytes(16)
-    enc, mac = _keys(token, salt)
-    plain = json.dumps(dict(values), sort_keys=True).encode("utf-8")
-    cipher = _xor(plain, _keystream(enc, nonce, len(plain)))
     names = sorted(values)
-    tag = hmac.new(mac, _authenticated(names, salt, nonce, cipher), hashlib.sha256).digest()
-    b64 = lambda b: base64.b64encode(b).decode("ascii")  # noqa: E731
-    doc = {"format": FORMAT, "names": names, "salt": b64(salt), "nonce": b64(nonce),
-           "ciphertext": b64(cipher), "tag": b64(tag)}
+    bad = [n for n in names if not _NAME.fullmatch(n)]
+    if bad or len(names) > _MAX_NAMES:
+        raise UserError(f"env: cannot forward {len(names)} variable(s) with these names (at most {_MAX_NAMES} "
+                        f"names of up to 256 letters, digits and _): {', '.join(n[:40] for n in bad[:3])}")
+    salt, nonce = _random.token_bytes(_SALT_BYTES), _random.token_bytes(_NONCE_BYTES)
+    plain = json.dumps(dict(values), sort_keys=True).encode("utf-8")
+    cipher = _aead(token, salt).encrypt(nonce, plain, _associated(names))  # ciphertext || 16-byte tag
+    doc = {"format": FORMAT, "names": names, "salt": _b64(salt), "nonce": _b64(nonce), "ciphertext": _b64(cipher)}
     return (json.dumps(doc, indent=1) + "\n").encode("ascii")
 
 
-def _authenticated(names: list[str], salt: bytes, nonce: bytes, cipher: bytes) -> bytes:
-    return b"|".join([FORMAT.encode(), ",".join(names).encode(), salt, nonce, cipher])
+def _damaged(why: str) -> SealError:
+    return SealError(f"{SEALED_FILE} is damaged or not an rtf sealed-secrets file ({why}); submit the job again")
+
+
+def _field(doc: dict[str, Any], key: str, size: int | None = None, at_least: int = 0) -> bytes:
+    text = doc.get(key)
+    if not isinstance(text, str):
+        raise _damaged(f"no {key}")
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise _damaged(f"{key} is not base64") from None
+    if _b64(raw) != text:  # one spelling per value: no bit of the file is left unchecked
+        raise _damaged(f"{key} is not canonical base64")
+    if (size is not None and len(raw) != size) or len(raw) < at_least:
+        raise _damaged(f"{key} has the wrong length")
+    return raw
+
+
+def _parse(blob: bytes) -> tuple[list[str], bytes, bytes, bytes]:
+    """(names, salt, nonce, ciphertext) of an envelope, or :class:`SealError`; nothing from an
+    unauthenticated file reaches a message unless it is shaped like a variable name."""
+    try:
+        doc = json.loads(blob)
+    except (ValueError, TypeError, RecursionError):  # UnicodeDecodeError is a ValueError
+        raise _damaged("not JSON") from None
+    if not isinstance(doc, dict):
+        raise _damaged("not a JSON object")
+    fmt = doc.get("format")
+    if fmt != FORMAT:
+        shown = fmt if isinstance(fmt, str) and re.fullmatch(r"rtf-sealed-env/\d{1,3}", fmt) else "unknown"
+        raise SealError(f"{SEALED_FILE} has format {shown} and this rtf reads {FORMAT}: the rtf that submitted "
+                        "the job and the cluster's differ in version")
+    if set(doc) != {"format", "names", "salt", "nonce", "ciphertext"}:
+        raise _damaged("unexpected fields")
+    names = doc.get("names")
+    if not (isinstance(names, list) and len(names) <= _MAX_NAMES
+            and all(isinstance(n, str) and _NAME.fullmatch(n) for n in names) and names == sorted(set(names))):
+        raise _damaged("names")
+    salt = _field(doc, "salt", _SALT_BYTES)
+    nonce = _field(doc, "nonce", _NONCE_BYTES)
+    cipher = _field(doc, "ciphertext", at_least=_TAG_BYTES)
+    return names, salt, nonce, cipher
 
 
 def sealed_names(blob: bytes) -> list[str]:
+    """The variable names an envelope says it holds (``[]`` if it is not one)."""
     try:
-        return list(json.loads(blob)["names"])
-    except (ValueError, KeyError, TypeError):
+        return _parse(blob)[0]
+    except SealError:
         return []
 
 
 def unseal(blob: bytes, token: str | None) -> dict[str, str]:
-    """The values sealed by :func:`seal`; :class:`SealError` (naming variables, never values) if not."""
-    try:
-        doc = json.loads(blob)
-        if doc.get("format") != FORMAT:
-            raise SealError(f"{SEALED_FILE}: unknown format {doc.get('format')!r}")
-        names = list(doc["names"])
-        salt, nonce, cipher, tag = (base64.b64decode(doc[k]) for k in ("salt", "nonce", "ciphertext", "tag"))
-    except SealError:
-        raise
-    except (ValueError, KeyError, TypeError) as e:
-        raise SealError(f"{SEALED_FILE} is damaged ({type(e).__name__})") from None
+    """The values sealed by :func:`seal`. Any blob that is not exactly that (truncated, altered, foreign,
+    sealed for another token) is one :class:`SealError`, naming variables, never values."""
+    from cryptography.exceptions import InvalidTag
+
+    names, salt, nonce, cipher = _parse(blob)
+    listed = ", ".join(names) or "none"
     if not token:
-        raise SealError(f"cannot open the forwarded secrets ({', '.join(names)}): this process has no Ray "
-                        "auth token (the cluster must run with RAY_AUTH_MODE=token)")
-    enc, mac = _keys(token, salt)
-    expect = hmac.new(mac, _authenticated(names, salt, nonce, cipher), hashlib.sha256).digest()
-    if not hmac.compare_digest(expect, tag):
-        raise SealError(f"cannot open the forwarded secrets ({', '.join(names)}): sealed for another Ray "
-                        "auth token than this cluster's, or damaged")
-    values = json.loads(_xor(cipher, _keystream(enc, nonce, len(cipher))).decode("utf-8"))
-    if sorted(values) != sorted(names):
-        raise SealError(f"{SEALED_FILE}: names and contents disagree")
+        raise SealError(f"cannot open the forwarded secrets ({listed}): this process has no Ray auth token "
+                        "(the cluster must run with RAY_AUTH_MODE=token)")
+    try:
+        plain = _aead(token, salt).decrypt(nonce, cipher, _associated(names))
+    except InvalidTag:
+        raise SealError(f"cannot open the forwarded secrets ({listed}): sealed for another Ray auth token than "
+                        "this cluster's, or altered on the way") from None
+    try:  # authenticated: only a holder of the token could have made this; checked all the same
+        values = json.loads(plain)
+        ok = isinstance(values, dict) and sorted(values) == names and all(isinstance(v, str) for v in values.values())
+    except ValueError:
+        ok = False
+    if not ok:
+        raise _damaged("its contents do not match its names")
     return values
 
 
@@ -156,8 +203,12 @@ def install_sealed(directory: str | None = None) -> list[str]:
     path = find_sealed(directory)
     if path is None:
         return []
-    with open(path, "rb") as f:
-        values = unseal(f.read(), cluster_token())
+    try:
+        with open(path, "rb") as f:
+            blob = f.read()
+    except OSError as e:
+        raise SealError(f"cannot read {SEALED_FILE} ({e.strerror})") from None
+    values = unseal(blob, cluster_token())
     os.environ.update(values)
     return sorted(values)
 
@@ -171,10 +222,7 @@ def apply_env(spec: Any) -> list[str]:
             os.environ[name] = value
     wanted = list(spec.forwarded_env)
     if any(n not in os.environ for n in wanted) and find_sealed():
-        try:
-            install_sealed()
-        except SealError as e:
-            raise UserError(str(e)) from None
+        install_sealed()  # a SealError is a UserError: one line, and the worker's failure says why
         missing = [n for n in wanted if n not in os.environ]
         if missing:
             raise UserError(f"forwarded variable(s) {', '.join(missing)} did not reach this worker")
