@@ -259,7 +259,7 @@ def test_token_missing_or_refused_is_one_line_exit_2(cluster, tmp_path):
 # --------------------------------------------------------------------------- the two-node training job
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(420)  # includes the fixture: the cluster, the job and its restarted worker group
 def test_submit_follow_trains_on_both_nodes(cluster, trained):
     out = trained["out"]
     assert trained["code"] == 0, out[-6000:]
