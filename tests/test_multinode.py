@@ -3,7 +3,8 @@ on this machine, each with its own temp dir and one CPU), through the Ray Jobs A
 
 * a missing, absent-on-the-wire and wrong token are each one line and exit 2;
 * `rtf submit --address URL --follow` trains a tiny LoRA model with 2 workers under `strict_spread`
-  (one per node) to success, with the live progress in the output; a forwarded secret reaches both
+  (one per node) to success, with the live progress in the output, through a restart of the worker group
+  (a worker SIGKILLed) after which `rtf logs` shows each line a worker printed once; a forwarded secret reaches both
   workers (its SHA-256 as each rank saw it) and appears nowhere else: not in the job's entrypoint,
   runtime_env or metadata (SDK and dashboard HTTP), not in `rtf logs`, not in any file of the run
   directory or of either node's Ray temp dir (logs, unpacked packages);
@@ -31,6 +32,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -206,17 +208,21 @@ SECRET = "rtf-secret-" + secrets.token_urlsafe(24)
 
 @pytest.fixture(scope="module")
 def trained(cluster, tiny, tmp_path_factory):
-    """One real job: 2 LoRA workers spread over the 2 nodes, with a forwarded secret."""
+    """One real job: 2 LoRA workers spread over the 2 nodes, with a forwarded secret. Rank 1's process is
+    killed (SIGKILL) as soon as the workers are up, so Ray Train restarts the worker group once
+    (``max_failures: 1``) and the job runs to success on the second group."""
     train, _, model_dir = tiny
     tmp = tmp_path_factory.mktemp("mnjob")
     doc = spec_doc("mn-lora", model_dir, train, None, tmp / "runs",
                    compute={"num_workers": 2, "cpus_per_worker": 1, "placement": "strict_spread"},
-                   training={"max_steps": 4, "save_steps": 2},
+                   training={"max_steps": 4, "save_steps": 2}, fault_tolerance={"max_failures": 1},
                    env={"RTF_TEST_SECRET": None, "RTF_ENV_DIGESTS": "RTF_TEST_SECRET", "RTF_TEST_LITERAL": "plain"})
     spec = write_spec(tmp / "mn.yaml", doc)
     t0 = time.time()
     f = Follow(["submit", str(spec), "--address", cluster.url, "--follow"], cluster.env(RTF_TEST_SECRET=SECRET), tmp)
-    code = f.finish(240)
+    rank1 = f.wait_for(r"workers: rank 0 pid \d+ node \S+, rank 1 pid (\d+)", 200).group(1)
+    os.kill(int(rank1), signal.SIGKILL)  # a real worker process dies during setup, before any checkpoint
+    code = f.finish(300)
     job_id = re.search(r"job: (rtf-mn-lora-\S+) submitted", f.text)
     return {"code": code, "out": f.text, "job": job_id and job_id.group(1), "run": tmp / "runs" / "mn-lora",
             "seconds": time.time() - t0}
@@ -254,7 +260,7 @@ def test_token_missing_or_refused_is_one_line_exit_2(cluster, tmp_path):
 # --------------------------------------------------------------------------- the two-node training job
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(420)  # includes the fixture: the cluster, the job and its restarted worker group
 def test_submit_follow_trains_on_both_nodes(cluster, trained):
     out = trained["out"]
     assert trained["code"] == 0, out[-6000:]
@@ -266,6 +272,8 @@ def test_submit_follow_trains_on_both_nodes(cluster, trained):
     assert "storage preflight:" in out and "workers: rank 0 pid" in out
     assert re.search(r"\] 4/4  loss \d", out) and "checkpoint committed: step 2" in out
     assert "RTF_EVENT" not in out and "final train loss" in out and f"job {trained['job']} SUCCEEDED" in out
+    groups = re.findall(r"workers: rank 0 pid (\d+) node \S+, rank 1 pid (\d+)", out)
+    assert len(groups) == 2 and not set(groups[0]) & set(groups[1]), groups  # the worker group was restarted
 
     results = json.loads((trained["run"] / "final" / "final_results.json").read_text())
     assert results["steps"] == 4
@@ -318,6 +326,23 @@ def test_secret_value_appears_nowhere_but_the_workers(cluster, trained):
     sealed = list(Path(cluster.temp_dirs[1]).glob("session_*/runtime_resources/working_dir_files/*/rtf_secrets.sealed"))
     assert sealed, "the worker node received the sealed bundle"
     assert checked > 50
+
+
+@pytest.mark.timeout(120)
+def test_logs_show_each_worker_line_once_after_a_restart(cluster, trained):
+    """`rtf logs` of the job whose worker group restarted: every line a worker printed (HF's log of each
+    step, forwarded by Ray from the worker's node to the job's driver) appears once, not once per print
+    patch, node or worker group."""
+    assert trained["code"] == 0 and trained["job"], trained["out"][-3000:]
+    code, logs = cluster.rtf("logs", trained["job"], "--address", cluster.url)
+    assert code == 0, logs
+    assert len(re.findall(r"^workers: rank 0 pid", logs, re.M)) == 2, logs[-4000:]  # both groups' workers
+    printed = re.findall(r"^\(RayTrainWorker pid=\d+[^)]*\) \{'(?:loss|train_runtime)'.*$", logs, re.M)
+    assert len(printed) >= 5, logs[-4000:]  # steps 1-4 and the summary, from the second group at least
+    repeated = {line: n for line, n in Counter(printed).items() if n > 1}
+    assert not repeated, repeated
+    # and rank 0 printed them alone: one process per worker group (HF prints on each node's first process)
+    assert len({line.split(")", 1)[0] for line in printed}) <= 2, printed
 
 
 # --------------------------------------------------------------------------- detach, status, logs, jobs, stop

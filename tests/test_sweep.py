@@ -57,10 +57,16 @@ def all_cpus_free(ray, timeout=60.0) -> bool:
     return False
 
 
-def test_asha_sweep_stops_poor_trials_early_and_writes_results_and_best_spec(ray_local, tiny, tmp_path, capsys):
+def test_asha_sweep_stops_poor_trials_early_and_writes_results_and_best_spec(ray_local, tiny, tmp_path, capsys,
+                                                                             monkeypatch):
     """4 trials (lr × r grid), 2 at a time, 1 worker each. lr 1e-7 learns nothing in 2 steps, so its eval_loss
     at the first rung (step 2) is worse than every lr 5e-3 trial's; the grid runs the 5e-3 trials first, so
-    when a 1e-7 trial reaches step 2 ASHA has good values recorded there and stops it: deterministic."""
+    when a 1e-7 trial reaches step 2 ASHA has good values recorded there and stops it: deterministic.
+
+    The sweep is stopped with Ctrl-C (a real SIGINT, as in the test below) as soon as the first trial completes,
+    before any 1e-7 trial has reported, and resubmitted: the 1e-7 trials then run in the resumed sweep, whose
+    ASHA must still hold the rungs of the first run (Tune does not restore a scheduler's state; rtf refills it
+    from the results Tune recorded) to stop them at step 2 rather than let them run to the end."""
     train, evals, model_dir = tiny
     doc = spec_doc("sw", model_dir, train, evals, tmp_path / "runs",
                    training={"max_steps": 6, "eval_steps": 2, "save_steps": 2})
@@ -68,12 +74,43 @@ def test_asha_sweep_stops_poor_trials_early_and_writes_results_and_best_spec(ray
                    "search": "grid", "max_concurrent_trials": 2, "metric": "eval_loss",
                    "scheduler": {"type": "asha", "grace_period": 2, "reduction_factor": 2}}
     spec_path = write_spec(tmp_path / "sweep.yaml", doc)
+    said: list[str] = []
+    say = sweep_tune.SweepEvents.say
+    monkeypatch.setattr(sweep_tune.SweepEvents, "say", lambda self, m: (said.append(m), say(self, m)))
+    interrupted = []
+
+    def interrupt_at_first_completion():
+        deadline = time.time() + 400
+        while time.time() < deadline:
+            if any(" completed at step 6" in m for m in said):
+                interrupted.append(list(said))
+                os.kill(os.getpid(), signal.SIGINT)
+                return
+            time.sleep(0.1)
+
+    late = []
+    previous = signal.signal(signal.SIGINT, lambda *a: late.append(a))
+    watcher = threading.Thread(target=interrupt_at_first_completion, daemon=True)
+    watcher.start()
     t0 = time.time()
+    try:
+        code, out = submit([str(spec_path)], capsys)
+    finally:
+        watcher.join(timeout=5)
+        signal.signal(signal.SIGINT, previous)
+    assert interrupted and not late and code == 130, out
+    sweep = tmp_path / "runs" / "sw"
+    # no 1e-7 trial reached a rung before the stop: each is stopped (or not) by the resumed sweep's scheduler
+    for row in rows(sweep).values():
+        if float(row["training.learning_rate"]) == DEAD_LR:
+            assert (row["status"], row["steps"]) == ("unfinished", ""), row
+    assert all_cpus_free(ray_local), ray_local.available_resources()
+
     code, out = submit([str(spec_path)], capsys)
     assert code == 0, out
+    assert "continuing from" in out
     assert "Configuration for experiment" not in out and "tensorboard --logdir" not in out  # Tune's own output
     took = time.time() - t0
-    sweep = tmp_path / "runs" / "sw"
     res = rows(sweep)
 
     # a row per trial, named by the swept paths; the dead-lr trials were stopped by the scheduler at step 2
@@ -129,7 +166,7 @@ def test_asha_sweep_stops_poor_trials_early_and_writes_results_and_best_spec(ray
     assert ei.value.code == 0
     table = out[out.rindex("sweep sw: 4 trial(s)"):].splitlines()[:6]
     assert again.splitlines()[:6] == table
-    print(f"\n4-trial ASHA sweep took {took:.0f}s\n" + "\n".join(table))
+    print(f"\n4-trial ASHA sweep, interrupted and resumed, took {took:.0f}s\n" + "\n".join(table))
 
 
 def test_interrupted_sweep_continues_without_rerunning_finished_trials(ray_local, tiny, tmp_path, capsys,

@@ -15,7 +15,12 @@ from raytune_ft.rundir import RunDir
 from raytune_ft.spec.models import JobSpec
 from raytune_ft.train.config import WorkerConfig
 
-WORKER_ENV = {"TOKENIZERS_PARALLELISM": "false"}
+# RAY_TRAIN_ENABLE_PRINT_PATCH=0: Ray Train V2 replaces print() in its workers with a call to the root logger
+# (whose console handler writes the line) plus, whenever sys.stdout is not sys.__stdout__, the real print as
+# well; Ray itself reopens a worker's stdout for its log files, so that is always, and every print() of a
+# worker reached the job's log (`rtf logs`) twice. Without the patch a print goes to stdout once; logging
+# calls still go through Ray Train's handlers.
+WORKER_ENV = {"TOKENIZERS_PARALLELISM": "false", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
 
 
 @dataclass

@@ -9,7 +9,8 @@ The workers report each evaluation to Ray Train (``WorkerConfig.report_evals``);
 callback, forwards the reports that carry the sweep's metric to Tune as they happen, so ASHA can stop a
 poor trial at a rung (a training step) and hand its resources to the next one. Resubmitting the same
 spec restores the Tune experiment: finished trials are kept, unfinished ones resume from their latest
-committed checkpoint.
+committed checkpoint, and ASHA's rungs are refilled from the results Tune recorded (:class:`ResumableASHA`),
+so the resumed sweep stops poor trials as the uninterrupted one would.
 
 Imported only to run a sweep (it imports Ray Tune); the spec-time checks of ``tune.space`` are in
 :mod:`raytune_ft.spec.space`.
@@ -32,6 +33,7 @@ from ray.train.v2._internal.execution.callback import WorkerGroupCallback
 from ray.tune import ExperimentAnalysis
 from ray.tune.experiment import Trial
 from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.result import EXPR_RESULT_FILE
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search import BasicVariantGenerator
 from ray.util.placement_group import placement_group_table, remove_placement_group
@@ -297,6 +299,48 @@ def param_space(spec: JobSpec) -> dict[str, Any]:
     return out
 
 
+class ResumableASHA(ASHAScheduler):
+    """Ray Tune's ASHA, whose rungs survive a resubmission of the sweep.
+
+    The gap it fills: ``Tuner.restore`` (Ray 2.60) brings back the trials, the searcher and the callbacks,
+    but not the scheduler's state. ``TuneController.save_to_dir`` leaves ``_scheduler_alg`` out of the
+    experiment state, and the scheduler a restored Tuner runs with is the one pickled in ``tuner.pkl`` when
+    the Tuner was first built, its rungs still empty. The resumed sweep then compares its next trials with
+    nothing and runs every one to its end, however poor.
+
+    Tune hands every restored trial to ``on_trial_add`` (the finished ones too, and before any trial runs);
+    a trial that had reported then replays what Tune recorded of it, its lines in Tune's ``result.json``
+    (JSON, read from the sweep's storage: no pickle of ours), through ASHA's own ``on_trial_result``. That
+    refills each rung exactly as the first run did: a rung keeps a trial's first result at or past it,
+    whatever order the trials come in. (Pickling ASHA's state ourselves would mean reading a pickle back
+    from storage, which rtf never does; the recorded results are the same information as data.)
+    """
+
+    def on_trial_add(self, tune_controller: Any, trial: Trial) -> None:
+        super().on_trial_add(tune_controller, trial)
+        if trial.has_reported_at_least_once:  # restored from the experiment state; a new trial has not
+            for result in recorded_results(trial):
+                super().on_trial_result(tune_controller, trial, result)
+
+
+def recorded_results(trial: Trial) -> list[dict[str, Any]]:
+    """What Tune recorded of a trial, in order: its ``result.json`` lines in the sweep's storage (the last
+    result it kept in the experiment state when that file is missing or unreadable)."""
+    out: list[dict[str, Any]] = []
+    try:
+        data = st.read_bytes(trial.storage.storage_filesystem, f"{trial.path}/{EXPR_RESULT_FILE}")
+    except OSError:
+        data = None
+    for line in (data or b"").decode(errors="replace").splitlines():
+        try:
+            r = json.loads(line)
+        except ValueError:
+            continue  # a line cut short when the sweep was stopped
+        if isinstance(r, dict):
+            out.append(r)
+    return out or [dict(trial.last_result)]
+
+
 def scheduler(spec: JobSpec) -> Any:
     assert spec.tune is not None
     s = spec.tune.scheduler
@@ -304,7 +348,7 @@ def scheduler(spec: JobSpec) -> Any:
         return FIFOScheduler()
     # rungs at grace × rf^k steps below max_t; a trial that reaches max_t is never stopped for it
     # (stop_last_trials=False), so a trial finishing its last steps is never cut short while it saves
-    return ASHAScheduler(time_attr="step", grace_period=s.grace_period or report_interval(spec),
+    return ResumableASHA(time_attr="step", grace_period=s.grace_period or report_interval(spec),
                          reduction_factor=s.reduction_factor, max_t=spec.training.max_steps or 10**9,
                          stop_last_trials=False)
 

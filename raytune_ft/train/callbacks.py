@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 from transformers import TrainerCallback
+from transformers.trainer_callback import PrinterCallback
 
 from raytune_ft import checkpoints as ck
 from raytune_ft import rundir as rd
@@ -62,6 +63,16 @@ class StopAtMaxSteps(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         if state.max_steps and state.global_step >= state.max_steps:
             raise AtMaxSteps(f"resumed at step {state.global_step} of {state.max_steps}")
+
+
+class PrintOnRankZero(PrinterCallback):
+    """HF's log printer (``disable_tqdm``), on the world's rank 0 only. Gap in transformers' PrinterCallback:
+    it prints on every node's local process zero, and a cluster job's log gathers all nodes' workers, so each
+    logged step would appear once per node (the same values: HF averages the loss over ranks)."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero:
+            super().on_log(args, state, control, logs=logs, **kwargs)
 
 
 class RtfCallback(TrainerCallback):

@@ -32,7 +32,14 @@ from raytune_ft import storage as st
 from raytune_ft.rundir import RunDir
 from raytune_ft.spec import spec_hash, to_yaml
 from raytune_ft.spec.models import JobSpec
-from raytune_ft.train.callbacks import AtMaxSteps, RtfCallback, StopAtMaxSteps, barrier, gather
+from raytune_ft.train.callbacks import (
+    AtMaxSteps,
+    PrintOnRankZero,
+    RtfCallback,
+    StopAtMaxSteps,
+    barrier,
+    gather,
+)
 from raytune_ft.train.config import WorkerConfig
 from raytune_ft.train.env import apply_env, env_report
 from raytune_ft.train.modeling import apply_method, build_model, count_parameters, hf_token
@@ -207,7 +214,7 @@ def train_loop(config: WorkerConfig) -> None:
 def _run(spec: JobSpec, run: RunContext, work: str, publisher: Publisher, config: WorkerConfig) -> None:
     import ray
     import ray.train
-    from transformers import EarlyStoppingCallback, Trainer
+    from transformers import EarlyStoppingCallback, PrinterCallback, Trainer
 
     from raytune_ft.data.packing import PaddedCollator, collate_packed
     from raytune_ft.data.pipeline import build_datasets
@@ -274,6 +281,8 @@ def _run(spec: JobSpec, run: RunContext, work: str, publisher: Publisher, config
         collator = PaddedCollator(tokenizer.pad_token_id)
     trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds or None,
                       data_collator=collator, processing_class=tokenizer, callbacks=callbacks)
+    trainer.remove_callback(PrinterCallback)  # its lines once per job, not once per node
+    trainer.add_callback(PrintOnRankZero())
     info(f"setup took {time.time() - t0:.1f}s (data {t_data - t0:.1f}s, model {t_model - t_data:.1f}s)")
 
     # ---- train
