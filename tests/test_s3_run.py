@@ -61,6 +61,9 @@ def test_s3_run_survives_the_server_going_away(s3_server_own, tiny, model4, tmp_
     if code == 0:
         keys = {o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix="runs/s3run/final/")["Contents"]}
         assert "runs/s3run/final/adapter_model.safetensors" in keys
+        manifest = ck.read_manifest(fs, f"{run}/final")  # final/ committed like a checkpoint, every file hashed
+        assert {"runs/s3run/final/" + f["path"] for f in manifest.files} == keys - {"runs/s3run/final/" + ck.MANIFEST}
+        assert ck.verify(fs, f"{run}/final", manifest, deep=True) == []
         results = json.loads(s3.get_object(Bucket=bucket, Key="runs/s3run/final/final_results.json")["Body"].read())
         assert results["steps"] == 16
         metrics = s3.get_object(Bucket=bucket, Key="runs/s3run/metrics.jsonl")["Body"].read().decode()

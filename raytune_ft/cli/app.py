@@ -19,10 +19,10 @@ from typing import Optional
 import typer
 
 from raytune_ft.cli import checkpoints, data, jobs, render, sweep, tools
-from raytune_ft.cli.common import SetOpt, load, out
+from raytune_ft.cli.common import SetOpt, Typer, load, out
 from raytune_ft.errors import UserError
 
-app = typer.Typer(
+app = Typer(
     name="rtf",
     help="raytune_ft: fine-tune language models on Ray from one declarative job spec.",
     no_args_is_help=True,
@@ -64,7 +64,7 @@ def _root(
 
 @app.command()
 def validate(
-    specs: list[Path] = typer.Argument(..., help="Job spec YAML files."),
+    specs: list[Path] = typer.Argument(..., metavar="SPEC", help="Job spec YAML files."),
     overrides: Optional[list[str]] = SetOpt,
 ) -> None:
     """Check specs: schema, types, cross-field rules. Exit 2 with every problem listed if invalid."""
@@ -83,7 +83,7 @@ def validate(
 
 
 @app.command()
-def schema(output: Optional[Path] = typer.Option(None, "-o", "--output", help="Write to a file.")) -> None:
+def schema(output: Optional[Path] = typer.Option(None, "-o", "--output", metavar="PATH", help="Write to a file.")) -> None:
     """Print the JSON Schema of the job spec (for editors: yaml-language-server)."""
     from raytune_ft.spec import json_schema
 
@@ -152,9 +152,9 @@ def plan(
 def submit(
     spec_path: Path = typer.Argument(..., metavar="SPEC"),
     overrides: Optional[list[str]] = SetOpt,
-    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (else RAY_ADDRESS, cluster.address, or local)."),
+    address: Optional[str] = typer.Option(None, "--address", metavar="URL", help="Ray cluster address (else RAY_ADDRESS, cluster.address, or local)."),
     fresh: bool = typer.Option(False, "--fresh", help="Start over; the old run is kept aside, never deleted."),
-    resume_from: Optional[str] = typer.Option(None, "--resume-from", help="Resume from this checkpoint URI."),
+    resume_from: Optional[str] = typer.Option(None, "--resume-from", metavar="URI", help="Resume from this checkpoint URI."),
     follow: bool = typer.Option(True, "--follow/--no-follow",
                                 help="Cluster mode: stream progress until the job ends (Ctrl-C detaches)."),
 ) -> None:

@@ -324,7 +324,9 @@ def _run(spec: JobSpec, run: RunContext, work: str, publisher: Publisher, config
             json.dump(summary, f, indent=2)
         with open(os.path.join(final, rd.SPEC), "w") as f:
             f.write(to_yaml(spec))
-        st.upload_dir(final, run.dir.fs, run.dir.final_dir)
+        # committed like a checkpoint: every file's sha256 in a manifest written last, checked on pull and load
+        ck.commit_dir(final, run.dir.fs, run.dir.final_dir, step=trainer.state.global_step, epoch=trainer.state.epoch,
+                      spec_hash=summary["spec_hash"], metrics={k: summary[k] for k in ("train_loss", "eval_loss")})
         callback.sync_logs()
         publisher.push({"kind": "done", "summary": summary, "final": run.dir.final_uri})
     barrier()
