@@ -199,6 +199,13 @@ def train_loop(config: WorkerConfig) -> None:
     publisher = Publisher(config.progress_board if run.rank == 0 else None)
     try:
         _run(spec, run, work, publisher, config)
+    except Exception as e:
+        # say why this worker stops before Ray Train restarts the group (or gives up): the driver turns it into
+        # one line with the attempt count (a restart alone shows only the setup lines again)
+        text = str(e).strip()
+        Publisher(config.progress_board).push({"kind": "worker_failed", "rank": run.rank, "error": st.scrub(
+            (text.splitlines()[0] if text else type(e).__name__)[:500], spec.storage)})
+        raise
     finally:
         finish_trackers()  # W&B/MLflow runs ended (HF's callbacks leave W&B open)
         shutil.rmtree(work, ignore_errors=True)
