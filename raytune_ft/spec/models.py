@@ -74,6 +74,18 @@ class ModelSpec(Section):
     attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "flex_attention", "eager"] = "auto"
     trust_remote_code: bool = False
 
+    @field_validator("name_or_path")
+    @classmethod
+    def _plain(cls, v):
+        return base.plain_text(v, "a hub id or local path")
+
+    @field_validator("revision")
+    @classmethod
+    def _revision(cls, v):
+        if v is None:
+            return v
+        return base.check_shape(v, base.REVISION_RE, "a branch, tag or commit such as main, v1.0 or a commit hash")
+
     @model_validator(mode="after")
     def _one_source(self) -> ModelSpec:
         if (self.name_or_path is None) == (self.init is None):
@@ -91,6 +103,11 @@ class TokenizerTrain(Section):
 class TokenizerSpec(Section):
     name_or_path: str | None = Field(None, description="Defaults to the model's own tokenizer.")
     train: TokenizerTrain | None = Field(None, description="Train a BPE tokenizer on the training data.")
+
+    @field_validator("name_or_path")
+    @classmethod
+    def _plain(cls, v):
+        return base.plain_text(v, "a hub id or local path")
 
     @model_validator(mode="after")
     def _not_both(self) -> TokenizerSpec:
