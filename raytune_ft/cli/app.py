@@ -11,10 +11,11 @@ User errors (:class:`raytune_ft.errors.UserError`) print one message and exit wi
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 
@@ -178,9 +179,17 @@ app.add_typer(data.app, name="data")
 app.add_typer(sweep.app, name="sweep")
 
 
+@functools.cache
+def command() -> Any:
+    """The Click command behind ``app``, built once per process. ``app(...)`` rebuilds it on every call
+    (Typer introspects every command's signature: most of the time of an in-process `rtf validate`), which
+    only in-process callers (the tests, a notebook) pay more than once."""
+    return typer.main.get_command(app)
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     try:
-        app(args=argv, standalone_mode=True)
+        command()(args=argv, standalone_mode=True)
     except UserError as e:
         typer.echo(f"error: {e}", err=True)
         sys.exit(e.exit_code)
