@@ -63,6 +63,16 @@ def test_storage_failure_then_restart_then_last_attempt():
     ]
 
 
+def test_a_storage_cause_after_a_peers_consequence_is_said_too():
+    gloo = "RuntimeError: [gloo] Connection closed by peer [127.0.0.1]:4242"
+    local, _ = run_events(2, [WORKERS, {"kind": "worker_failed", "rank": 0, "error": gloo},
+                              {"kind": "worker_failed", "rank": 1, "error": STORAGE_ERR},
+                              {"kind": "worker_failed", "rank": 2, "error": STORAGE_ERR}])
+    lines = local.splitlines()[1:]
+    assert len(lines) == 2 and lines[0].startswith(f"a worker failed (attempt 1 of 3 failed: {gloo})")
+    assert lines[1].startswith("storage unreachable at s3://bkt/runs at http://127.0.0.1:9000 (attempt 1 of 3")
+
+
 def test_other_failures_and_no_driver_retry():
     local, _ = run_events(0, [WORKERS, {"kind": "worker_failed", "rank": 0, "error": "RuntimeError: CUDA error"}])
     assert local.splitlines()[-1] == ("a worker failed (attempt 1 of 1 failed: RuntimeError: CUDA error); "

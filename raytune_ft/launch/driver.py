@@ -334,7 +334,7 @@ class Attempts:
         self.spec, self.emit = spec, emit
         self.driver_retry = driver_retry  # after the last attempt, the driver waits for storage and runs again
         self.attempt = 0  # worker groups started in this fit()
-        self.reported: set[int] = set()
+        self.reported: set[tuple[int, bool]] = set()  # (attempt, said storage)
         n = spec.fault_tolerance.max_failures
         self.total: int | None = n + 1 if n >= 0 else None  # Ray Train's attempts: the first + max_failures
 
@@ -346,11 +346,13 @@ class Attempts:
                 e = {**e, "attempt": self.attempt, "attempts": self.total}
         elif kind == "worker_failed":
             k = max(self.attempt, 1)
-            if k in self.reported:
-                return  # one line per attempt, however many ranks fail
-            self.reported.add(k)
             error = str(e.get("error") or "")
             storage = classify_text(error) == "storage"
+            # one line per attempt, however many ranks fail; but a storage cause said after another rank's
+            # consequence (a collective broken by the failed peer) is said too: it is the one to act on
+            if (k, True) in self.reported or ((k, False) in self.reported and not storage):
+                return
+            self.reported.add((k, storage))
             last = self.total is not None and k >= self.total
             e = {"kind": "retry", "attempt": k, "attempts": self.total, "error": error,
                  "storage": st.describe(self.spec.storage) if storage else None,
