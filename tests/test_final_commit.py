@@ -100,3 +100,23 @@ def test_final_without_manifest(s3_run, tmp_path, capsys):
     code, out = run_cli(["checkpoints", "pull", f"{run}/final", str(tmp_path / "p")], capsys)
     assert code == 2 and len([x for x in out.splitlines() if x.strip()]) == 1
     assert f"has no {ck.MANIFEST}" in out and "refusing to pull unverified files" in out
+
+
+def test_pull_final_of_a_spec(tmp_path, capsys, monkeypatch):
+    """SPEC --final: the spec names storage and run (here a relative local storage.path, as users write it)."""
+    import pyarrow.fs as pafs
+    import yaml
+
+    from tests.specs import base_doc
+
+    local = tmp_path / "built"
+    for rel, data in FILES.items():
+        (local / rel).parent.mkdir(parents=True, exist_ok=True)
+        (local / rel).write_bytes(data)
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(base_doc(storage={"path": "runs"})))
+    ck.commit_dir(str(local), pafs.LocalFileSystem(), str(tmp_path / "runs" / "unit" / "final"), step=4,
+                  epoch=None, spec_hash=None)
+    monkeypatch.chdir(tmp_path)
+    code, out = run_cli(["checkpoints", "pull", "job.yaml", "out", "--final"], capsys)
+    assert code == 0 and "pulled final/ (step 4" in out, out
+    assert {rel: (tmp_path / "out" / rel).read_bytes() for rel in FILES} == FILES
