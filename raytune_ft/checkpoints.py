@@ -23,6 +23,9 @@ Pruning rule (:func:`prune`):
 
 A deletion removes the manifest first, so a half-deleted checkpoint reads as incomplete, never as
 committed.
+
+A run's ``final/`` is committed the same way (:func:`commit_dir`: same manifest, written last, its
+``step`` the run's last step) and pulled the same way (:func:`resolve` takes ``{run}/final``).
 """
 
 from __future__ import annotations
@@ -233,6 +236,26 @@ def write_manifest(
             )
     st.write_json(fs, st.fs_join(ckpt_path, MANIFEST), manifest.to_dict())
     return manifest
+
+
+def commit_dir(
+    local_dir: str,
+    fs: pyarrow.fs.FileSystem,
+    dest_path: str,
+    *,
+    step: int,
+    epoch: float | None,
+    spec_hash: str | None,
+    metrics: dict[str, Any] | None = None,
+) -> Manifest:
+    """Upload the local dir ``local_dir`` to ``dest_path`` and commit it (the run's ``final/``).
+
+    A manifest already at ``dest_path`` (an earlier attempt's) is deleted first, so an upload that
+    stops midway leaves a dir that reads as uncommitted, never old manifest over new files."""
+    files = file_digests(local_dir)
+    st.delete_file(fs, st.fs_join(dest_path, MANIFEST))
+    st.upload_dir(local_dir, fs, dest_path)
+    return write_manifest(fs, dest_path, step=step, epoch=epoch, files=files, spec_hash=spec_hash, metrics=metrics)
 
 
 def read_manifest(fs: pyarrow.fs.FileSystem, ckpt_path: str) -> Manifest | None:
@@ -478,9 +501,18 @@ def prune(
 # Pulling
 
 
+def is_final(path: str) -> bool:
+    """``path`` names a run's ``final/`` dir."""
+    return posixpath.basename(path.rstrip("/")) == rd.FINAL
+
+
 def resolve(fs: pyarrow.fs.FileSystem, path: str, step: int | None = None) -> str:
-    """``path`` if it is a checkpoint dir; for a run dir, its checkpoint at ``step``, else its
-    latest committed one."""
+    """``path`` if it is a checkpoint dir or a run's ``final/``; for a run dir, its checkpoint at
+    ``step``, else its latest committed one."""
+    if is_final(path):
+        if step is not None:
+            raise UserError(f"--step picks a checkpoint of a run; {path} is the run's {rd.FINAL}/")
+        return path.rstrip("/")
     if parse_step(path) is not None:
         if step is not None and parse_step(path) != step:
             raise UserError(f"{path} is step {parse_step(path)}, not {step}")
@@ -507,6 +539,11 @@ def download(fs: pyarrow.fs.FileSystem, ckpt_path: str, dest: str) -> Manifest:
     to ``dest`` only when all are good, so ``dest`` never holds a partial checkpoint.
     """
     manifest = read_manifest(fs, ckpt_path)
+    if manifest is None and is_final(ckpt_path):
+        raise StorageError(
+            f"{ckpt_path} has no {MANIFEST}: its upload did not finish, or an rtf older than final/ manifests "
+            "wrote it; refusing to pull unverified files (rtf generate/eval/merge still read it, with a note)"
+        )
     if manifest is None:
         raise StorageError(f"{ckpt_path} is not committed (no {MANIFEST}); refusing to pull an incomplete checkpoint")
     problems = verify(fs, ckpt_path, manifest)
@@ -531,8 +568,9 @@ def download(fs: pyarrow.fs.FileSystem, ckpt_path: str, dest: str) -> Manifest:
                     out.write(chunk)
             if size != f["size"] or h.hexdigest() != f["sha256"]:
                 raise StorageError(
-                    f"{f['path']} in {ckpt_path} changed while pulling: "
-                    f"{size} bytes (manifest {f['size']}), sha256 {'ok' if h.hexdigest() == f['sha256'] else 'differs'}"
+                    f"{f['path']} in {ckpt_path} does not match its manifest ({size} bytes, manifest {f['size']}; "
+                    f"sha256 {'ok' if h.hexdigest() == f['sha256'] else 'differs'}): the stored file was changed "
+                    "or damaged (or changed while pulling); refusing it"
                 )
         st.write_json(_local_fs(), os.path.join(tmp, MANIFEST), manifest.to_dict())
         if os.path.isdir(dest):

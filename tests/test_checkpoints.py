@@ -285,7 +285,7 @@ def test_download_leaves_nothing_when_bytes_differ(run, tmp_path):
     data = st.read_bytes(fs, target)
     overwrite(fs, target, data[:-1] + bytes([data[-1] ^ 1]))  # same size, other bytes
     dest = tmp_path / "out" / "ckpt"
-    with pytest.raises(StorageError, match="changed while pulling"):
+    with pytest.raises(StorageError, match="does not match its manifest"):
         ck.download(fs, path, str(dest))
     assert not dest.exists() and os.listdir(tmp_path / "out") == []  # no partial dir left
 

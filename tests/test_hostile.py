@@ -12,9 +12,11 @@ import pytest
 import yaml
 
 from raytune_ft.cli import main
+from raytune_ft.spec.base import CONTROL_RE, UNSAFE_TEXT_RE
 from raytune_ft.spec.loader import shown_override
 
-# Payloads that break out of a shell quote, a YAML scalar, a JSON string or a Kubernetes name.
+# Payloads that break out of a shell quote, a YAML scalar, a JSON string or a Kubernetes name, or that change how
+# a line reads (control characters, a terminal escape, an invisible line separator, a bidi override).
 INJECTIONS = [
     "x'; curl http://127.0.0.1:9/p | sh #",
     'x"; rm -rf / #',
@@ -26,6 +28,11 @@ INJECTIONS = [
     "x && reboot",
     "{{7*7}}",
     "a|b",
+    "x;id",
+    "x\r",
+    "\x1b[2Jx",
+    "a\u2028b",
+    "a\u202eb",
 ]
 
 # dotted path -> how the payload is placed (a scalar field, a list item or a mapping key/value)
@@ -40,6 +47,7 @@ FIELDS = {
     "cluster.kubernetes.secret_name": "scalar",
     "cluster.kubernetes.head_cpu": "scalar",
     "cluster.kubernetes.head_memory": "scalar",
+    "cluster.kubernetes.worker_cpu": "scalar",
     "cluster.kubernetes.worker_memory": "scalar",
     "cluster.kubernetes.ray_version": "scalar",
     "cluster.kubernetes.node_selector": "value",
@@ -47,10 +55,19 @@ FIELDS = {
     "cluster.runpod.gpu_type": "scalar",
     "storage.endpoint_url": "scalar",
     "storage.access_key_env": "scalar",
+    "storage.secret_key_env": "scalar",
+    "storage.session_token_env": "scalar",
+    "storage.region": "scalar",
     "storage.path": "scalar",
+    "model.name_or_path": "scalar",
+    "model.revision": "scalar",
+    "tokenizer.name_or_path": "scalar",
+    "monitoring.experiment": "scalar",
     "env": "key",
     "env ": "value",
 }
+# free text where only control and invisible characters are refused: an S3 key, a hub id or local path
+FREE_TEXT = {"storage.path", "model.name_or_path", "tokenizer.name_or_path"}
 
 
 def base(tmp_path) -> dict:
@@ -85,9 +102,9 @@ def place(doc: dict, field: str, how: str, payload: str) -> None:
 
 def cases():
     for (field, how), payload in itertools.product(FIELDS.items(), INJECTIONS):
-        if field.strip() == "storage.path" and "\n" not in payload and "\x00" not in payload:
-            continue  # any other character is a valid S3 key; a control character is not
-        if field.strip() == "env" and how == "value" and not any(c in payload for c in "\n\x00"):
+        if field.strip() in FREE_TEXT and not UNSAFE_TEXT_RE.search(payload):
+            continue  # any other character is a valid S3 key or path; a control or invisible one is not
+        if field.strip() == "env" and how == "value" and not CONTROL_RE.search(payload):
             continue  # literal env values are free text, passed as data (never pasted into a script)
         yield field, how, payload
 
@@ -109,7 +126,7 @@ def run_cli(argv, capsys):
 
 
 def test_enough_cases():
-    assert len(CASES) * len(COMMANDS) >= 300
+    assert len(CASES) + len(FILES) >= 300  # each through every command in COMMANDS
 
 
 @pytest.mark.parametrize("field,how,payload", CASES, ids=[f"{f.strip()}-{h}-{i}" for i, (f, h, _) in enumerate(CASES)])
@@ -135,19 +152,67 @@ def test_injection_is_refused_everywhere(tmp_path, capsys, field, how, payload):
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # no run dir, no marker, no manifest
 
 
-@pytest.mark.parametrize("text,expect", [
-    ("".join(f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9) if i else '1, 2, 3, 4, 5, 6, 7, 8, 9'}]\n"
-             for i in range(10)) + "name: x\n", "expands to more than 100,000 values"),
-    ("model: " + "[" * 500 + "]" * 500 + "\n", "nested more than 64 levels deep"),
-    ("name: " + "x" * (50 << 20) + "\n", "a job spec is at most 1,048,576"),
-], ids=["alias-bomb", "deep", "50MB"])
-@pytest.mark.timeout(60)
-def test_hostile_files_are_refused_by_caps(tmp_path, capsys, text, expect):
+def _bomb(fan: int, levels: int) -> str:
+    """YAML aliases repeating aliases: ``fan ** levels`` values from a few hundred bytes."""
+    return "".join(f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * fan) if i else ', '.join(['1'] * fan)}]\n"
+                   for i in range(levels)) + "name: x\n"
+
+
+def _spec_text(tmp_path, *, replace: tuple[str, str] | None = None, extra: str = "") -> str:
+    """A valid spec's YAML with one hostile piece: a line replaced, or text appended."""
+    text = yaml.safe_dump(base(tmp_path), sort_keys=False)
+    if replace:
+        assert replace[0] in text
+        text = text.replace(replace[0], replace[1], 1)
+    return text + extra
+
+
+# Hostile files (size, aliases, depth, control characters and tags in the YAML itself): (id, builder, expect).
+FILES = [
+    *[(f"alias-{f}x{n}", lambda t, f=f, n=n: _bomb(f, n), "expands to more than 100,000 values")
+      for f, n in ((9, 10), (2, 40), (100, 4), (1000, 2))],
+    ("alias-in-spec", lambda t: _spec_text(t, extra="x: &a [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]\n" + "".join(
+        f"x{i}: &a{i} [{', '.join(['*a' if i == 0 else f'*a{i - 1}'] * 10)}]\n" for i in range(6))),
+     "expands to more than 100,000 values"),
+    *[(f"list-{d}", lambda t, d=d: "model: " + "[" * d + "]" * d + "\n", "nested more than 64 levels deep")
+      for d in (65, 500, 5000)],
+    *[(f"map-{d}", lambda t, d=d: "model: " + "{a: " * d + "1" + "}" * d + "\n", "nested more than 64 levels deep")
+      for d in (65, 500, 5000)],
+    ("block-70", lambda t: "".join("  " * i + f"k{i}:\n" for i in range(70)) + "  " * 70 + "v\n",
+     "nested more than 64 levels deep"),
+    ("size-1MiB+1", lambda t: "name: " + "x" * (1 << 20) + "\n", "a job spec is at most 1,048,576"),
+    ("size-50MB", lambda t: "name: " + "x" * (50 << 20) + "\n", "a job spec is at most 1,048,576"),
+    ("many-keys", lambda t: "".join(f"k{i}: v\n" for i in range(200_000)), "a job spec is at most 1,048,576"),
+    ("bad-utf8", lambda t: b"name: \xff\xfe\n", "not UTF-8 text"),
+    *[(f"char-{c:02x}", lambda t, c=c: _spec_text(t, replace=("name: hostile", f"name: a{chr(c)}b")),
+       f"not valid YAML: unacceptable character #x{c:04x}") for c in (0x00, 0x07, 0x1b, 0x7f)],
+    ("python-apply", lambda t: _spec_text(t, replace=("name: hostile", "name: !!python/object/apply:os.system ['id']")),
+     "name: must be text (got a list)"),  # the tag is never honoured: a plain list, refused by the field
+    ("python-name", lambda t: _spec_text(t, replace=("name: hostile", "name: !!python/name:os.system")),
+     "not valid YAML: could not determine a constructor for the tag"),
+    ("two-docs", lambda t: _spec_text(t, extra="---\nname: other\n"), "not valid YAML: expected a single document"),
+    ("not-mapping", lambda t: "- a\n- b\n", "a job spec must be a YAML mapping"),
+]
+
+
+@pytest.mark.parametrize("build,expect", [(b, e) for _, b, e in FILES], ids=[i for i, _, _ in FILES])
+@pytest.mark.timeout(120)
+def test_hostile_files_are_refused_by_caps(tmp_path, capsys, build, expect):
+    content = build(tmp_path)
     spec = tmp_path / "bomb.yaml"
-    spec.write_text(text)
-    code, out = run_cli(["validate", str(spec)], capsys)
-    assert code == 2 and expect in out and "Traceback" not in out
-    assert len([x for x in out.splitlines() if x.strip()]) == 1
+    spec.write_bytes(content if isinstance(content, bytes) else content.encode("utf-8"))
+    before = sorted(p.name for p in tmp_path.iterdir())
+    for cmd, argv in COMMANDS.items():
+        out_path = tmp_path / f"out-{cmd}"
+        t0 = time.perf_counter()
+        code, out = run_cli(argv(str(spec), str(out_path)), capsys)
+        took = time.perf_counter() - t0
+        assert code == 2 and "Traceback" not in out, (cmd, out[:2000])
+        lines = [x for x in out.splitlines() if x.strip()]
+        assert len(lines) == 1 and lines[0].startswith("error: ") and expect in lines[0], (cmd, out[:2000])
+        assert not out_path.exists(), (cmd, "wrote output for a refused spec")
+        assert took < 30, (cmd, took)  # a hang guard: each is a refusal in milliseconds
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
 
 
 def test_credentials_and_tokens_are_refused_and_never_echoed(tmp_path, capsys):

@@ -13,7 +13,7 @@ from raytune_ft.data.split import split_indices
 from raytune_ft.errors import UserError
 from raytune_ft.tools.evaluate import evaluate, render
 from tests import test_tools_support as support
-from tests.test_tools_support import EVAL_ROWS, TRAIN_ROWS, copy_run, lora_doc, write_spec
+from tests.test_tools_support import EVAL_ROWS, TRAIN_ROWS, copy_run, lora_doc, recommit_final, write_spec
 
 workspace = support.workspace  # fixtures shared by the tool tests
 _tools_cache = support._tools_cache
@@ -104,6 +104,7 @@ def test_no_eval_data(workspace, tmp_path):
     doc = lora_doc("r", str(workspace.base_dir), str(tmp_path), "t.jsonl", "e.jsonl")
     del doc["data"]["eval"]
     write_spec(run / "final" / "rtf_spec.yaml", doc)
+    recommit_final(run)
     with pytest.raises(UserError, match="has no eval data") as e:
         evaluate(str(run))
     assert "--data FILE" in str(e.value)
@@ -117,6 +118,7 @@ def test_qlora_base_is_loaded_quantized_as_in_training(workspace, tmp_path):
     write_spec(run / "rtf_spec.yaml", lora_doc("q", str(workspace.base_dir), str(tmp_path), str(workspace.train_path),
                                               str(workspace.eval_path), method="qlora"))
     (run / "final" / "rtf_spec.yaml").unlink()
+    recommit_final(run)
     src = resolve_source(str(run))
     assert src.method == "qlora" and src.quantized_base
     loaded = load_model(src)

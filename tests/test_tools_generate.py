@@ -11,7 +11,7 @@ from raytune_ft.data.formats import encode_prompt, format_prompt
 from raytune_ft.errors import UserError
 from raytune_ft.tools.generate import generate, read_prompts, render
 from tests import test_tools_support as support
-from tests.test_tools_support import copy_run, lora_doc, write_spec
+from tests.test_tools_support import copy_run, lora_doc, recommit_final, write_spec
 
 workspace = support.workspace  # fixtures shared by the tool tests
 _tools_cache = support._tools_cache
@@ -72,6 +72,7 @@ def test_chat_format_uses_the_chat_template(workspace, manual, tmp_path):
     run = copy_run(workspace.lora_run, tmp_path / "chat-run")
     write_spec(run / "rtf_spec.yaml", lora_doc("chat-run", str(workspace.base_dir), str(tmp_path), "t.jsonl", "e.jsonl", fmt="chat"))
     (run / "final" / "rtf_spec.yaml").unlink()
+    recommit_final(run)
     out = generate(str(run), ["Say hello."], max_new_tokens=N, temperature=0)
     assert out[0]["formatted_prompt"] == format_prompt("chat", tok, instruction="Say hello.")
     assert out[0]["formatted_prompt"].endswith("<|assistant|>\n")
@@ -111,6 +112,7 @@ def test_trust_remote_code_comes_only_from_the_command_line(workspace, tmp_path,
         doc = yaml.safe_load(spec_file.read_text())
         doc["model"]["trust_remote_code"] = True
         spec_file.write_text(yaml.safe_dump(doc))
+    recommit_final(run)
     for cmd in (["generate", str(run), "--prompt", "Say hello.", "--max-new-tokens", "2"],
                 ["merge", str(run), str(tmp_path / "merged")],
                 ["eval", str(run), "--data", str(workspace.eval_path)]):

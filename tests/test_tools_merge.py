@@ -11,7 +11,7 @@ from raytune_ft.errors import UserError
 from raytune_ft.tools.merge import merge
 from raytune_ft.tools.source import resolve_source
 from tests import test_tools_support as support
-from tests.test_tools_support import copy_run, lora_doc, write_spec
+from tests.test_tools_support import copy_run, lora_doc, recommit_final, write_spec
 
 workspace = support.workspace  # fixtures shared by the tool tests
 _tools_cache = support._tools_cache
@@ -65,6 +65,7 @@ def test_qlora_merges_into_the_unquantized_base(workspace, tmp_path):
     run = copy_run(workspace.lora_run, tmp_path / "qlora-run")
     write_spec(run / "rtf_spec.yaml", lora_doc("qlora-run", str(workspace.base_dir), str(tmp_path), "t.jsonl", "e.jsonl", method="qlora"))
     (run / "final" / "rtf_spec.yaml").unlink()
+    recommit_final(run)
     out = tmp_path / "merged"
     result = merge(str(run), str(out))
     assert result["dequantized"] is True

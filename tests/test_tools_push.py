@@ -32,7 +32,8 @@ def test_dry_run_lists_final_card_and_plot_and_prints_the_card(workspace, capsys
     assert code == 0, out
     assert SENTINEL not in out
     final = workspace.lora_run / "final"
-    expected = {p.relative_to(final).as_posix() for p in final.rglob("*") if p.is_file()} | {"README.md", "loss.png"}
+    expected = {p.relative_to(final).as_posix() for p in final.rglob("*")
+                if p.is_file() and p.name != "rtf_checkpoint.json"} | {"README.md", "loss.png"}  # rtf's manifest stays
     assert {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "final_results.json",
             "rtf_spec.yaml"} <= expected
     listed = {line.split()[0] for line in out.split("--- README.md ---")[0].splitlines()[1:] if line.strip()}

@@ -9,7 +9,7 @@ import pytest
 from raytune_ft.errors import UserError
 from raytune_ft.tools.source import resolve_source
 from tests import test_tools_support as support
-from tests.test_tools_support import copy_run
+from tests.test_tools_support import copy_run, recommit_final
 
 workspace = support.workspace  # fixtures shared by the tool tests
 _tools_cache = support._tools_cache
@@ -84,6 +84,7 @@ def test_adapter_base_missing_falls_back_to_spec_model(workspace, tmp_path):
     run = copy_run(workspace.lora_run, tmp_path / "lora-run")
     cfg = run / "final" / "adapter_config.json"
     cfg.write_text(cfg.read_text().replace(str(workspace.base_dir), "/nowhere/base"))
+    recommit_final(run)
     src = resolve_source(str(run))
     assert src.base_model == str(workspace.base_dir)
     assert any("/nowhere/base is not on this machine" in n for n in src.notes)

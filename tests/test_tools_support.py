@@ -143,12 +143,22 @@ def save_checkpoint(run_dir: Path, step: int, model, tok, *, commit: bool = True
     return d
 
 
+def commit_final(final: Path, step: int, spec_hash: str | None) -> None:
+    """final/'s manifest, as the recipe writes it (ck.commit_dir's manifest, here on a local dir)."""
+    import pyarrow.fs as pafs
+
+    from raytune_ft import checkpoints as ck
+
+    ck.write_manifest(pafs.LocalFileSystem(), str(final), step=step, epoch=1.0, files=ck.file_digests(str(final)),
+                      spec_hash=spec_hash, metrics={"train_loss": 2.25})
+
+
 @dataclass
 class Workspace:
     root: Path
     base_dir: Path  # tiny Llama base + tokenizer
     storage: Path  # {storage.path}
-    lora_run: Path  # LoRA run: final/ adapter, checkpoint-00000005 (committed), checkpoint-00000010 (no manifest)
+    lora_run: Path  # LoRA run: final/ adapter (with its manifest), checkpoint-00000005 (committed), checkpoint-00000010 (no manifest)
     lora_spec_path: Path  # a user's spec whose storage.path/name is lora_run
     full_run: Path  # from-scratch full fine-tune (model.init): final/ holds the whole model
     sweep: Path  # trial-0 (finished) and trial-1 (running)
@@ -187,6 +197,7 @@ def build_workspace(root: Path) -> Workspace:
         {"train_loss": 2.25, "eval_loss": 2.5, "steps": 10, "tokens": 1234, "runtime_s": 3.0, "tokens_per_s": 411.3}))
     from raytune_ft.spec import spec_hash
 
+    commit_final(final, 10, spec_hash(spec))
     save_checkpoint(lora_run, 5, model, tok, spec_hash=spec_hash(spec))
     save_checkpoint(lora_run, 10, model, tok, commit=False)
     (lora_run / "metrics.jsonl").write_text(metrics_lines() + '{"step": 11, "loss": 1.0')  # half-written last line
@@ -206,6 +217,7 @@ def build_workspace(root: Path) -> Workspace:
     full.save_pretrained(str(full_run / "final"))
     tok.save_pretrained(str(full_run / "final"))
     (full_run / "final" / "final_results.json").write_text(json.dumps({"train_loss": 3.0, "eval_loss": 3.5, "steps": 4}))
+    commit_final(full_run / "final", 4, None)
     (full_run / "metrics.jsonl").write_text(metrics_lines(4, 2))
 
     # --- a sweep: trial-0 finished, trial-1 with only a committed checkpoint
@@ -247,3 +259,9 @@ def _tools_cache(tmp_path, monkeypatch):
 def copy_run(src: Path, dest: Path) -> Path:
     shutil.copytree(src, dest)
     return dest
+
+
+def recommit_final(run: Path) -> None:
+    """A test changed files in a copied run's final/: commit them again (else the manifest check refuses it)."""
+    (run / "final" / "rtf_checkpoint.json").unlink()
+    commit_final(run / "final", 10, None)

@@ -46,6 +46,16 @@ def test_lora_run_end_to_end(ray_local, tiny, tmp_path, capsys):
     results = json.loads((final / "final_results.json").read_text())
     assert results["steps"] == 6 and results["eval_loss"] is not None and results["tokens"] > 0
     assert load_spec(final / "rtf_spec.yaml").name == "lora-e2e"
+    # final/ is committed like a checkpoint: its manifest (written last) lists every file with its sha256
+    import pyarrow.fs as pafs
+
+    from raytune_ft import checkpoints as ck
+
+    manifest = ck.read_manifest(pafs.LocalFileSystem(), str(final))
+    assert manifest is not None and manifest.step == 6
+    assert [f["path"] for f in manifest.files] == sorted(
+        p.relative_to(final).as_posix() for p in final.rglob("*") if p.is_file() and p.name != ck.MANIFEST)
+    assert ck.verify(pafs.LocalFileSystem(), str(final), manifest, deep=True) == []
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 

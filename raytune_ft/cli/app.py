@@ -11,18 +11,19 @@ User errors (:class:`raytune_ft.errors.UserError`) print one message and exit wi
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 
 from raytune_ft.cli import checkpoints, data, jobs, render, sweep, tools
-from raytune_ft.cli.common import SetOpt, load, out
+from raytune_ft.cli.common import SetOpt, Typer, load, out
 from raytune_ft.errors import UserError
 
-app = typer.Typer(
+app = Typer(
     name="rtf",
     help="raytune_ft: fine-tune language models on Ray from one declarative job spec.",
     no_args_is_help=True,
@@ -64,7 +65,7 @@ def _root(
 
 @app.command()
 def validate(
-    specs: list[Path] = typer.Argument(..., help="Job spec YAML files."),
+    specs: list[Path] = typer.Argument(..., metavar="SPEC", help="Job spec YAML files."),
     overrides: Optional[list[str]] = SetOpt,
 ) -> None:
     """Check specs: schema, types, cross-field rules. Exit 2 with every problem listed if invalid."""
@@ -83,7 +84,7 @@ def validate(
 
 
 @app.command()
-def schema(output: Optional[Path] = typer.Option(None, "-o", "--output", help="Write to a file.")) -> None:
+def schema(output: Optional[Path] = typer.Option(None, "-o", "--output", metavar="PATH", help="Write to a file.")) -> None:
     """Print the JSON Schema of the job spec (for editors: yaml-language-server)."""
     from raytune_ft.spec import json_schema
 
@@ -152,9 +153,9 @@ def plan(
 def submit(
     spec_path: Path = typer.Argument(..., metavar="SPEC"),
     overrides: Optional[list[str]] = SetOpt,
-    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (else RAY_ADDRESS, cluster.address, or local)."),
+    address: Optional[str] = typer.Option(None, "--address", metavar="URL", help="Ray cluster address (else RAY_ADDRESS, cluster.address, or local)."),
     fresh: bool = typer.Option(False, "--fresh", help="Start over; the old run is kept aside, never deleted."),
-    resume_from: Optional[str] = typer.Option(None, "--resume-from", help="Resume from this checkpoint URI."),
+    resume_from: Optional[str] = typer.Option(None, "--resume-from", metavar="URI", help="Resume from this checkpoint URI."),
     follow: bool = typer.Option(True, "--follow/--no-follow",
                                 help="Cluster mode: stream progress until the job ends (Ctrl-C detaches)."),
     allow_plain_http: bool = typer.Option(
@@ -183,9 +184,17 @@ app.add_typer(data.app, name="data")
 app.add_typer(sweep.app, name="sweep")
 
 
+@functools.cache
+def command() -> Any:
+    """The Click command behind ``app``, built once per process. ``app(...)`` rebuilds it on every call
+    (Typer introspects every command's signature: most of the time of an in-process `rtf validate`), which
+    only in-process callers (the tests, a notebook) pay more than once."""
+    return typer.main.get_command(app)
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     try:
-        app(args=argv, standalone_mode=True)
+        command()(args=argv, standalone_mode=True)
     except UserError as e:
         typer.echo(f"error: {e}", err=True)
         sys.exit(e.exit_code)

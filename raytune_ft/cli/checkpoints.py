@@ -15,16 +15,18 @@ from typing import Any
 import typer
 
 from raytune_ft import checkpoints as ck
+from raytune_ft import rundir as rd
 from raytune_ft import storage as st
+from raytune_ft.cli.common import EndpointOpt, Typer
 from raytune_ft.errors import UserError
 
-app = typer.Typer(
+app = Typer(
     help="List, pull and prune the checkpoints of a run (local dir or s3://bucket/prefix/run).",
     no_args_is_help=True,
 )
 
-_ENDPOINT = typer.Option(None, "--endpoint-url", help="S3-compatible endpoint (else $AWS_ENDPOINT_URL).")
-_REGION = typer.Option(None, "--region", help="S3 region (else $AWS_REGION, else us-east-1).")
+_ENDPOINT = EndpointOpt
+_REGION = typer.Option(None, "--region", metavar="REGION", help="S3 region (else $AWS_REGION, else us-east-1).")
 
 KEY_METRICS = ("loss", "eval_loss", "train_loss", "learning_rate", "grad_norm")
 
@@ -75,8 +77,8 @@ def _key_metrics(metrics: dict[str, Any], metric: str | None, limit: int = 3) ->
 @app.command("list")
 def list_cmd(
     uri: str = typer.Argument(..., metavar="SPEC|RUN|URI", help="A job spec, or a run dir: local path or s3://bucket/prefix/run."),
-    metric: str | None = typer.Option(None, "--metric", help="Mark the best committed checkpoint by this metric."),
-    mode: str = typer.Option("min", "--mode", help="min or max, for --metric."),
+    metric: str | None = typer.Option(None, "--metric", metavar="NAME", help="Mark the best committed checkpoint by this metric."),
+    mode: str = typer.Option("min", "--mode", metavar="min|max", help="min or max, for --metric."),
     deep: bool = typer.Option(False, "--deep", help="Re-hash every file (reads all bytes)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
     endpoint_url: str | None = _ENDPOINT,
@@ -128,29 +130,37 @@ def list_cmd(
 
 @app.command("pull")
 def pull_cmd(
-    uri: str = typer.Argument(..., help="A checkpoint dir, or a run dir (then its latest committed checkpoint)."),
-    dest: str = typer.Argument(..., help="Local directory to create (must not exist or be empty)."),
-    step: int | None = typer.Option(None, "--step", help="Pull this step of the run instead of the latest."),
+    uri: str = typer.Argument(..., metavar="SPEC|RUN|URI",
+                              help="A job spec, a run dir (its latest committed checkpoint), a checkpoint dir, "
+                              "or a run's final/ (local or s3://)."),
+    dest: str = typer.Argument(..., metavar="DEST", help="Local directory to create (must not exist or be empty)."),
+    step: int | None = typer.Option(None, "--step", metavar="N", help="Pull this step of the run instead of the latest."),
+    final: bool = typer.Option(False, "--final", help="Pull the run's final/ (the trained model) instead of a checkpoint."),
     endpoint_url: str | None = _ENDPOINT,
     region: str | None = _REGION,
 ) -> None:
-    """Download a committed checkpoint into DEST (sizes and sha256 checked)."""
+    """Download a committed checkpoint, or the run's final/, into DEST (sizes and sha256 checked)."""
     cfg, fs, path = _open(uri, endpoint_url, region)
+    if final and not ck.is_final(path):
+        if step is not None:
+            raise UserError("--final and --step exclude each other: final/ is the run's end, not a step")
+        path = st.fs_join(path, rd.FINAL)
     with st.storage_errors(cfg, "read"):
         ckpt = ck.resolve(fs, path, step)
         manifest = ck.download(fs, ckpt, dest)
+    what = f"{rd.FINAL}/" if ck.is_final(ckpt) else ck.checkpoint_dir_name(manifest.step)
     typer.echo(
-        f"pulled {ck.checkpoint_dir_name(manifest.step)} (step {manifest.step}, {len(manifest.files)} files, "
+        f"pulled {what} (step {manifest.step}, {len(manifest.files)} files, "
         f"{human_size(manifest.total_size)}) to {st.local_path(dest)}"
     )
 
 
 @app.command("prune")
 def prune_cmd(
-    uri: str = typer.Argument(..., help="Run dir: local path or s3://bucket/prefix/run."),
-    keep: int = typer.Option(..., "--keep", help="Committed checkpoints to keep (>= 2)."),
-    metric: str | None = typer.Option(None, "--metric", help="Also keep the best checkpoint by this metric."),
-    mode: str = typer.Option("min", "--mode", help="min or max, for --metric."),
+    uri: str = typer.Argument(..., metavar="SPEC|RUN|URI", help="A job spec, or a run dir: local path or s3://bucket/prefix/run."),
+    keep: int = typer.Option(..., "--keep", metavar="N", help="Committed checkpoints to keep (>= 2)."),
+    metric: str | None = typer.Option(None, "--metric", metavar="NAME", help="Also keep the best checkpoint by this metric."),
+    mode: str = typer.Option("min", "--mode", metavar="min|max", help="min or max, for --metric."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Only say what would be deleted."),
     endpoint_url: str | None = _ENDPOINT,
     region: str | None = _REGION,

@@ -7,17 +7,17 @@ from typing import Optional
 
 import typer
 
-from raytune_ft.cli.common import SetOpt, load, out
+from raytune_ft.cli.common import SetOpt, Typer, load, out
 
-app = typer.Typer(help="Prepare and inspect training data.", no_args_is_help=True)
+app = Typer(help="Prepare and inspect training data.", no_args_is_help=True)
 
 
 @app.command("split")
 def data_split(
     input_path: Path = typer.Argument(..., metavar="INPUT", help="A JSONL/JSON/CSV/parquet file."),
-    eval_fraction: float = typer.Option(..., "--eval-fraction", help="Share of rows for eval, in (0, 1)."),
-    seed: int = typer.Option(0, "--seed"),
-    out_dir: Optional[Path] = typer.Option(None, "--out-dir", help="Default: next to INPUT."),
+    eval_fraction: float = typer.Option(..., "--eval-fraction", metavar="FRACTION", help="Share of rows for eval, in (0, 1)."),
+    seed: int = typer.Option(0, "--seed", metavar="N", help="Shuffle seed: the same seed gives the same split."),
+    out_dir: Optional[Path] = typer.Option(None, "--out-dir", metavar="DIR", help="Default: next to INPUT."),
 ) -> None:
     """Split a data file into train and eval files, deterministically for a seed."""
     from raytune_ft.data.split import split_file
@@ -28,9 +28,9 @@ def data_split(
 
 @app.command("preview")
 def data_preview(
-    spec_path: Path = typer.Argument(..., metavar="SPEC"),
+    spec_path: Path = typer.Argument(..., metavar="SPEC", help="The job spec whose data to show."),
     overrides: Optional[list[str]] = SetOpt,
-    n: int = typer.Option(3, "-n", help="Examples to show."),
+    n: int = typer.Option(3, "-n", metavar="N", help="Examples to show."),
 ) -> None:
     """Show tokenized examples with the loss mask visible, and data statistics."""
     from raytune_ft.data.preview import preview_data

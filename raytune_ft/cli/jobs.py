@@ -7,16 +7,16 @@ from typing import Optional
 
 import typer
 
-from raytune_ft.cli.common import out
+from raytune_ft.cli.common import Typer, out
 
-app = typer.Typer()
+app = Typer()
 
-AddressOpt = typer.Option(None, "--address", help="Ray dashboard URL, http://HEAD:8265 (else $RAY_ADDRESS).")
+AddressOpt = typer.Option(None, "--address", metavar="URL", help="Ray dashboard URL, http://HEAD:8265 (else $RAY_ADDRESS).")
 
 
 @app.command()
 def status(
-    job: str = typer.Argument(..., help="A job id (rtf-NAME-...) or a run name (its newest job)."),
+    job: str = typer.Argument(..., metavar="JOB|RUN", help="A job id (rtf-NAME-...) or a run name (its newest job)."),
     address: Optional[str] = AddressOpt,
     as_json: bool = typer.Option(False, "--json", help="Print as JSON."),
 ) -> None:
@@ -29,7 +29,7 @@ def status(
 
 @app.command()
 def logs(
-    job: str = typer.Argument(..., help="A job id or a run name (its newest job)."),
+    job: str = typer.Argument(..., metavar="JOB|RUN", help="A job id or a run name (its newest job)."),
     follow: bool = typer.Option(False, "--follow", "-f", help="Stream live with the progress bar; Ctrl-C detaches."),
     address: Optional[str] = AddressOpt,
 ) -> None:
@@ -44,7 +44,7 @@ def logs(
 
 @app.command()
 def stop(
-    job: str = typer.Argument(..., help="A job id or a run name (its newest job)."),
+    job: str = typer.Argument(..., metavar="JOB|RUN", help="A job id or a run name (its newest job)."),
     address: Optional[str] = AddressOpt,
 ) -> None:
     """Stop a job on a Ray cluster. Its committed checkpoints stay; resubmitting the spec resumes."""
@@ -59,7 +59,7 @@ def stop(
 def jobs(
     address: Optional[str] = AddressOpt,
     as_json: bool = typer.Option(False, "--json", help="Print as JSON."),
-    limit: int = typer.Option(20, "--limit", "-n", help="Newest N jobs."),
+    limit: int = typer.Option(20, "--limit", "-n", metavar="N", help="Newest N jobs."),
 ) -> None:
     """List jobs on a Ray cluster: id, run, status, start time, step/total."""
     from raytune_ft.launch import ray_jobs

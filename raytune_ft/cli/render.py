@@ -8,10 +8,10 @@ from typing import Optional
 
 import typer
 
-from raytune_ft.cli.common import SetOpt, load, out
+from raytune_ft.cli.common import SetOpt, Typer, load, out
 from raytune_ft.errors import UserError
 
-app = typer.Typer(help="Render deployment files from a spec (KubeRay, RunPod).", no_args_is_help=True)
+app = Typer(help="Render deployment files from a spec (KubeRay, RunPod).", no_args_is_help=True)
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -26,7 +26,7 @@ def render_k8s(
     spec_path: Path = typer.Argument(..., metavar="SPEC"),
     overrides: Optional[list[str]] = SetOpt,
     cluster_only: bool = typer.Option(False, "--cluster-only", help="A RayCluster instead of a RayJob."),
-    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Write to FILE instead of stdout."),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", metavar="PATH", help="Write to FILE instead of stdout."),
 ) -> None:
     """Render a KubeRay RayJob (ConfigMap with the spec + RayJob), or a RayCluster."""
     from raytune_ft.launch.k8s import render_k8s as render
@@ -46,7 +46,7 @@ def render_k8s(
 def render_runpod(
     spec_path: Path = typer.Argument(..., metavar="SPEC"),
     overrides: Optional[list[str]] = SetOpt,
-    output: Path = typer.Option(Path("runpod"), "-o", "--output", help="Directory for the files."),
+    output: Path = typer.Option(Path("runpod"), "-o", "--output", metavar="DIR", help="Directory for the files."),
 ) -> None:
     """Render RunPod pod settings, the cluster description and the bootstrap every pod runs."""
     from raytune_ft.launch.runpod import render_runpod as render

@@ -7,18 +7,18 @@ from typing import Optional
 
 import typer
 
-from raytune_ft.cli.common import out
+from raytune_ft.cli.common import EndpointOpt, Typer, out
 from raytune_ft.rundir import BEST_YAML, RESULTS_CSV
 
-app = typer.Typer(help="Inspect sweeps (Ray Tune).", no_args_is_help=True)
+app = Typer(help="Inspect sweeps (Ray Tune).", no_args_is_help=True)
 
 
 @app.command("results")
 def sweep_results(
     target: str = typer.Argument(..., metavar="NAME|URI", help="Sweep name (under --storage), its dir, an s3:// URI, or its spec."),
-    storage: str = typer.Option("./rtf_runs", "--storage", help="Where a bare NAME is looked up."),
-    endpoint_url: Optional[str] = typer.Option(None, "--endpoint-url", help="S3-compatible endpoint (else $AWS_ENDPOINT_URL)."),
-    best_out: Optional[Path] = typer.Option(None, "--best-out", help=f"Also copy the winner's spec ({BEST_YAML}) here."),
+    storage: str = typer.Option("./rtf_runs", "--storage", metavar="PATH", help="Where a bare NAME is looked up."),
+    endpoint_url: Optional[str] = EndpointOpt,
+    best_out: Optional[Path] = typer.Option(None, "--best-out", metavar="PATH", help=f"Also copy the winner's spec ({BEST_YAML}) here."),
 ) -> None:
     """Show a sweep's results table again (from its results.csv), and where its best.yaml is."""
     from raytune_ft.sweep.results import load_results, read_best, render_table

@@ -10,6 +10,7 @@ import json
 import typer
 
 from raytune_ft import rundir as rd
+from raytune_ft.cli.common import EndpointOpt, Typer
 
 COMMANDS = ("generate", "merge", "eval", "plot", "runs", "push")
 TrustOpt = typer.Option(False, "--trust-remote-code", help="Run the model's own Python code (custom "
@@ -26,14 +27,14 @@ def _source(source: str, trust: bool):
 
 def generate_cmd(
     source: str = typer.Argument(..., metavar="SOURCE", help="Job spec, run dir, checkpoint, model/adapter dir, or s3:// URI."),
-    prompt: list[str] | None = typer.Option(None, "--prompt", "-p", help="A prompt (repeatable)."),
+    prompt: list[str] | None = typer.Option(None, "--prompt", "-p", metavar="TEXT", help="A prompt (repeatable)."),
     file: str | None = typer.Option(None, "--file", "-f", metavar="PROMPTS", help="Prompts: one per line, or .jsonl/.json."),
-    max_new_tokens: int = typer.Option(128, "--max-new-tokens", min=1, help="Tokens to generate at most."),
-    temperature: float = typer.Option(0.7, "--temperature", min=0.0, help="0 = greedy decoding."),
-    top_p: float = typer.Option(0.9, "--top-p", help="Nucleus sampling mass (with temperature > 0)."),
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens", min=1, metavar="N", help="Tokens to generate at most."),
+    temperature: float = typer.Option(0.7, "--temperature", min=0.0, metavar="T", help="0 = greedy decoding."),
+    top_p: float = typer.Option(0.9, "--top-p", metavar="P", help="Nucleus sampling mass (with temperature > 0)."),
     compare_base: bool = typer.Option(False, "--compare-base", help="Also show the base model's completions."),
-    seed: int = typer.Option(0, "--seed", help="Sampling seed (per prompt)."),
-    data_format: str | None = typer.Option(None, "--format", help="alpaca|chat|text (default: the run's format)."),
+    seed: int = typer.Option(0, "--seed", metavar="N", help="Sampling seed (per prompt)."),
+    data_format: str | None = typer.Option(None, "--format", metavar="alpaca|chat|text", help="Prompt format (default: the run's)."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
     trust: bool = TrustOpt,
 ) -> None:
@@ -60,7 +61,7 @@ def generate_cmd(
 def merge_cmd(
     source: str = typer.Argument(..., metavar="SOURCE", help="A LoRA/QLoRA run, checkpoint or adapter dir."),
     out_dir: str = typer.Argument(..., metavar="OUT_DIR", help="Where to write the merged model (local or s3://)."),
-    dtype: str = typer.Option("float32", "--dtype", help="float32|bfloat16|float16: dtype of the merged weights."),
+    dtype: str = typer.Option("float32", "--dtype", metavar="float32|bfloat16|float16", help="Dtype of the merged weights."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty OUT_DIR."),
     trust: bool = TrustOpt,
 ) -> None:
@@ -75,10 +76,10 @@ def merge_cmd(
 def eval_cmd(
     source: str = typer.Argument(..., metavar="SOURCE", help="Job spec, run dir, checkpoint, model/adapter dir, or s3:// URI."),
     data: str | None = typer.Option(None, "--data", metavar="FILE", help="Evaluate on this file instead of the run's eval data."),
-    batch_size: int = typer.Option(8, "--batch-size", min=1),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, metavar="N", help="Examples per forward pass."),
     include_base: bool = typer.Option(False, "--include-base", help="Also evaluate the base model."),
-    out: str | None = typer.Option(None, "--out", help="Where to write eval_results.json (default: next to the model)."),
-    data_format: str | None = typer.Option(None, "--format", help="alpaca|chat|text for --data (default: the run's)."),
+    out: str | None = typer.Option(None, "--out", metavar="PATH", help="Where to write eval_results.json (default: next to the model)."),
+    data_format: str | None = typer.Option(None, "--format", metavar="alpaca|chat|text", help="Format of --data (default: the run's)."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
     trust: bool = TrustOpt,
 ) -> None:
@@ -91,7 +92,7 @@ def eval_cmd(
 
 def plot_cmd(
     source: str = typer.Argument(..., metavar="SOURCE", help=f"Job spec, run dir, sweep dir, {rd.METRICS}, or s3:// URI."),
-    out: str = typer.Option("loss.png", "--out", "-o", help="PNG file to write."),
+    out: str = typer.Option("loss.png", "--out", "-o", metavar="PATH", help="PNG file to write."),
     log_scale: bool = typer.Option(False, "--log", help="Log scale for the loss axis."),
 ) -> None:
     """Plot train loss, eval loss and learning rate against step (a sweep: one line per trial)."""
@@ -106,7 +107,7 @@ def plot_cmd(
 
 def runs_cmd(
     storage: str = typer.Argument("./rtf_runs", metavar="STORAGE", help="A storage path: local dir or s3://bucket/prefix."),
-    endpoint_url: str | None = typer.Option(None, "--endpoint-url", help="S3-compatible endpoint (else $AWS_ENDPOINT_URL)."),
+    endpoint_url: str | None = EndpointOpt,
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
     """List the runs under a storage path: status, steps, losses, where the outputs are."""
@@ -131,7 +132,7 @@ def push_cmd(
     typer.echo(json.dumps(result, indent=2) if as_json else render(result))
 
 
-app = typer.Typer()
+app = Typer()
 app.command("generate")(generate_cmd)
 app.command("merge")(merge_cmd)
 app.command("eval")(eval_cmd)

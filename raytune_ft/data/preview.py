@@ -69,8 +69,7 @@ def _summary(examples: Sequence[Mapping[str, Sequence[int]]]) -> list[str]:
 def preview_data(spec: Any, n: int = 3) -> str:
     """`rtf data preview SPEC`: tokenize the spec's data as a run would and render ``n`` examples and
     the statistics. A spec that trains its tokenizer gets one trained here the same way."""
-    from transformers import AutoTokenizer
-
+    from raytune_ft.data.hub_tokenizer import load_tokenizer
     from raytune_ft.data.pipeline import build_datasets, training_texts
     from raytune_ft.data.tokenizer import train_tokenizer
 
@@ -80,7 +79,8 @@ def preview_data(spec: Any, n: int = 3) -> str:
         where = f"BPE trained on the training data ({len(tok)} tokens)"
     else:
         src = spec.tokenizer.name_or_path or spec.model.name_or_path
-        tok = AutoTokenizer.from_pretrained(src, trust_remote_code=spec.model.trust_remote_code)
+        field = "tokenizer.name_or_path" if spec.tokenizer.name_or_path else "model.name_or_path"
+        tok = load_tokenizer(src, field=field, trust_remote_code=spec.model.trust_remote_code)
         where = src
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token

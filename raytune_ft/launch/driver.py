@@ -224,7 +224,11 @@ def classify_failure(exc: BaseException) -> str:
     chain = _chain(exc)
     if any(isinstance(e, UserError) for e in chain):
         return "user"
-    text = " ".join(str(e) for e in chain)
+    return classify_text(" ".join(str(e) for e in chain))
+
+
+def classify_text(text: str) -> str:
+    """``storage`` when an error's text says the object store could not be reached, else ``training``."""
     if any(m in text for m in STORAGE_MARKERS):
         return "storage"
     return "training"
@@ -289,7 +293,8 @@ def run(spec: JobSpec, *, fresh: bool = False, resume_from: str | None = None,
     while True:
         attempt += 1
         # a retry resumes from the run's own latest committed checkpoint, not from --resume-from
-        outcome, summary = _fit_once(spec, worker if attempt == 1 else replace(worker, resume_from=None), emit)
+        outcome, summary = _fit_once(spec, worker if attempt == 1 else replace(worker, resume_from=None), emit,
+                                     driver_retry=retries_left("storage", attempt, spec.fault_tolerance.max_failures))
         if "error" not in outcome:
             return RunResult(True, run_dir.uri, summary)
         err = outcome["error"]
@@ -302,9 +307,10 @@ def run(spec: JobSpec, *, fresh: bool = False, resume_from: str | None = None,
         if kind == "storage":
             where = st.describe(spec.storage)
             if retries_left(kind, attempt, spec.fault_tolerance.max_failures):
-                emit({"kind": "info", "message": f"storage unreachable during training ({where}): {first}; "
-                      f"waiting up to {STORAGE_WAIT_S:.0f}s for it (retry {attempt} of "
-                      f"{spec.fault_tolerance.max_failures if spec.fault_tolerance.max_failures >= 0 else 'unlimited'})"})
+                n = spec.fault_tolerance.max_failures
+                emit({"kind": "info", "message": f"storage unreachable during training at {where}: {first}; the "
+                      f"driver waits up to {STORAGE_WAIT_S:.0f}s for it to answer, then starts the run again from the "
+                      f"last committed checkpoint (driver retry {attempt} of {n if n >= 0 else 'unlimited'})"})
                 if wait_for_storage(spec.storage, STORAGE_WAIT_S):
                     emit({"kind": "info", "message": "storage is back: resuming from the last committed checkpoint"})
                     continue
@@ -314,7 +320,49 @@ def run(spec: JobSpec, *, fresh: bool = False, resume_from: str | None = None,
         return RunResult(False, run_dir.uri, summary, error=f"{type(err).__name__}: {st.scrub(str(err), spec.storage)}")
 
 
-def _fit_once(spec: JobSpec, worker: WorkerConfig, emit: EventHandler) -> tuple[dict[str, Any], dict[str, Any]]:
+class Attempts:
+    """Counts Ray Train's attempts within one ``fit()`` and says what happens between them.
+
+    Ray Train restarts a failed worker group by itself (``FailureConfig(max_failures)``); without this a
+    restart shows only the setup lines again. Each group's rank 0 announces itself (a ``workers`` event:
+    attempt k), a failing worker says why (``worker_failed``, from the recipe); the first failure of each
+    attempt becomes one ``retry`` event: what failed (storage unreachable at its endpoint, or the error),
+    attempt k of N, and what comes next (Ray Train restarts the workers from the last committed
+    checkpoint, or, with no restarts left, the driver's own wait for storage)."""
+
+    def __init__(self, spec: JobSpec, emit: EventHandler, *, driver_retry: bool = False) -> None:
+        self.spec, self.emit = spec, emit
+        self.driver_retry = driver_retry  # after the last attempt, the driver waits for storage and runs again
+        self.attempt = 0  # worker groups started in this fit()
+        self.reported: set[tuple[int, bool]] = set()  # (attempt, said storage)
+        n = spec.fault_tolerance.max_failures
+        self.total: int | None = n + 1 if n >= 0 else None  # Ray Train's attempts: the first + max_failures
+
+    def handle(self, e: dict[str, Any]) -> None:
+        kind = e.get("kind")
+        if kind == "workers":
+            self.attempt += 1
+            if self.attempt > 1:
+                e = {**e, "attempt": self.attempt, "attempts": self.total}
+        elif kind == "worker_failed":
+            k = max(self.attempt, 1)
+            error = str(e.get("error") or "")
+            storage = classify_text(error) == "storage"
+            # one line per attempt, however many ranks fail; but a storage cause said after another rank's
+            # consequence (a collective broken by the failed peer) is said too: it is the one to act on
+            if (k, True) in self.reported or ((k, False) in self.reported and not storage):
+                return
+            self.reported.add((k, storage))
+            last = self.total is not None and k >= self.total
+            e = {"kind": "retry", "attempt": k, "attempts": self.total, "error": error,
+                 "storage": st.describe(self.spec.storage) if storage else None,
+                 "next": ("driver_wait" if storage and self.driver_retry else "fail") if last else "restart",
+                 "wait_s": STORAGE_WAIT_S}
+        self.emit(e)
+
+
+def _fit_once(spec: JobSpec, worker: WorkerConfig, emit: EventHandler, *,
+              driver_retry: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
     """One TorchTrainer.fit(), with the progress board polled while it runs."""
     import ray
 
@@ -333,6 +381,7 @@ def _fit_once(spec: JobSpec, worker: WorkerConfig, emit: EventHandler) -> tuple[
     thread.start()
     seen = 0
     summary: dict[str, Any] = {}
+    attempts = Attempts(spec, emit, driver_retry=driver_retry)
     try:
         while True:
             alive = thread.is_alive()
@@ -344,7 +393,7 @@ def _fit_once(spec: JobSpec, worker: WorkerConfig, emit: EventHandler) -> tuple[
             for e in events:
                 if e.get("kind") == "done":
                     summary = e.get("summary") or {}
-                emit(e)
+                attempts.handle(e)
             if not alive:
                 break
             time.sleep(0.5)

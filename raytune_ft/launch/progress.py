@@ -1,7 +1,7 @@
 """Live progress, the driver's side: the board actor that collects the events rank 0 (or a sweep's Tune
 callback) publishes (:mod:`raytune_ft.train.progress`), and their rendering: a live bar on a TTY, one line per
 event elsewhere, and the summary at the end. Events are plain dicts:
-``{"kind": "log"|"eval"|"checkpoint"|"info"|"done", "step": …, "max_steps": …, "loss": …, …}``.
+``{"kind": "log"|"eval"|"checkpoint"|"info"|"workers"|"retry"|"done", "step": …, "max_steps": …, "loss": …, …}``.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from raytune_ft import storage as st
 from raytune_ft.rundir import FINAL
 from raytune_ft.train.progress import EVENT_PREFIX, NAMESPACE, board_name
 
-__all__ = ["EVENT_PREFIX", "NAMESPACE", "Renderer", "board_name", "fmt_duration", "make_board_class",
-           "print_summary", "relay"]
+__all__ = ["EVENT_PREFIX", "NAMESPACE", "Renderer", "attempt_of", "board_name", "fmt_duration", "make_board_class",
+           "print_summary", "relay", "retry_message"]
 
 def make_board_class():
     import ray
@@ -86,6 +86,28 @@ def fmt_duration(seconds: float | None) -> str:
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
+def attempt_of(e: dict[str, Any]) -> str:
+    total = e.get("attempts")
+    return f"attempt {e.get('attempt')} of {total if total else 'unlimited'}"
+
+
+def retry_message(e: dict[str, Any]) -> str:
+    """One line for a ``retry`` event (the driver's :class:`~raytune_ft.launch.driver.Attempts`): what failed,
+    the attempt count, and what the run waits for next."""
+    what = f"storage unreachable at {e['storage']}" if e.get("storage") else "a worker failed"
+    head = f"{what} ({attempt_of(e)} failed: {e.get('error') or '?'})"
+    nxt = e.get("next")
+    if nxt == "restart":
+        tail = ("Ray Train restarts the workers; they resume from the last committed checkpoint"
+                + (" once storage answers" if e.get("storage") else ""))
+    elif nxt == "driver_wait":
+        tail = (f"no restarts left: the driver waits up to {float(e.get('wait_s') or 0):.0f}s for storage to "
+                "answer, then starts the run again from the last committed checkpoint")
+    else:
+        tail = "no restarts left (fault_tolerance.max_failures)"
+    return f"{head}; {tail}"
+
+
 class Renderer:
     """Turns events into a live progress bar on a TTY, or one line per event elsewhere."""
 
@@ -123,7 +145,10 @@ class Renderer:
         else:
             msg = e.get("message") or ""
             if kind == "workers":
-                msg = e.get("message") or ""
+                if e.get("attempt", 1) > 1:  # Ray Train restarted the worker group: the setup lines follow again
+                    msg = f"workers restarted ({attempt_of(e)}): " + msg.removeprefix("workers: ")
+            elif kind == "retry":
+                msg = retry_message(e)
             elif kind == "eval":
                 msg = f"eval at step {e.get('step')}: eval_loss {e.get('eval_loss', float('nan')):.4f}" + (
                     f", perplexity {e['perplexity']:.2f}" if e.get("perplexity") else "")

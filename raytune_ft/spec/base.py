@@ -53,6 +53,11 @@ def check_hub_source(path: str, config: str | None, split: str | None, revision:
     for name, v in (("config", config), ("split", split), ("revision", revision)):
         if v is not None and not HUB_REF_RE.fullmatch(v):
             raise ValueError(f"{name} must be letters, digits and ._/- (got {v!r})")
+# control characters and the invisible ones that change how text reads (zero-width, line/paragraph separators,
+# bidi overrides, BOM): never in a name, a path, a hub id or a revision
+UNSAFE_TEXT_RE = re.compile("[\x00-\x1f\x7f\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff]")
+REVISION_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,127}")  # a branch, tag or commit: main, v1.0, refs/pr/1
+REGION_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")  # us-east-1, auto (R2), default (Ceph)
 
 
 def importable(module: str) -> bool:
@@ -66,6 +71,13 @@ def check_shape(value: str, pattern: re.Pattern[str], what: str) -> str:
     """``value`` must match ``pattern`` whole; the message says what shape was expected."""
     if not isinstance(value, str) or not pattern.fullmatch(value):
         raise ValueError(f"must be {what} (got {value!r})")
+    return value
+
+
+def plain_text(value: str | None, what: str) -> str | None:
+    """``value`` without control or invisible characters (see :data:`UNSAFE_TEXT_RE`)."""
+    if value is not None and UNSAFE_TEXT_RE.search(value):
+        raise ValueError(f"{what} holds a control or invisible character (got {value!r})")
     return value
 
 

@@ -71,6 +71,20 @@ def _construct(node: yaml.Node, fname: str, loc: Loc, lines: dict, problems: lis
     return SafeConstructor().construct_object(node, deep=True)
 
 
+def _yaml_error(e: yaml.YAMLError, fname: str, text: str) -> str:
+    """One line for a YAML error: ``file:line: not valid YAML: what`` (PyYAML's own text spans lines: the
+    context, then 'in "<unicode string>", line N, column M'; a reader error has a position, not a mark)."""
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    line = mark.line + 1 if mark is not None else None
+    if isinstance(e, yaml.reader.ReaderError):  # a forbidden character (NUL, BEL, ...) at a character offset
+        line = text.count("\n", 0, e.position) + 1
+        what = f"unacceptable character #x{e.character:04x}" if isinstance(e.character, int) else str(e.reason)
+    else:
+        what = " ".join(x for x in (getattr(e, "context", None), getattr(e, "problem", None)) if x) or str(e)
+    what = " ".join(str(what).split())  # one line, whatever the parser put in it
+    return f"{fname}{f':{line}' if line else ''}: not valid YAML: {what}"
+
+
 # A job spec is a few kilobytes. These caps make hostile files (an alias bomb, a 50 MB string, 500-deep
 # nesting) a one-line refusal in milliseconds instead of minutes of CPU, gigabytes or a RecursionError.
 MAX_SPEC_BYTES = 1 << 20
@@ -134,9 +148,7 @@ def read_yaml(path: Path) -> tuple[dict, dict[Loc, tuple[str, int]]]:
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"{fname}:{mark.line + 1}" if mark else fname
-        raise UserError(f"{where}: not valid YAML: {getattr(e, 'problem', None) or e}")
+        raise UserError(_yaml_error(e, fname, text)) from None
     if node is None:
         raise SpecError([f"{fname}: the file is empty; a job spec is a YAML mapping"])
     lines: dict[Loc, tuple[str, int]] = {}
@@ -144,7 +156,7 @@ def read_yaml(path: Path) -> tuple[dict, dict[Loc, tuple[str, int]]]:
     try:
         data = _construct(node, fname, (), lines, problems)
     except yaml.YAMLError as e:
-        raise UserError(f"{fname}: not valid YAML: {e}")
+        raise UserError(_yaml_error(e, fname, text)) from None
     if problems:
         raise SpecError(problems)
     if not isinstance(data, dict):

@@ -18,6 +18,7 @@ from raytune_ft.spec.base import (  # noqa: F401  (re-exported: the spec's names
     CONTROL_RE,
     ENV_NAME_RE,
     NAME_RE,
+    REVISION_RE,
     SECRETISH,
     TOKEN_VALUE_RE,
     Section,
@@ -25,6 +26,7 @@ from raytune_ft.spec.base import (  # noqa: F401  (re-exported: the spec's names
     check_shape,
     looks_like_token,
     no_userinfo,
+    plain_text,
     section_rule,
 )
 from raytune_ft.spec.systems import (  # noqa: F401
@@ -74,6 +76,18 @@ class ModelSpec(Section):
     attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "flex_attention", "eager"] = "auto"
     trust_remote_code: bool = False
 
+    @field_validator("name_or_path")
+    @classmethod
+    def _plain(cls, v):
+        return plain_text(v, "a hub id or local path")
+
+    @field_validator("revision")
+    @classmethod
+    def _revision(cls, v):
+        if v is None:
+            return v
+        return check_shape(v, REVISION_RE, "a branch, tag or commit such as main, v1.0 or a commit hash")
+
     @section_rule
     def _one_source(self) -> None:
         if (self.name_or_path is None) == (self.init is None):
@@ -90,6 +104,11 @@ class TokenizerTrain(Section):
 class TokenizerSpec(Section):
     name_or_path: str | None = Field(None, description="Defaults to the model's own tokenizer.")
     train: TokenizerTrain | None = Field(None, description="Train a BPE tokenizer on the training data.")
+
+    @field_validator("name_or_path")
+    @classmethod
+    def _plain(cls, v):
+        return plain_text(v, "a hub id or local path")
 
     @section_rule
     def _not_both(self) -> None:

@@ -20,10 +20,12 @@ from raytune_ft.spec.base import (
     K8S_NAME_RE,
     K8S_QUANTITY_RE,
     PIP_REQ_RE,
+    REGION_RE,
     VERSION_RE,
     Section,
     check_shape,
     no_userinfo,
+    plain_text,
     section_rule,
 )
 
@@ -203,9 +205,18 @@ class StorageSpec(Section):
             raise ValueError(f"must be an http:// or https:// URL (got {v!r})")
         return v
 
+    @field_validator("region")
+    @classmethod
+    def _region(cls, v):
+        if v is None:
+            return v
+        # it signs every request and, on AWS, names the host the requests go to
+        return check_shape(v, REGION_RE, "a region name such as us-east-1 (letters, digits, '-' and '_')")
+
     @field_validator("path")
     @classmethod
     def _path(cls, v: str) -> str:
+        plain_text(v, "a storage path")  # it becomes every run's prefix, job id part and shown location
         if "://" in v and not v.startswith("s3://"):
             raise ValueError(f"must be a local directory or an s3://bucket/prefix URI (got {v!r})")
         if v.startswith("s3://") and not re.fullmatch(r"s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[^\x00-\x1f\x7f]*)?", v):

@@ -23,7 +23,7 @@ from raytune_ft.errors import UserError
 TOKEN_ENV = "HF_TOKEN"
 REPO_ID_RE = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}")
 CARD, PLOT = "README.md", "loss.png"
-_SKIP = (".rtf_source.json",)  # rtf's own cache marker, not part of the artifact
+_SKIP = (".rtf_source.json", rd.MANIFEST)  # rtf's own cache marker and final/'s manifest, not part of the artifact
 
 
 def push(source: str, repo_id: str, *, private: bool = False, dry_run: bool = False,

@@ -4,7 +4,8 @@ SOURCE may be:
 
 * a job spec YAML: its run dir ``{storage.path}/{name}`` (relative storage paths are relative to the
   current directory, as for ``rtf submit``), then as a run dir;
-* a run dir: its ``final/``, or, when there is no usable ``final/``, its latest *committed* checkpoint
+* a run dir: its ``final/`` (checked against its manifest when it has one; an older run's final/ without
+  one is read with a note), or, when there is no usable ``final/``, its latest *committed* checkpoint
   (one with a manifest whose files are all there), said in :attr:`Source.notes`;
 * a checkpoint dir ``checkpoint-<step>``: refused when it belongs to a run and is not committed;
 * a plain model dir (``config.json``) or adapter dir (``adapter_config.json``);
@@ -255,10 +256,13 @@ def _resolve_on(fs, root: str, origin: str, storage: Any, spec, spec_path: str |
             "a model dir (config.json + weights) or an adapter dir (adapter_config.json)",
         )
 
+    verified = step is not None and run_dir is not None  # a committed checkpoint (checked above)
+    if run_dir is not None and ck.is_final(model_dir):
+        verified = _check_final(fs, model_dir, _uri(storage, fs, model_dir), notes)
     remote = None
     if st.is_s3(storage.path):
         remote = _uri(storage, fs, model_dir)
-        local_dir = _materialize(fs, model_dir, remote, committed_checkpoint=step is not None and run_dir is not None)
+        local_dir = _materialize(fs, model_dir, remote, verified=verified)
     else:
         local_dir = model_dir
 
@@ -286,6 +290,30 @@ def _resolve_on(fs, root: str, origin: str, storage: Any, spec, spec_path: str |
     )
     _fill_details(src, fs, storage)
     return src
+
+
+def _check_final(fs, final: str, uri: str, notes: list[str]) -> bool:
+    """A run's final/ against its manifest (written last by the recipe, as for a checkpoint): True when it
+    has one and every listed file is there with its size (from s3 each file's sha256 is then checked while
+    it downloads); UserError when a file is missing or of another size. A final/ without a manifest (an
+    older rtf wrote it, or its upload stopped) is still read, with a one-line note: refusing it would lock
+    out every run trained before final/ manifests, and a missing manifest is no more suspicious than a
+    rewritten one (the manifest guards against damage and partial uploads; who can write the bucket can
+    rewrite both)."""
+    from raytune_ft import checkpoints as ck
+
+    manifest = ck.read_manifest(fs, final)
+    if manifest is None:
+        notes.append(f"{uri} has no {rd.MANIFEST} (an older rtf wrote it, or its upload stopped): its files are not verified")
+        return False
+    problems = ck.verify(fs, final, manifest)
+    if problems:
+        raise UserError(
+            f"{uri} does not match its manifest: " + "; ".join(problems[:3]) + (" ..." if len(problems) > 3 else ""),
+            hint="the upload of final/ was interrupted or the files were changed in storage; "
+            "a committed checkpoint of the run can be loaded instead (rtf checkpoints list)",
+        )
+    return True
 
 
 def _fetch_spec(fs, d: str, storage: Any) -> str | None:
@@ -402,8 +430,9 @@ def _tokenizer_dir(src: Source, files: set[str], fs, storage: Any) -> str | None
 # s3: copy into the local cache
 
 
-def _materialize(fs, path: str, uri: str, *, committed_checkpoint: bool) -> str:
-    """A local copy of the remote dir ``path``, reused while its listing (names and sizes) is unchanged."""
+def _materialize(fs, path: str, uri: str, *, verified: bool) -> str:
+    """A local copy of the remote dir ``path``, reused while its listing (names and sizes) is unchanged.
+    ``verified``: ``path`` has a manifest; only its files are copied, each checked by size and sha256."""
     from raytune_ft import checkpoints as ck
 
     listing = {k: v.size for k, v in st.list_files(fs, path).items()}
@@ -420,7 +449,7 @@ def _materialize(fs, path: str, uri: str, *, committed_checkpoint: bool) -> str:
     os.makedirs(parent, exist_ok=True)
     tmp = os.path.join(parent, f".partial-{uuid.uuid4().hex[:8]}")
     try:
-        if committed_checkpoint:
+        if verified:
             ck.download(fs, path, tmp)  # only the manifest's files, each checked by size and sha256
         else:
             st.download_dir(fs, path, tmp)

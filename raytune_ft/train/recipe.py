@@ -206,6 +206,13 @@ def train_loop(config: WorkerConfig) -> None:
     publisher = Publisher(config.progress_board if run.rank == 0 else None)
     try:
         _run(spec, run, work, publisher, config)
+    except Exception as e:
+        # say why this worker stops before Ray Train restarts the group (or gives up): the driver turns it into
+        # one line with the attempt count (a restart alone shows only the setup lines again)
+        text = str(e).strip()
+        Publisher(config.progress_board).push({"kind": "worker_failed", "rank": run.rank, "error": st.scrub(
+            (text.splitlines()[0] if text else type(e).__name__)[:500], spec.storage)})
+        raise
     finally:
         finish_trackers()  # W&B/MLflow runs ended (HF's callbacks leave W&B open)
         shutil.rmtree(work, ignore_errors=True)
@@ -333,7 +340,9 @@ def _run(spec: JobSpec, run: RunContext, work: str, publisher: Publisher, config
             json.dump(summary, f, indent=2)
         with open(os.path.join(final, rd.SPEC), "w") as f:
             f.write(to_yaml(spec))
-        st.upload_dir(final, run.dir.fs, run.dir.final_dir)
+        # committed like a checkpoint: every file's sha256 in a manifest written last, checked on pull and load
+        ck.commit_dir(final, run.dir.fs, run.dir.final_dir, step=trainer.state.global_step, epoch=trainer.state.epoch,
+                      spec_hash=summary["spec_hash"], metrics={k: summary[k] for k in ("train_loss", "eval_loss")})
         callback.sync_logs()
         publisher.push({"kind": "done", "summary": summary, "final": run.dir.final_uri})
     barrier()

@@ -1,0 +1,85 @@
+"""Ray Train's restarts said in words (issue 12 item 25): the driver's Attempts turns the workers' own events
+into one line per failed attempt (what failed, attempt k of N, what the run waits for), rendered the same in
+the local view and in `rtf logs` (which renders the driver's RTF_EVENT lines). The real outage, on a moto
+server stopped mid-run, is tests/test_s3_run.py; here every branch of the wording, without Ray."""
+
+from __future__ import annotations
+
+import json
+
+from raytune_ft.launch.driver import Attempts
+from raytune_ft.launch.progress import EVENT_PREFIX, Renderer
+from raytune_ft.launch.ray_jobs import render_log
+from raytune_ft.spec import spec_from_dict
+
+STORAGE_ERR = ("When uploading part for key 'runs/x/checkpoint-00000008/adapter_model.safetensors' in bucket 'bkt': "
+               "AWS Error NETWORK_CONNECTION during UploadPart operation: curlCode: 7, Couldn't connect to server")
+
+
+def spec(max_failures: int):
+    return spec_from_dict({"name": "x", "model": {"name_or_path": "some/model"},
+                           "data": {"train": {"path": "t.jsonl"}}, "training": {"max_steps": 10},
+                           "storage": {"path": "s3://bkt/runs", "endpoint_url": "http://127.0.0.1:9000"},
+                           "fault_tolerance": {"max_failures": max_failures}})
+
+
+def run_events(max_failures: int, events, driver_retry: bool = True) -> tuple[str, str]:
+    """(what local mode prints, what `rtf logs` prints for the driver's log of the same run)."""
+    import io
+
+    out, log = io.StringIO(), []
+    local = Renderer(out)
+
+    def emit(e):
+        local.handle(e)
+        log.append(EVENT_PREFIX + json.dumps(e))  # the cluster driver's stdout (RTF_EVENTS=1)
+
+    attempts = Attempts(spec(max_failures), emit, driver_retry=driver_retry)
+    for e in events:
+        attempts.handle(e)
+    return out.getvalue(), render_log("\n".join(log))
+
+
+WORKERS = {"kind": "workers", "message": "workers: rank 0 pid 11 node abcdef12, rank 1 pid 12 node abcdef12"}
+
+
+def test_storage_failure_then_restart_then_last_attempt():
+    events = [WORKERS, {"kind": "info", "message": "setup took 1.0s"},
+              {"kind": "worker_failed", "rank": 0, "error": STORAGE_ERR},
+              {"kind": "worker_failed", "rank": 1, "error": STORAGE_ERR},  # the same attempt: no second line
+              WORKERS, {"kind": "worker_failed", "rank": 1, "error": STORAGE_ERR}]
+    local, logs = run_events(1, events)
+    assert local == logs
+    lines = local.splitlines()
+    where = "s3://bkt/runs at http://127.0.0.1:9000"
+    assert lines == [
+        WORKERS["message"],
+        "setup took 1.0s",
+        f"storage unreachable at {where} (attempt 1 of 2 failed: {STORAGE_ERR}); Ray Train restarts the workers; "
+        "they resume from the last committed checkpoint once storage answers",
+        "workers restarted (attempt 2 of 2): rank 0 pid 11 node abcdef12, rank 1 pid 12 node abcdef12",
+        f"storage unreachable at {where} (attempt 2 of 2 failed: {STORAGE_ERR}); no restarts left: the driver "
+        "waits up to 120s for storage to answer, then starts the run again from the last committed checkpoint",
+    ]
+
+
+def test_a_storage_cause_after_a_peers_consequence_is_said_too():
+    gloo = "RuntimeError: [gloo] Connection closed by peer [127.0.0.1]:4242"
+    local, _ = run_events(2, [WORKERS, {"kind": "worker_failed", "rank": 0, "error": gloo},
+                              {"kind": "worker_failed", "rank": 1, "error": STORAGE_ERR},
+                              {"kind": "worker_failed", "rank": 2, "error": STORAGE_ERR}])
+    lines = local.splitlines()[1:]
+    assert len(lines) == 2 and lines[0].startswith(f"a worker failed (attempt 1 of 3 failed: {gloo})")
+    assert lines[1].startswith("storage unreachable at s3://bkt/runs at http://127.0.0.1:9000 (attempt 1 of 3")
+
+
+def test_other_failures_and_no_driver_retry():
+    local, _ = run_events(0, [WORKERS, {"kind": "worker_failed", "rank": 0, "error": "RuntimeError: CUDA error"}])
+    assert local.splitlines()[-1] == ("a worker failed (attempt 1 of 1 failed: RuntimeError: CUDA error); "
+                                      "no restarts left (fault_tolerance.max_failures)")
+    local, _ = run_events(0, [WORKERS, {"kind": "worker_failed", "rank": 0, "error": STORAGE_ERR}], driver_retry=False)
+    assert local.splitlines()[-1].endswith("no restarts left (fault_tolerance.max_failures)")
+    local, _ = run_events(-1, [WORKERS, {"kind": "worker_failed", "rank": 0, "error": "boom"}, WORKERS])
+    assert "a worker failed (attempt 1 of unlimited failed: boom); Ray Train restarts the workers; they resume " \
+           "from the last committed checkpoint" in local
+    assert "workers restarted (attempt 2 of unlimited)" in local
