@@ -144,8 +144,11 @@ def test_injection_is_refused_everywhere(tmp_path, capsys, field, how, payload):
         took = time.perf_counter() - t0
         assert code == 2, (cmd, out)
         assert "Traceback" not in out, (cmd, out)
-        lines = [x for x in out.splitlines() if x.strip()]
+        # one error line; a note may follow it naming the rules that could not run on the refused value
+        lines = [x for x in out.splitlines() if x.strip() and not x.startswith("  note: ")]
         assert len(lines) == 1 and lines[0].startswith("error: invalid job spec: "), (cmd, out)
+        assert all(x.endswith("skipped: fix the field errors above first") for x in out.splitlines()
+                   if x.startswith("  note: ")), (cmd, out)
         assert f" {dotted}" in lines[0], (cmd, dotted, out)
         assert not out_path.exists(), (cmd, "wrote output for a refused spec")
         assert took < 30, (cmd, took)  # a hang guard, not a timing: each takes milliseconds
