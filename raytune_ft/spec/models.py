@@ -36,6 +36,8 @@ from raytune_ft.spec.systems import (  # noqa: F401
     RunpodSpec,
     StorageSpec,
 )
+from raytune_ft.spec import objectives as obj
+from raytune_ft.spec.objectives import DpoSpec, HeadSpec  # noqa: F401
 
 # --------------------------------------------------------------------------- model / tokenizer
 
@@ -146,9 +148,16 @@ class MethodSpec(Section):
     type: Literal["full", "lora", "qlora"] = "lora"
     lora: LoraSpec | None = None
     quantization: QuantizationSpec | None = None
+    objective: obj.Objective = Field("sft", description="sft | regression | reward | dpo | orpo (spec/objectives.py)")
+    head: HeadSpec | None = Field(None, description="The regression head (objective regression).")
+    dpo: DpoSpec | None = Field(None, description="DPO/ORPO options (objective dpo or orpo).")
+
+    _objective_name = field_validator("objective", mode="before")(classmethod(lambda cls, v: obj.check_objective_name(v)))
 
     @model_validator(mode="after")
     def _method_rules(self) -> MethodSpec:
+        obj.check_method(self.objective, self.type, self.head, self.dpo,
+                         set(self.dpo.model_fields_set) if self.dpo else set())
         if self.type == "full" and self.lora is not None:
             raise ValueError("method.type full trains every weight and takes no method.lora; remove it or use lora")
         if self.type == "full" and self.quantization is not None:
@@ -171,7 +180,7 @@ class MethodSpec(Section):
 
 class DataSource(Section):
     path: str = Field(..., min_length=1, description="Local file/dir, HF save_to_disk dir, or s3:// URI.")
-    format: Literal["alpaca", "chat", "text"] = "alpaca"
+    format: Literal["alpaca", "chat", "text", "preference", "scored"] = "alpaca"
     fields: dict[str, str] | None = Field(None, description="Canonical field -> column name in the file.")
     weight: float = Field(1.0, gt=0)
 
@@ -180,7 +189,8 @@ class DataSource(Section):
     def _known_fields(cls, v):
         if v is None:
             return v
-        allowed = {"instruction", "input", "output", "messages", "text", "system"}
+        allowed = {"instruction", "input", "output", "messages", "text", "system", "prompt", "chosen", "rejected",
+                   "label"}
         bad = sorted(set(v) - allowed)
         if bad:
             raise ValueError(f"unknown canonical field(s) {bad}; allowed: {sorted(allowed)}")
@@ -257,7 +267,7 @@ Scheduler = Literal[
 ]
 
 
-EVAL_METRICS = ("eval_loss",)  # what an evaluation reports (HF's names, with their eval_ prefix)
+EVAL_METRICS = obj.ALL_METRICS  # what an evaluation reports (HF's names, eval_ prefix); per objective: JobSpec
 
 
 class EarlyStopping(Section):
@@ -417,7 +427,8 @@ class TuneSpec(Section):
     num_samples: int | None = Field(None, ge=1, description="Trials to sample (random, optuna); with grid "
                                     "values, how many times the whole grid runs (default 1).")
     max_concurrent_trials: int | None = Field(None, ge=1, description="Defaults to what the cluster fits.")
-    metric: Literal["eval_loss", "perplexity", "loss"] = "eval_loss"
+    metric: Literal["eval_loss", "perplexity", "loss", "eval_r2", "eval_mse", "eval_mae", "eval_accuracy",
+                    "eval_margin", "eval_rewards/accuracies", "eval_rewards/margins"] = "eval_loss"
     mode: Literal["min", "max"] = "min"
     scheduler: Union[AshaScheduler, FifoScheduler] = Field(FifoScheduler(type="fifo"), discriminator="type")
     search: Literal["random", "grid", "optuna"] = "random"
@@ -431,8 +442,10 @@ class TuneSpec(Section):
 
     @model_validator(mode="after")
     def _tune_rules(self) -> TuneSpec:
-        if self.mode == "max":
+        if self.mode == "max" and self.metric not in obj.HIGHER_IS_BETTER:
             raise ValueError(f"tune.metric {self.metric} is a loss (lower is better): tune.mode must be min")
+        if self.mode == "min" and self.metric in obj.HIGHER_IS_BETTER:
+            raise ValueError(f"tune.metric {self.metric} is better when higher: set tune.mode: max")
         sampled = [p for p, d in self.space.items() if d.kind != "grid"]
         if self.search in ("random", "optuna") and sampled and self.num_samples is None:
             raise ValueError(f"tune.search {self.search} samples {', '.join(sampled)}: set tune.num_samples "
@@ -562,6 +575,10 @@ class JobSpec(Section):
             raise ValueError("training.liger_kernel runs Triton GPU kernels: it needs compute.gpus_per_worker >= 1")
         if self.model.init is not None and m.type != "full":
             raise ValueError("model.init starts from random weights; LoRA on random weights is pointless: use method.type full")
+        obj.check_job(m.objective, {f"data.{k}[{i}].format": s.format for k in ("train", "eval")
+                                    for i, s in enumerate(getattr(self.data, k) or [])},
+                      self.data.packing, self.model.init is not None, t.metric_for_best_model,
+                      self.tune.metric if self.tune else None)
         return self
 
     @property
