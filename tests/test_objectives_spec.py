@@ -3,8 +3,6 @@ refused with the reason."""
 
 from __future__ import annotations
 
-import textwrap
-
 import pytest
 import yaml
 

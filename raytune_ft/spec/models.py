@@ -15,6 +15,7 @@ from typing import Any, Literal, Union
 from pydantic import Field, field_validator, model_validator
 
 from raytune_ft.spec import base
+from raytune_ft.spec import objectives as obj
 from raytune_ft.spec.base import (  # noqa: F401  (re-exported: the spec's names live here)
     CONTROL_RE,
     ENV_NAME_RE,
@@ -26,6 +27,7 @@ from raytune_ft.spec.base import (  # noqa: F401  (re-exported: the spec's names
     looks_like_token,
     no_userinfo,
 )
+from raytune_ft.spec.objectives import DpoSpec, HeadSpec  # noqa: F401
 from raytune_ft.spec.systems import (  # noqa: F401
     ClusterSpec,
     ComputeSpec,
@@ -36,8 +38,6 @@ from raytune_ft.spec.systems import (  # noqa: F401
     RunpodSpec,
     StorageSpec,
 )
-from raytune_ft.spec import objectives as obj
-from raytune_ft.spec.objectives import DpoSpec, HeadSpec  # noqa: F401
 
 # --------------------------------------------------------------------------- model / tokenizer
 
