@@ -64,7 +64,6 @@ def test_regression_head_learns_and_reloads(tiny, tmp_path):
                           method={"head": {"depth": 2, "width": 32, "dropout": 0.0}}, max_steps=16, eval_steps=8)
     trainer, tok, scale, evals = train_inprocess(tmp_path, spec)
     r2, mse = history(trainer, "eval_r2"), history(trainer, "eval_mse")
-    print("R2", r2, mse, history(trainer, "loss"), trainer.state.log_history[-1])
     losses = history(trainer, "loss")
     assert len(r2) == 2 and r2[-1] > 0.8 and r2[-1] > r2[0], r2
     assert mse[-1] < mse[0], mse
@@ -95,3 +94,75 @@ def test_regression_head_learns_and_reloads(tiny, tmp_path):
     scorer = load_scorer(str(out))
     again = score_texts(scorer, texts)
     assert max(abs(a - b) for a, b in zip(in_memory, again, strict=True)) < 1e-5, (in_memory, again)
+
+
+def test_reward_model_separates_pairs_and_its_head_reloads(tiny, tmp_path):
+    spec = objective_spec(tiny, tmp_path, "reward", "preference", preference_rows(64, seed=1),
+                          preference_rows(16, seed=2), max_steps=8, eval_steps=4)
+    trainer, tok, scale, evals = train_inprocess(tmp_path, spec)
+    acc, margin = history(trainer, "eval_accuracy"), history(trainer, "eval_margin")
+    assert len(acc) == 2 and acc[-1] > 0.9, acc
+    assert margin[-1] > margin[0] and margin[-1] > 0, margin
+    losses = history(trainer, "loss")
+    assert losses[-1] < losses[0], losses
+
+    out = tmp_path / "final"
+    trainer.save_model(str(out))
+    ob.save_head(trainer.model, spec, str(out), scale)
+    assert json.loads((out / rd.HEAD_CONFIG).read_text())["kind"] == "linear"
+
+    from raytune_ft.data.formats import preference_texts, tokenize_preference
+    from raytune_ft.tools.scoring import load_scorer, score_texts
+
+    pair = preference_rows(1, seed=5)[0]
+    texts = preference_texts(pair, tok)
+    ids = tokenize_preference([texts], tok)[0]
+    trainer.model.eval()
+    with torch.no_grad():
+        in_memory = [float(trainer.model(input_ids=torch.tensor([ids[k]])).logits[0, 0])
+                     for k in ("chosen_ids", "rejected_ids")]
+    assert in_memory[0] > in_memory[1]
+    scorer = load_scorer(str(out))
+    # the scorer tokenizes a text as scored rows are (BOS, no EOS); the pair's ids end with EOS, so score ids
+    again = [float(scorer.loaded.model(input_ids=torch.tensor([ids[k]])).logits[0, 0])
+             for k in ("chosen_ids", "rejected_ids")]
+    assert max(abs(a - b) for a, b in zip(in_memory, again, strict=True)) < 1e-5
+    by_text = score_texts(scorer, [texts["prompt"] + texts["chosen"], texts["prompt"] + texts["rejected"]])
+    assert by_text[0] > by_text[1]
+
+
+def test_dpo_under_lora_raises_the_margin_against_the_base_as_reference(tiny, tmp_path):
+    spec = objective_spec(tiny, tmp_path, "dpo", "preference", preference_rows(64, seed=1),
+                          preference_rows(16, seed=2), method={"dpo": {"beta": 0.5}}, max_steps=8, eval_steps=4,
+                          learning_rate=5e-3)
+    trainer, tok, _, _ = train_inprocess(tmp_path, spec)
+    acc, margin = history(trainer, "rewards/accuracies"), history(trainer, "eval_rewards/margins")
+    assert len(margin) == 2 and margin[-1] > margin[0] > 0, margin
+    assert history(trainer, "eval_rewards/accuracies")[-1] > 0.9
+    chosen = history(trainer, "logps/chosen")
+    assert chosen[-1] > chosen[0], chosen  # the chosen completion became likelier
+    # the reference is the base with the adapter disabled: no second model, no "ref" adapter
+    assert trainer.ref_model is None and list(trainer.model.peft_config) == ["default"]
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(spec.model.name_or_path).eval()
+    ids = torch.tensor([tok("Is the value fine?\nyes it is")["input_ids"]])
+    trainer.model.eval()
+    with torch.no_grad(), trainer.model.disable_adapter():
+        ref = trainer.model(input_ids=ids).logits
+    with torch.no_grad():
+        tuned = trainer.model(input_ids=ids).logits
+    assert torch.allclose(ref, base(input_ids=ids).logits, atol=1e-6)
+    assert not torch.allclose(tuned, ref, atol=1e-3)
+
+
+def test_orpo_raises_the_margin(tiny, tmp_path):
+    spec = objective_spec(tiny, tmp_path, "orpo", "preference", preference_rows(64, seed=1),
+                          preference_rows(16, seed=2), method={"dpo": {"beta": 0.5}}, max_steps=8, eval_steps=4,
+                          learning_rate=5e-3)
+    trainer, _, _, _ = train_inprocess(tmp_path, spec)
+    margin = history(trainer, "eval_rewards/margins")
+    assert len(margin) == 2 and margin[-1] > margin[0], margin
+    assert history(trainer, "eval_rewards/accuracies")[-1] > 0.9
+    losses = history(trainer, "loss")
+    assert losses[-1] < losses[0], losses

@@ -248,8 +248,7 @@ def argument_class(spec: JobSpec) -> tuple[Any, dict[str, Any]]:
         from trl.experimental.orpo import ORPOConfig
 
         d = spec.method.dpo
-        return ORPOConfig, {"beta": d.beta if d else 0.1, "max_length": max_len or 1024,
-                            "max_prompt_length": (max_len // 2) if max_len else 512, "dataset_num_proc": None}
+        return ORPOConfig, {"beta": d.beta if d else 0.1, "max_length": max_len or 1024, "dataset_num_proc": None}
     return TrainingArguments, {}
 
 
