@@ -90,8 +90,14 @@ def test_metrics_follow_the_objective(tmp_path):
     assert any("eval_r2 is not reported by objective sft" in m for m in problems(tmp_path, doc))
 
 
+def with_eval(doc):
+    doc["data"]["eval_split"] = 0.2
+    doc["training"].update(eval_strategy="steps", eval_steps=5)
+    return doc
+
+
 def test_sweep_metric_mode_follows_the_metric(tmp_path):
-    doc = doc_for("regression", "scored")
+    doc = with_eval(doc_for("regression", "scored"))
     doc["tune"] = {"space": {"training.learning_rate": {"choice": [1e-4, 1e-3]}}, "num_samples": 2,
                    "metric": "eval_r2", "mode": "max"}
     assert spec_from_dict(doc).tune.metric == "eval_r2"
@@ -99,7 +105,21 @@ def test_sweep_metric_mode_follows_the_metric(tmp_path):
     assert any("eval_r2 is better when higher: set tune.mode: max" in m for m in problems(tmp_path, doc))
     doc["tune"].update(metric="eval_accuracy", mode="max")
     assert any("eval_accuracy is not reported by objective regression" in m for m in problems(tmp_path, doc))
-    doc = doc_for("reward", "preference")
+    doc = with_eval(doc_for("reward", "preference"))
     doc["tune"] = {"space": {"training.learning_rate": {"grid": [1e-4, 1e-3]}}, "metric": "eval_accuracy",
                    "mode": "max"}
     assert spec_from_dict(doc).tune.mode == "max"
+
+
+def test_sweep_reports_and_results_carry_the_objective_metric():
+    from raytune_ft.sweep.results import parse_results_csv
+    from raytune_ft.sweep.tune import to_tune_result
+
+    r = to_tune_result({"step": 8, "eval_loss": 0.1, "eval_r2": 0.93}, "eval_r2", False)
+    assert r["eval_r2"] == 0.93 and r["final"] is False and r["diverged"] is False
+    # a checkpoint report repeats the last eval: not a fresh eval_r2
+    assert to_tune_result({"step": 8, "loss": 0.1, "eval_r2": 0.93}, "eval_r2", True) is None
+    assert to_tune_result({"step": 16, "eval_accuracy": 0.97, "done": True}, "eval_accuracy", True)["final"]
+    res = parse_results_csv("trial,training.learning_rate,eval_r2,steps,status,stopped_early,error,run_dir\n"
+                            "t1,0.001,0.91,16,TERMINATED,false,,/r/t1\n")
+    assert res.metric == "eval_r2" and res.paths == ["training.learning_rate"]
