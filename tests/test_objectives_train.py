@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 
+import pytest
 import torch
 
 from raytune_ft import rundir as rd
@@ -94,6 +95,15 @@ def test_regression_head_learns_and_reloads(tiny, tmp_path):
     again = score_texts(scorer, texts)
     assert max(abs(a - b) for a, b in zip(in_memory, again, strict=True)) < 1e-5, (in_memory, again)
 
+    # rtf eval on the saved run: the objective's metrics, as training's evaluation computed them
+    from raytune_ft.spec import to_yaml
+    from raytune_ft.tools.evaluate import evaluate
+
+    (out / rd.SPEC).write_text(to_yaml(spec))
+    result = evaluate(str(out), str(tmp_path / "eval.jsonl"), write=False)
+    assert result["objective"] == "regression" and result["examples"] == 24
+    assert result["r2"] == pytest.approx(r2[-1], abs=1e-4) and result["mse"] == pytest.approx(mse[-1], rel=1e-3)
+
 
 def test_reward_model_separates_pairs_and_its_head_reloads(tiny, tmp_path):
     spec = objective_spec(tiny, tmp_path, "reward", "preference", preference_rows(64, seed=1),
@@ -128,6 +138,13 @@ def test_reward_model_separates_pairs_and_its_head_reloads(tiny, tmp_path):
     assert max(abs(a - b) for a, b in zip(in_memory, again, strict=True)) < 1e-5
     by_text = score_texts(scorer, [texts["prompt"] + texts["chosen"], texts["prompt"] + texts["rejected"]])
     assert by_text[0] > by_text[1]
+
+    from raytune_ft.spec import to_yaml
+    from raytune_ft.tools.evaluate import evaluate
+
+    (out / rd.SPEC).write_text(to_yaml(spec))
+    result = evaluate(str(out), str(tmp_path / "eval.jsonl"), write=False)
+    assert result["accuracy"] == pytest.approx(acc[-1]) and result["margin"] == pytest.approx(margin[-1], rel=1e-3)
 
 
 def test_dpo_under_lora_raises_the_margin_against_the_base_as_reference(tiny, tmp_path):

@@ -443,8 +443,10 @@ def _prompt_segments(
         if instruction is None:
             raise UserError("an alpaca prompt needs an instruction")
         return [(alpaca_prompt(instruction, input, system), False)]
-    if fmt == "text":
+    if fmt in ("text", "preference"):  # a DPO/ORPO run on string prompts: the prompt as it is (--format chat else)
         return [(instruction or "", False)]
+    if fmt == "scored":
+        raise UserError("a regression run scores texts, it does not generate: use rtf score SOURCE --file TEXTS")
     if fmt == "chat":
         msgs = [{"role": m["role"], "content": m["content"]} for m in (messages or [])]
         if not msgs and instruction is not None:

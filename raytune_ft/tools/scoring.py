@@ -115,3 +115,41 @@ def score(source: str | Source, path: str, *, dtype: str | None = None) -> list[
     scores = score_texts(scorer, items)
     return [{"text": it if isinstance(it, str) else it.get("text") or it.get("instruction") or it.get("messages"),
              "score": s} for it, s in zip(items, scores, strict=True)]
+
+
+def _raw_scores(scorer: Scorer, examples: Sequence[dict[str, Any]], batch_size: int) -> list[float]:
+    import torch
+
+    from raytune_ft.train.objectives import ScoredCollator
+
+    collate = ScoredCollator(scorer.loaded.tokenizer.pad_token_id)
+    out: list[float] = []
+    with torch.no_grad():
+        for start in range(0, len(examples), batch_size):
+            batch = collate([{"input_ids": ex["input_ids"], "labels": 0.0} for ex in examples[start:start + batch_size]])
+            batch.pop("labels")
+            batch = {k: v.to(scorer.loaded.device) for k, v in batch.items()}
+            out += scorer.loaded.model(**batch).logits.squeeze(-1).double().tolist()
+    return out
+
+
+def head_metrics(scorer: Scorer, examples: Sequence[dict[str, Any]], batch_size: int = 8,
+                 max_len: int | None = None) -> dict[str, float]:
+    """``rtf eval`` of a regression run (``mse``, ``mae``, ``r2`` in the labels' units, on scored examples) or a
+    reward run (``accuracy``: chosen scored above rejected, ``margin``: their mean difference, on pairs)."""
+    from raytune_ft.data.formats import tokenize_preference
+
+    if scorer.head.get("objective") == "regression":
+        mean, std = float(scorer.head.get("label_mean", 0.0)), float(scorer.head.get("label_std", 1.0))
+        pred = [p * std + mean for p in _raw_scores(scorer, examples, batch_size)]
+        true = [float(ex["labels"]) for ex in examples]
+        err = [p - t for p, t in zip(pred, true, strict=True)]
+        avg = sum(true) / len(true)
+        var = sum((t - avg) ** 2 for t in true)
+        return {"mse": sum(e * e for e in err) / len(err), "mae": sum(abs(e) for e in err) / len(err),
+                "r2": 1.0 - sum(e * e for e in err) / var if var > 0 else float("nan")}
+    pairs = tokenize_preference(examples, scorer.loaded.tokenizer, max_len)
+    chosen = _raw_scores(scorer, [{"input_ids": p["chosen_ids"]} for p in pairs], batch_size)
+    rejected = _raw_scores(scorer, [{"input_ids": p["rejected_ids"]} for p in pairs], batch_size)
+    diff = [c - r for c, r in zip(chosen, rejected, strict=True)]
+    return {"accuracy": sum(d > 0 for d in diff) / len(diff), "margin": sum(diff) / len(diff)}
