@@ -104,6 +104,14 @@ def test_regression_head_learns_and_reloads(tiny, tmp_path):
     assert result["objective"] == "regression" and result["examples"] == 24
     assert result["r2"] == pytest.approx(r2[-1], abs=1e-4) and result["mse"] == pytest.approx(mse[-1], rel=1e-3)
 
+    # rtf merge keeps the head beside the merged model, which scores as the adapter did
+    from raytune_ft.tools.merge import merge
+
+    merge(str(out), str(tmp_path / "merged"))
+    assert (tmp_path / "merged" / rd.HEAD_WEIGHTS).is_file() and (tmp_path / "merged" / "config.json").is_file()
+    merged = score_texts(load_scorer(str(tmp_path / "merged")), texts)
+    assert max(abs(a - b) for a, b in zip(in_memory, merged, strict=True)) < 1e-4, (in_memory, merged)
+
 
 def test_reward_model_separates_pairs_and_its_head_reloads(tiny, tmp_path):
     spec = objective_spec(tiny, tmp_path, "reward", "preference", preference_rows(64, seed=1),
