@@ -170,7 +170,8 @@ def build_model(spec: JobSpec, tokenizer: Any, *, device: torch.device, seed: in
             kwargs["quantization_config"] = quantization_config(spec.method.quantization)
             if cuda:
                 kwargs["device_map"] = {"": device.index or 0}
-        torch.manual_seed(seed)  # a new head's initial weights
+        if head:
+            torch.manual_seed(seed)  # a new head's initial weights
         model = auto.from_pretrained(m.name_or_path, **kwargs, **head_kwargs)
         chosen["source"] = f"pretrained {m.name_or_path}"
     chosen["attention"] = f"{attn} ({why})"
