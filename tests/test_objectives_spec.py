@@ -65,6 +65,7 @@ def test_ppo_and_grpo_are_refused_with_the_reason(tmp_path, name):
         ({**doc_for("reward", "preference"), "data": {"train": {"path": "t", "format": "preference"},
                                                        "max_seq_length": 64, "packing": True}},
          "remove data.packing"),
+        ({**doc_for("regression", "scored"), "deepspeed": {"stage": 3}}, "use stage 2"),
     ],
 )
 def test_objective_and_data_format_must_agree(tmp_path, doc, needle):

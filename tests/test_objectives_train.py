@@ -190,3 +190,19 @@ def test_orpo_raises_the_margin(tiny, tmp_path):
     assert history(trainer, "eval_rewards/accuracies")[-1] > 0.9
     losses = history(trainer, "loss")
     assert losses[-1] < losses[0], losses
+
+
+def test_dpo_full_finetuning_keeps_a_frozen_reference_copy(tiny, tmp_path):
+    spec = objective_spec(tiny, tmp_path, "dpo", "preference", preference_rows(32, seed=1),
+                          preference_rows(8, seed=2), method={"type": "full", "lora": None}, max_steps=4,
+                          eval_steps=4, learning_rate=1e-3, per_device_train_batch_size=8)
+    trainer, _, _, _ = train_inprocess(tmp_path, spec)
+    from transformers import AutoModelForCausalLM
+
+    start = AutoModelForCausalLM.from_pretrained(spec.model.name_or_path).state_dict()
+    ref = trainer.ref_model
+    assert ref is not None and ref is not trainer.model and not any(p.requires_grad for p in ref.parameters())
+    assert all(torch.equal(v, start[k]) for k, v in ref.state_dict().items())  # the reference never moved
+    assert not torch.equal(trainer.model.state_dict()["model.layers.0.self_attn.q_proj.weight"],
+                           start["model.layers.0.self_attn.q_proj.weight"])
+    assert history(trainer, "eval_rewards/margins")[-1] > 0

@@ -578,7 +578,7 @@ class JobSpec(Section):
         obj.check_job(m.objective, {f"data.{k}[{i}].format": s.format for k in ("train", "eval")
                                     for i, s in enumerate(getattr(self.data, k) or [])},
                       self.data.packing, self.model.init is not None, t.metric_for_best_model,
-                      self.tune.metric if self.tune else None)
+                      self.tune.metric if self.tune else None, bool(ds and ds.stage == 3))
         return self
 
     @property

@@ -95,7 +95,7 @@ def check_method(objective: str, method_type: str, head: HeadSpec | None, dpo: D
 
 
 def check_job(objective: str, formats: dict[str, str], packing: bool, init: bool, metric_for_best: str,
-              tune_metric: str | None) -> None:
+              tune_metric: str | None, zero3: bool = False) -> None:
     """Rules across sections: the data formats, packing and metrics must fit ``method.objective``.
     ``formats`` maps each data source's field path (data.train[0].format) to its format."""
     wanted = FORMATS[objective]
@@ -104,6 +104,9 @@ def check_job(objective: str, formats: dict[str, str], packing: bool, init: bool
             needs = " or ".join(wanted)
             raise ValueError(f"method.objective {objective} reads {needs} data, but {where} is {fmt}; "
                              f"set {where}: {wanted[0]} or method.objective: {_objective_for(fmt)}")
+    if zero3 and objective in ("regression", "reward"):
+        raise ValueError(f"method.objective {objective} saves its head from rank 0's parameters, which deepspeed "
+                         "stage 3 partitions across workers (the head file would be empty): use stage 2")
     if packing and objective != "sft":
         raise ValueError(f"data.packing concatenates examples for next-token training; method.objective "
                          f"{objective} scores whole sequences: remove data.packing")
