@@ -124,3 +124,13 @@ def test_sweep_reports_and_results_carry_the_objective_metric():
     res = parse_results_csv("trial,training.learning_rate,eval_r2,steps,status,stopped_early,error,run_dir\n"
                             "t1,0.001,0.91,16,TERMINATED,false,,/r/t1\n")
     assert res.metric == "eval_r2" and res.paths == ["training.learning_rate"]
+
+
+def test_sft_specs_dump_and_hash_as_before_and_objectives_round_trip():
+    from raytune_ft.spec import dump_spec, spec_hash
+
+    sft = spec_from_dict(base_doc())
+    assert "objective" not in dump_spec(sft)["method"]  # existing runs and sweeps keep their identity
+    reg = spec_from_dict(doc_for("regression", "scored", head={"depth": 3}))
+    again = spec_from_dict(dump_spec(reg))
+    assert again == reg and spec_hash(again) == spec_hash(reg) != spec_hash(sft)
