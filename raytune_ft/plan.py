@@ -380,8 +380,54 @@ def memory_estimate(spec: JobSpec, arch: Arch | None = None) -> MemoryEstimate:
     if seq == 2048 and spec.data.max_seq_length is None:
         est.notes.append("data.max_seq_length unset: activations estimated at 2048 tokens")
     est.weights, est.gradients, est.optimizer, est.activations = weights, grads, optim, acts
+    _objective_memory(spec, arch, est, load_bytes, stage, world, tokens)
     est.overhead = 1.5 * GIB if spec.compute.use_gpu else 0.5 * GIB
     return est
+
+
+def head_params(spec: JobSpec, hidden: int) -> int:
+    """Parameters of the objective's head: regression's MLP (method.head), reward's linear score, else 0."""
+    obj = spec.method.objective
+    if obj == "reward":
+        return hidden
+    if obj != "regression":
+        return 0
+    h = spec.method.head
+    depth, width = (h.depth, h.width or hidden) if h else (2, hidden)
+    if depth == 1:
+        return hidden + 1
+    return hidden * width + width + (depth - 2) * (width * width + width) + width + 1
+
+
+def _objective_memory(spec: JobSpec, arch: Arch, est: MemoryEstimate, load_bytes: int, stage: int, world: int,
+                      tokens: int) -> None:
+    """What ``method.objective`` changes: a scalar head replaces the LM head (no vocabulary logits; the head
+    trains in fp32); preference pairs run chosen and rejected in one batch (twice the activations); DPO under
+    full fine-tuning holds a frozen reference copy of the weights (under LoRA the reference is the base with
+    the adapter disabled: no copy)."""
+    obj = spec.method.objective
+    if obj == "sft":
+        return
+    if obj in ("regression", "reward"):
+        n = head_params(spec, arch.hidden)
+        lm_head = 0 if arch.tied else arch.vocab * arch.hidden
+        est.weights += n * 4 - lm_head * (est.weights / max(arch.params, 1))
+        est.gradients += n * 4
+        est.optimizer += n * (optimizer_bytes_per_param(spec.training.optimizer))
+        est.trainable_params += n
+        est.total_params += n - lm_head
+        if not spec.training.liger_kernel:
+            est.activations -= tokens * arch.vocab * LOGIT_BYTES
+        est.notes.append(f"{obj}: a {human_count(n)}-parameter head instead of the LM head (no vocabulary logits)")
+    if obj in ("reward", "dpo", "orpo"):
+        est.activations *= 2
+        est.notes.append(f"{obj}: chosen and rejected run together (twice the activations of the batch)")
+    if obj == "dpo" and spec.method.type == "full":
+        ref = arch.params * load_bytes / (world if stage == 3 else 1)
+        est.weights += ref
+        est.notes.append("dpo: a frozen reference copy of the model (full fine-tuning)")
+    elif obj == "dpo":
+        est.notes.append("dpo: the reference is the base with the adapter disabled (no copy)")
 
 
 # --------------------------------------------------------------------------- the plan

@@ -10,7 +10,7 @@ from raytune_ft.plan import GIB, make_plan
 from raytune_ft.spec import load_spec
 
 PRESETS = sorted((Path(__file__).resolve().parents[1] / "jobspecs").glob("*.yaml"))
-EXPECTED = {"a100", "h100", "rtx4090", "a40", "quickstart", "sweep", "k8s", "runpod"}
+EXPECTED = {"a100", "h100", "rtx4090", "a40", "quickstart", "sweep", "k8s", "runpod", "prm-regression", "dpo"}
 
 
 def test_all_presets_exist():

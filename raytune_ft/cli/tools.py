@@ -12,7 +12,7 @@ import typer
 from raytune_ft import rundir as rd
 from raytune_ft.cli.common import EndpointOpt, Typer
 
-COMMANDS = ("generate", "merge", "eval", "plot", "runs", "push")
+COMMANDS = ("generate", "merge", "eval", "plot", "runs", "push", "score")
 TrustOpt = typer.Option(False, "--trust-remote-code", help="Run the model's own Python code (custom "
                         "architectures). Never taken from a run's stored spec.")
 
@@ -132,6 +132,27 @@ def push_cmd(
     typer.echo(json.dumps(result, indent=2) if as_json else render(result))
 
 
+def score_cmd(
+    source: str = typer.Argument(..., metavar="SOURCE", help="A regression or reward run, checkpoint, final/ dir, or s3:// URI."),
+    file: str = typer.Option(..., "--file", "-f", metavar="TEXTS", help="One text per line, or .jsonl of strings / "
+                             "{text} | {messages} | {instruction, input, output} rows."),
+    dtype: str | None = typer.Option(None, "--dtype", metavar="float32|bfloat16|float16",
+                                     help="Weights dtype (default: float32 on CPU)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
+    trust: bool = TrustOpt,
+) -> None:
+    """Score texts with a regression head (in the labels' units) or a reward model (the scalar reward)."""
+    from raytune_ft.tools.scoring import score
+
+    results = score(_source(source, trust), file, dtype=dtype)
+    if as_json:
+        typer.echo(json.dumps(results, indent=2, ensure_ascii=False))
+        return
+    for r in results:
+        text = r["text"] if isinstance(r["text"], str) else json.dumps(r["text"], ensure_ascii=False)
+        typer.echo(f"{r['score']:.6g}\t{text[:100]!r}")
+
+
 app = Typer()
 app.command("generate")(generate_cmd)
 app.command("merge")(merge_cmd)
@@ -139,3 +160,4 @@ app.command("eval")(eval_cmd)
 app.command("plot")(plot_cmd)
 app.command("runs")(runs_cmd)
 app.command("push")(push_cmd)
+app.command("score")(score_cmd)

@@ -21,6 +21,16 @@ assistant turns are trained: the text a template adds for an assistant message (
 and anything up to the next message) is found by rendering growing prefixes of the conversation.
 
 Text: the whole text is trained.
+
+Two formats feed the other objectives (``method.objective``), not next-token training:
+
+- ``preference`` ``{prompt, chosen, rejected}`` (reward, dpo, orpo): each a string, or a list of chat messages
+  (the prompt's turns; the completions' assistant turns). A string beside a list is taken as one user
+  (prompt) or assistant (completion) turn. :func:`preference_texts` renders a pair to the texts the trainers
+  read: the prompt (chat: with the generation prompt) and each completion as the text that follows it.
+- ``scored`` ``{text | messages | instruction/input/output, label}`` (regression): one text and a float
+  label; :func:`tokenize_scored` gives ``input_ids`` (BOS, no EOS: the head reads the last text token) and
+  the float ``labels``.
 """
 
 from __future__ import annotations
@@ -31,7 +41,8 @@ from typing import Any
 
 from raytune_ft.errors import UserError
 
-FORMATS = ("alpaca", "chat", "text")
+FORMATS = ("alpaca", "chat", "text", "preference", "scored")
+OBJECTIVE_FORMATS = ("preference", "scored")  # not next-token data: the pipeline keeps them whole
 ROLES = ("system", "user", "assistant")
 IGNORE_INDEX = -100
 
@@ -74,7 +85,59 @@ def normalize_row(
         return {"messages": messages}
     if fmt == "text":
         return {"text": get.text("text")}
+    if fmt == "preference":
+        return _preference(get)
+    if fmt == "scored":
+        return _scored(get)
     raise UserError(f"unknown data format {fmt!r}; expected one of {', '.join(FORMATS)}")
+
+
+def _preference(get: _FieldGetter) -> dict[str, Any]:
+    parts = {k: get.raw(k) for k in ("prompt", "chosen", "rejected")}
+    for k, v in parts.items():
+        if not isinstance(v, list):
+            parts[k] = get.text(k)  # a string (or says what is missing/wrong)
+    if not any(isinstance(v, list) for v in parts.values()):
+        if parts["chosen"] == parts["rejected"]:
+            raise RowError(f"fields {get.name('chosen')} and {get.name('rejected')} are the same text")
+        return parts
+    turns = {}
+    for k, v in parts.items():
+        if isinstance(v, str):
+            turns[k] = [{"role": "user" if k == "prompt" else "assistant", "content": v}]
+        else:
+            turns[k] = _message_list(get, k, v, require_assistant=False)
+            if k != "prompt" and any(m["role"] != "assistant" for m in turns[k]):
+                raise RowError(f"field {get.name(k)} must hold assistant messages only (the completion)")
+    if turns["prompt"][-1]["role"] == "assistant":
+        raise RowError(f"field {get.name('prompt')} ends with an assistant message; a prompt ends with a user turn")
+    if turns["chosen"] == turns["rejected"]:
+        raise RowError(f"fields {get.name('chosen')} and {get.name('rejected')} are the same conversation")
+    return turns
+
+
+def _scored(get: _FieldGetter) -> dict[str, Any]:
+    value = get.raw("label")
+    if value is None:
+        raise RowError(f"field {get.name('label')} is {'null' if get.present('label') else 'missing'}")
+    if isinstance(value, str):  # CSV cells
+        try:
+            value = float(value)
+        except ValueError:
+            raise RowError(f"field {get.name('label')} must be a number, got the text {value[:40]!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise RowError(f"field {get.name('label')} must be a number, got {_type_name(value)}")
+    if value != value or value in (float("inf"), float("-inf")):
+        raise RowError(f"field {get.name('label')} must be a finite number, got {value}")
+    if get.present("text"):
+        return {"text": get.text("text"), "label": float(value)}
+    if get.present("messages"):
+        return {"messages": _messages(get, require_assistant=False), "label": float(value)}
+    if get.present("instruction"):
+        return {"instruction": get.text("instruction"), "input": get.text("input", required=False),
+                "output": get.text("output", required=False), "system": get.text("system", required=False),
+                "label": float(value)}
+    raise RowError(f"needs a text: field {get.name('text')}, {get.name('messages')} or {get.name('instruction')}")
 
 
 class _FieldGetter:
@@ -110,7 +173,7 @@ class _FieldGetter:
         return value
 
 
-def _messages(get: _FieldGetter) -> list[dict[str, str]]:
+def _messages(get: _FieldGetter, *, require_assistant: bool = True) -> list[dict[str, str]]:
     field = get.name("messages")
     value = get.raw("messages")
     if value is None:
@@ -120,13 +183,18 @@ def _messages(get: _FieldGetter) -> list[dict[str, str]]:
             value = json.loads(value)
         except json.JSONDecodeError:
             raise RowError(f"field {field} is a string that is not a JSON list of messages")
+    return _message_list(get, "messages", value, require_assistant=require_assistant)
+
+
+def _message_list(get: _FieldGetter, canonical: str, value: Any, *, require_assistant: bool) -> list[dict[str, str]]:
+    field = get.name(canonical)
     if not isinstance(value, list):
         raise RowError(f"field {field} must be a list of messages, got {_type_name(value)}")
     if not value:
         raise RowError(f"field {field} is empty")
     messages = []
     for i, m in enumerate(value):
-        where = f"field '{get.column('messages')}[{i}]"
+        where = f"field '{get.column(canonical)}[{i}]"
         if not isinstance(m, dict):
             raise RowError(f"{where}' must be an object with role and content, got {_type_name(m)}")
         role, content = m.get("role"), m.get("content")
@@ -140,7 +208,7 @@ def _messages(get: _FieldGetter) -> list[dict[str, str]]:
         if not content.strip():
             raise RowError(f"{where}.content' is empty")
         messages.append({"role": role, "content": content})
-    if not any(m["role"] == "assistant" for m in messages):
+    if require_assistant and not any(m["role"] == "assistant" for m in messages):
         raise RowError(f"field {field} has no assistant message (nothing to train on)")
     return messages
 
@@ -277,6 +345,54 @@ def _eos_id(tokenizer: Any) -> int:
     return eos
 
 
+def scored_text(example: Mapping[str, Any], tokenizer: Any) -> str:
+    """The text a ``scored`` example is scored on (chat: the whole conversation in the chat template)."""
+    if "text" in example:
+        return example["text"]
+    if "messages" in example:
+        return render_chat(tokenizer, example["messages"], add_generation_prompt=False)
+    return alpaca_prompt(example["instruction"], example.get("input"), example.get("system")) + (
+        example.get("output") or "")
+
+
+def tokenize_scored(examples: Sequence[Mapping[str, Any]], tokenizer: Any) -> list[dict[str, Any]]:
+    """``{input_ids, labels}`` per scored example: BOS + the text's tokens (no EOS: the head reads the last
+    token of the text, which must not be a pad token), ``labels`` the float label."""
+    encoded = _encode(tokenizer, [scored_text(ex, tokenizer) for ex in examples])
+    return [{"input_ids": _with_bos(tokenizer, ids), "labels": float(ex["label"])}
+            for ids, ex in zip(encoded, examples, strict=True)]
+
+
+def preference_texts(example: Mapping[str, Any], tokenizer: Any) -> dict[str, str]:
+    """A ``preference`` pair as the texts TRL's trainers read: ``prompt`` (chat: rendered with the generation
+    prompt) and ``chosen``/``rejected``, each the text that follows the prompt (EOS added by the trainers)."""
+    if isinstance(example["prompt"], str):
+        return {k: example[k] for k in ("prompt", "chosen", "rejected")}
+    prompt = render_chat(tokenizer, example["prompt"], add_generation_prompt=True)
+    out = {"prompt": prompt}
+    for k in ("chosen", "rejected"):
+        full = render_chat(tokenizer, [*example["prompt"], *example[k]], add_generation_prompt=False)
+        _check_prefix(prompt, full)
+        out[k] = full[len(prompt):]
+    return out
+
+
+def tokenize_preference(texts: Sequence[Mapping[str, str]], tokenizer: Any,
+                        max_len: int | None = None) -> list[dict[str, list[int]]]:
+    """``{chosen_ids, rejected_ids}`` (prompt + completion + EOS, BOS first; TRL's reward-model columns),
+    truncated to ``max_len`` keeping the beginning."""
+    eos = _eos_id(tokenizer)
+    out = []
+    for t in texts:
+        row = {}
+        for k in ("chosen", "rejected"):
+            prompt, completion = _encode(tokenizer, [t["prompt"], t[k]])
+            ids = _with_bos(tokenizer, prompt) + completion + [eos]
+            row[f"{k}_ids"] = ids[:max_len] if max_len else ids
+        out.append(row)
+    return out
+
+
 # --------------------------------------------------------------------------- generation prompts
 
 
@@ -327,8 +443,10 @@ def _prompt_segments(
         if instruction is None:
             raise UserError("an alpaca prompt needs an instruction")
         return [(alpaca_prompt(instruction, input, system), False)]
-    if fmt == "text":
+    if fmt in ("text", "preference"):  # a DPO/ORPO run on string prompts: the prompt as it is (--format chat else)
         return [(instruction or "", False)]
+    if fmt == "scored":
+        raise UserError("a regression run scores texts, it does not generate: use rtf score SOURCE --file TEXTS")
     if fmt == "chat":
         msgs = [{"role": m["role"], "content": m["content"]} for m in (messages or [])]
         if not msgs and instruction is not None:

@@ -27,12 +27,16 @@ import numpy as np
 
 from raytune_ft.data.formats import (
     IGNORE_INDEX,
+    OBJECTIVE_FORMATS,
     Example,
     RowError,
     alpaca_prompt,
     normalize_row,
+    preference_texts,
     render_chat,
+    scored_text,
     tokenize_examples,
+    tokenize_scored,
 )
 from raytune_ft.data.hub import is_hub, read_hub_rows
 from raytune_ft.data.packing import pack_examples, packing_efficiency, padding_efficiency, token_count
@@ -58,6 +62,7 @@ class DataStats:
     skipped: dict[str, int] = field(default_factory=dict)
     mixture: dict[str, int] = field(default_factory=dict)
     max_seq_length: int | None = None
+    labels: dict[str, float] | None = None  # scored data: the training labels' count/mean/std/min/max
     packed_rows: int | None = None
     eval_packed_rows: int | None = None
     packing_efficiency: float | None = None
@@ -77,6 +82,10 @@ class DataStats:
             f"skipped bad rows: {self.skipped_total}"
             + "".join(f"\n  {name}: {n}" for name, n in self.skipped.items()),
         ]
+        if self.labels:
+            lab = self.labels
+            out.append(f"labels: n {lab['n']:.0f}  mean {lab['mean']:.4g}  std {lab['std']:.4g}  "
+                       f"min {lab['min']:.4g}  max {lab['max']:.4g}")
         if len(self.mixture) > 1:
             out.append("mixture: " + ", ".join(f"{name}: {n}" for name, n in self.mixture.items()))
         if self.packed_rows is not None:
@@ -132,6 +141,9 @@ def build_datasets(
             evals.append(_Source(src.name, src.fmt, 1.0, [src.rows[j] for j in held]))
             src.rows = [src.rows[j] for j in keep]
 
+    if {s.fmt for s in [*train, *evals]} & set(OBJECTIVE_FORMATS):
+        return _objective_datasets(train, evals, tokenizer, max_len, seed, stats)
+
     def tokenized(src: _Source) -> list[Example]:
         examples = tokenize_examples(src.fmt, src.rows, tokenizer, train_on_prompt=train_on_prompt)
         return _truncate(examples, max_len, stats)
@@ -172,6 +184,12 @@ def training_texts(data_spec: Any, *, filesystem_for: FilesystemFor | None = Non
                 yield alpaca_prompt(row["instruction"], row["input"], row["system"]) + row["output"]
             elif src.fmt == "chat":
                 yield render_chat(None, row["messages"], add_generation_prompt=False)
+            elif src.fmt == "scored":
+                yield scored_text(row, None)
+            elif src.fmt == "preference":
+                texts = preference_texts(row, None)
+                yield texts["prompt"] + texts["chosen"]
+                yield texts["prompt"] + texts["rejected"]
             else:
                 yield row["text"]
 
@@ -183,6 +201,56 @@ def read_source(
     stats = DataStats()
     src = _load(source, on_bad_row, filesystem_for, stats)
     return src.rows, stats.skipped_total
+
+
+def _objective_datasets(train: list[_Source], evals: list[_Source], tokenizer: Any, max_len: int | None,
+                        seed: int, stats: DataStats) -> tuple[list[dict[str, Any]], list[dict[str, Any]], DataStats]:
+    """Preference and scored data (``method.objective`` other than sft), read, split and weighted as above
+    but kept whole: ``scored`` rows become ``{input_ids, labels: float}`` (truncated to ``max_len``, keeping
+    the beginning); ``preference`` rows become TRL's text columns ``{prompt, chosen, rejected}`` (the trainer
+    tokenizes, and truncates to ``max_len``)."""
+    fmts = {s.fmt for s in [*train, *evals]}
+    if len(fmts) > 1:
+        raise UserError(f"data sources mix the formats {', '.join(sorted(fmts))}; an objective reads one of "
+                        f"{', '.join(OBJECTIVE_FORMATS)} in every source")
+    fmt = fmts.pop()
+
+    def convert(src: _Source) -> list[dict[str, Any]]:
+        if fmt == "preference":
+            rows = [preference_texts(r, tokenizer) for r in src.rows]
+            chosen, rejected = ([len(x) for x in tokenizer([r["prompt"] + r[k] for r in rows],
+                                                           add_special_tokens=False)["input_ids"]]
+                                for k in ("chosen", "rejected"))
+            for r, a, b in zip(rows, chosen, rejected, strict=True):
+                r["_tokens"] = a + b
+                stats.truncated += bool(max_len and max(a, b) + 2 > max_len)  # + BOS and EOS
+            return rows
+        rows = tokenize_scored(src.rows, tokenizer)
+        for r in rows:
+            if max_len and len(r["input_ids"]) > max_len:
+                stats.truncated += 1
+                r["input_ids"] = r["input_ids"][:max_len]
+        return rows
+
+    train_parts = [convert(s) for s in train]
+    train_examples = _mix(train_parts, [s.weight for s in train], seed)
+    if not train_examples:
+        raise DataError("the weighted mixture of data.train draws no examples; raise the weights")
+    stats.mixture = {s.name: round(s.weight * len(p)) for s, p in zip(train, train_parts, strict=True)}
+    eval_examples = [ex for src in evals for ex in convert(src)]
+
+    def tokens(examples: list[dict[str, Any]]) -> int:
+        return sum(ex.pop("_tokens") if "_tokens" in ex else len(ex["input_ids"]) for ex in examples)
+
+    stats.train_examples, stats.eval_examples = len(train_examples), len(eval_examples)
+    train_examples, eval_examples = [dict(ex) for ex in train_examples], [dict(ex) for ex in eval_examples]
+    stats.train_tokens, stats.eval_tokens = tokens(train_examples), tokens(eval_examples)
+    stats.trained_tokens = stats.train_tokens
+    if fmt == "scored":
+        y = np.array([ex["labels"] for ex in train_examples], dtype=np.float64)
+        stats.labels = {"n": float(len(y)), "mean": float(y.mean()), "std": float(y.std()),
+                        "min": float(y.min()), "max": float(y.max())}
+    return train_examples, eval_examples, stats
 
 
 # --------------------------------------------------------------------------- helpers

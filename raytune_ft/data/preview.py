@@ -21,6 +21,8 @@ def preview(
     of its sequence (causal LMs never predict a sequence's first token). ``stats`` is a
     :class:`~raytune_ft.data.pipeline.DataStats`; without it a short summary of ``examples`` is printed.
     """
+    if examples and ("prompt" in examples[0] or not isinstance(examples[0].get("labels", []), list)):
+        return _preview_whole(examples, tokenizer, n, stats)
     out = [LEGEND, ""]
     for i, row in enumerate(examples[:n]):
         ids, labels = list(row["input_ids"]), list(row["labels"])
@@ -39,6 +41,21 @@ def preview(
         out.append("".join(pieces))
         out.append("")
     out += stats.lines() if stats is not None else _summary(examples)
+    return "\n".join(out)
+
+
+def _preview_whole(examples: Sequence[Mapping[str, Any]], tokenizer: Any, n: int, stats: Any) -> str:
+    """Preference pairs (prompt, chosen, rejected texts) and scored texts (with their labels): no loss mask."""
+    out = []
+    for i, row in enumerate(examples[:n]):
+        if "prompt" in row:
+            out += [f"--- pair {i + 1} of {len(examples)} ---", f"prompt:\n{row['prompt']}",
+                    f"chosen:\n{row['chosen']}", f"rejected:\n{row['rejected']}", ""]
+        else:
+            text = tokenizer.decode(row["input_ids"], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+            out += [f"--- example {i + 1} of {len(examples)}: {len(row['input_ids'])} tokens, "
+                    f"label {row['labels']:.6g} ---", text, ""]
+    out += stats.lines() if stats is not None else [f"examples: {len(examples)}"]
     return "\n".join(out)
 
 

@@ -209,7 +209,10 @@ def format_errors(exc: ValidationError | list[dict], where: Source) -> list[str]
 def dump_spec(spec: JobSpec) -> dict:
     """The resolved spec as plain data (presets already merged, so no ``extends``). It holds only env
     var *names* for secrets, never values."""
-    return spec.model_dump(mode="json", exclude_none=True, exclude={"extends"})
+    d = spec.model_dump(mode="json", exclude_none=True, exclude={"extends"})
+    if d.get("method", {}).get("objective") == "sft":  # the default: SFT specs dump (and hash) as before objectives
+        del d["method"]["objective"]
+    return d
 
 
 def to_yaml(spec: JobSpec) -> str:

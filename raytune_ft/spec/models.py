@@ -13,6 +13,7 @@ from typing import Any, Literal, Union
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
+from raytune_ft.spec import objectives as obj
 from raytune_ft.spec import rules
 from raytune_ft.spec.base import (  # noqa: F401  (re-exported: the spec's names live here)
     CONTROL_RE,
@@ -29,6 +30,7 @@ from raytune_ft.spec.base import (  # noqa: F401  (re-exported: the spec's names
     plain_text,
     section_rule,
 )
+from raytune_ft.spec.objectives import DpoSpec, HeadSpec  # noqa: F401
 from raytune_ft.spec.systems import (  # noqa: F401
     ClusterSpec,
     ComputeSpec,
@@ -162,9 +164,16 @@ class MethodSpec(Section):
     type: Literal["full", "lora", "qlora"] = "lora"
     lora: LoraSpec | None = None
     quantization: QuantizationSpec | None = None
+    objective: obj.Objective = Field("sft", description="sft | regression | reward | dpo | orpo (spec/objectives.py)")
+    head: HeadSpec | None = Field(None, description="The regression head (objective regression).")
+    dpo: DpoSpec | None = Field(None, description="DPO/ORPO options (objective dpo or orpo).")
+
+    _objective_name = field_validator("objective", mode="before")(classmethod(lambda cls, v: obj.check_objective_name(v)))
 
     @section_rule
     def _method_rules(self) -> None:
+        obj.check_method(self.objective, self.type, self.head, self.dpo,
+                         set(self.dpo.model_fields_set) if self.dpo else set())
         if self.type == "full" and self.lora is not None:
             raise ValueError("method.type full trains every weight and takes no method.lora; remove it or use lora")
         if self.type == "full" and self.quantization is not None:
@@ -187,7 +196,7 @@ class MethodSpec(Section):
 class DataSource(Section):
     path: str = Field(..., min_length=1, description="Local file/dir, HF save_to_disk dir, s3:// URI, or a hub "
                       "dataset hf://datasets/ORG/NAME.")
-    format: Literal["alpaca", "chat", "text"] = "alpaca"
+    format: Literal["alpaca", "chat", "text", "preference", "scored"] = "alpaca"
     fields: dict[str, str] | None = Field(None, description="Canonical field -> column name in the file.")
     weight: float = Field(1.0, gt=0)
     config: str | None = Field(None, description="Hub datasets only: the dataset's configuration (subset).")
@@ -203,7 +212,8 @@ class DataSource(Section):
     def _known_fields(cls, v):
         if v is None:
             return v
-        allowed = {"instruction", "input", "output", "messages", "text", "system"}
+        allowed = {"instruction", "input", "output", "messages", "text", "system", "prompt", "chosen", "rejected",
+                   "label"}
         bad = sorted(set(v) - allowed)
         if bad:
             raise ValueError(f"unknown canonical field(s) {bad}; allowed: {sorted(allowed)}")
@@ -282,7 +292,7 @@ Scheduler = Literal[
 ]
 
 
-EVAL_METRICS = ("eval_loss",)  # what an evaluation reports (HF's names, with their eval_ prefix)
+EVAL_METRICS = obj.ALL_METRICS  # what an evaluation reports (HF's names, eval_ prefix); per objective: JobSpec
 
 
 class EarlyStopping(Section):
@@ -454,7 +464,8 @@ class TuneSpec(Section):
     num_samples: int | None = Field(None, ge=1, description="Trials to sample (random, optuna); with grid "
                                     "values, how many times the whole grid runs (default 1).")
     max_concurrent_trials: int | None = Field(None, ge=1, description="Defaults to what the cluster fits.")
-    metric: Literal["eval_loss", "perplexity", "loss"] = "eval_loss"
+    metric: Literal["eval_loss", "perplexity", "loss", "eval_r2", "eval_mse", "eval_mae", "eval_accuracy",
+                    "eval_margin", "eval_rewards/accuracies", "eval_rewards/margins"] = "eval_loss"
     mode: Literal["min", "max"] = "min"
     scheduler: Union[AshaScheduler, FifoScheduler] = Field(FifoScheduler(type="fifo"), discriminator="type")
     search: Literal["random", "grid", "optuna"] = "random"
@@ -479,9 +490,11 @@ class TuneSpec(Section):
 def tune_rule_problems(tune: Any) -> list[tuple[tuple[str, ...], str, Any]]:
     """(location within tune, message, value) for each rule of a tune section that fails."""
     found: list[tuple[tuple[str, ...], str, Any]] = []
-    if tune.mode == "max":
+    if tune.mode == "max" and tune.metric not in obj.HIGHER_IS_BETTER:
         found.append((("mode",), f"tune.metric {tune.metric} is a loss (lower is better): tune.mode must be min",
                       tune.mode))
+    if tune.mode == "min" and tune.metric in obj.HIGHER_IS_BETTER:
+        found.append((("mode",), f"tune.metric {tune.metric} is better when higher: set tune.mode: max", tune.mode))
     sampled = [p for p, d in tune.space.items() if d.kind != "grid"]
     if tune.search in ("random", "optuna") and sampled and tune.num_samples is None:
         found.append((("num_samples",), f"tune.search {tune.search} samples {', '.join(sampled)}: set "

@@ -119,6 +119,21 @@ def _liger_gpu(s: Any) -> str | None:
     return None
 
 
+def _objective_fits(s: Any) -> str | None:
+    """The data formats, packing, model.init, ZeRO-3 and metrics must fit method.objective."""
+    from raytune_ft.spec import objectives as obj
+
+    t, ds = s.training, s.deepspeed
+    formats = {f"data.{k}[{i}].format": src.format for k in ("train", "eval")
+               for i, src in enumerate(getattr(s.data, k) or [])}
+    try:
+        obj.check_job(s.method.objective, formats, s.data.packing, s.model.init is not None,
+                      t.metric_for_best_model, s.tune.metric if s.tune else None, bool(ds and ds.stage == 3))
+    except ValueError as e:
+        return str(e)
+    return None
+
+
 CROSS_RULES: tuple[Rule, ...] = (
     Rule(("training", "precision"), _qlora_dtypes),
     Rule(("deepspeed", "stage"), _zero3_8bit),
@@ -130,6 +145,7 @@ CROSS_RULES: tuple[Rule, ...] = (
     Rule(("monitoring", "report_to"), _mlflow_uri),
     Rule(("training", "liger_kernel"), _liger_gpu),
     Rule(("method", "type"), _init_full),
+    Rule(("method", "objective"), _objective_fits),
 )
 
 

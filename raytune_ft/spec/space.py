@@ -18,9 +18,10 @@ from typing import Any
 from raytune_ft.errors import UserError
 from raytune_ft.spec.document import Source, apply_override, dump_spec, format_errors, model_at, unwrap_model
 from raytune_ft.spec.models import JobSpec
+from raytune_ft.spec.objectives import ALL_METRICS
 
 SWEEPABLE = ("model", "tokenizer", "method", "data", "training", "deepspeed")
-EVAL_METRICS = ("eval_loss", "perplexity")
+EVAL_METRICS = (*ALL_METRICS, "perplexity")  # reported by an evaluation (each objective its own)
 MAX_COMBINATIONS = 256  # the whole-space check validates every combination of edge values up to this many
 
 

@@ -17,7 +17,7 @@ from raytune_ft.errors import UserError
 from raytune_ft.rundir import BEST_YAML, RESULTS_CSV, RunDir
 from raytune_ft.spec import to_yaml, validate_document
 from raytune_ft.spec.models import JobSpec
-from raytune_ft.spec.space import base_doc, with_values
+from raytune_ft.spec.space import EVAL_METRICS, base_doc, with_values
 
 STATUS_COMPLETED = "completed"
 STATUS_STOPPED = "stopped early"
@@ -108,7 +108,7 @@ def parse_results_csv(text: str, *, name: str = "", location: str = "") -> Sweep
     if not rows or not rows[0] or rows[0][0] != "trial":
         raise UserError(f"{location or RESULTS_CSV}: not a sweep results file")
     header = rows[0]
-    metrics = [c for c in header if c in ("eval_loss", "perplexity", "loss")]
+    metrics = [c for c in header if c in (*EVAL_METRICS, "loss")]
     if len(metrics) != 1:
         raise UserError(f"{location or RESULTS_CSV}: no metric column in {header}")
     metric = metrics[0]

@@ -101,7 +101,9 @@ def _run_trial(config: dict[str, Any], base: dict | None = None, metric: str = "
         # this trial finished before the sweep was stopped, but Tune had not recorded it yet: report its
         # final results instead of training it again
         result = to_tune_result({"step": done.get("steps"), "loss": done.get("train_loss"),
-                                 "eval_loss": done.get("eval_loss"), "done": True}, metric, False)
+                                 "eval_loss": done.get("eval_loss"), "done": True,
+                                 **{k: v for k, v in done.items() if k in EVAL_METRICS and k != "eval_loss"}},
+                                metric, False)
         if result is not None:
             tune.report(result)
         return

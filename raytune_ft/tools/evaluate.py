@@ -55,6 +55,14 @@ def evaluate(
         raise UserError(f"batch_size must be >= 1 (got {batch_size})")
     started = time.time()
     src = source if isinstance(source, Source) else resolve_source(source)
+    objective = src.spec.method.objective if src.spec is not None else "sft"
+    if objective in ("dpo", "orpo"):
+        raise UserError(f"rtf eval measures token loss; a {objective} run's reward accuracies and margins are "
+                        f"logged at each evaluation in its {rd.METRICS} (eval_rewards/accuracies, "
+                        "eval_rewards/margins)", hint="rtf generate SOURCE shows what it writes")
+    if objective in ("regression", "reward"):
+        return _evaluate_head(src, data_path, batch_size, started, out=out, data_format=data_format, dtype=dtype,
+                              write=write)
     loaded = load_model(src, dtype=dtype)
     examples, described, fmt = eval_examples(src, loaded.tokenizer, data_path, data_format)
     total, count = token_loss(loaded.model, examples, batch_size, loaded.tokenizer, loaded.device)
@@ -84,6 +92,25 @@ def evaluate(
                 b_total, b_count = token_loss(base, examples, batch_size, loaded.tokenizer, loaded.device)
                 result["base"] = {"model": src.base_model, "loss": b_total / b_count, "perplexity": _ppl(b_total / b_count)}
     result["notes"] = notes
+    result["runtime_s"] = round(time.time() - started, 3)
+    result["time"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    if write:
+        result["written"] = _write(src, result, out)
+    return result
+
+
+def _evaluate_head(src: Source, data_path: str | None, batch_size: int, started: float, *, out: str | None,
+                   data_format: str | None, dtype: str | None, write: bool) -> dict[str, Any]:
+    """A regression or reward run: the objective's metrics (as training's eval reports them) on its eval data."""
+    from raytune_ft.tools.scoring import head_metrics, load_scorer
+
+    scorer = load_scorer(src, dtype=dtype)
+    examples, described, fmt = eval_examples(src, scorer.loaded.tokenizer, data_path, data_format)
+    result: dict[str, Any] = {"source": src.origin, "model": src.describe(), "step": src.step, "data": described,
+                              "format": fmt, "objective": scorer.head.get("objective"), "examples": len(examples),
+                              **head_metrics(scorer, examples, batch_size,
+                                             src.spec.data.max_seq_length if src.spec is not None else None)}
+    result["notes"] = list(src.notes) + list(scorer.loaded.notes)
     result["runtime_s"] = round(time.time() - started, 3)
     result["time"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     if write:
@@ -271,6 +298,12 @@ def _finite(obj: Any) -> Any:
 
 def render(result: dict[str, Any]) -> str:
     """A small table: model (and base) loss and perplexity, tokens, where the results went."""
+    if "loss" not in result:  # a regression or reward run: its own metrics
+        lines = [f"{result['model']}", f"data: {', '.join(result['data'])} ({result['format']}, "
+                 f"{result['examples']} examples)"]
+        lines += [f"{k}: {result[k]:.6g}" for k in ("mse", "mae", "r2", "accuracy", "margin") if k in result]
+        lines += [f"note: {x}" for x in result.get("notes") or []]
+        return "\n".join(lines + ([f"wrote {result['written']}"] if result.get("written") else []))
     rows = [("model", "loss", "perplexity", "tokens")]
     rows.append(("fine-tuned", f"{result['loss']:.4f}", f"{result['perplexity']:.3f}", str(result["tokens"])))
     base = result.get("base")

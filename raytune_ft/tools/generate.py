@@ -52,6 +52,9 @@ def generate(
     if not 0 < top_p <= 1:
         raise UserError(f"top_p must be in (0, 1] (got {top_p})")
     src = source if isinstance(source, Source) else resolve_source(source)
+    if src.spec is not None and src.spec.method.objective in ("regression", "reward"):
+        raise UserError(f"a {src.spec.method.objective} run scores texts with its head, it does not generate",
+                        hint="rtf score SOURCE --file TEXTS")
     fmt = data_format or src.data_format
     notes = list(src.notes)
     if fmt is None:

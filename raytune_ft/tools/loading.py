@@ -99,11 +99,15 @@ def _revision(src: Source, name: str | None) -> str | None:
     return None
 
 
-def load_pretrained(name: str, src: Source, *, dtype, device, quantization: Any = None, local_only: bool = False):
-    """``AutoModelForCausalLM.from_pretrained`` with the run's settings; UserError when it cannot be loaded."""
-    from transformers import AutoModelForCausalLM
+def load_pretrained(name: str, src: Source, *, dtype, device, quantization: Any = None, local_only: bool = False,
+                    head: dict | None = None):
+    """``AutoModelForCausalLM.from_pretrained`` with the run's settings; UserError when it cannot be loaded.
+    ``head`` (a run's ``head.json``): the sequence-classification class with that head (regression, reward)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     kwargs: dict[str, Any] = dict(dtype=dtype, trust_remote_code=trust_remote_code(src))
+    if head is not None:
+        kwargs["num_labels"] = 1
     rev = _revision(src, name)
     if rev:
         kwargs["revision"] = rev
@@ -113,7 +117,12 @@ def load_pretrained(name: str, src: Source, *, dtype, device, quantization: Any 
         kwargs["quantization_config"] = quantization
         kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}
     try:
-        model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
+        auto = AutoModelForSequenceClassification if head is not None else AutoModelForCausalLM
+        model = auto.from_pretrained(name, **kwargs)
+        if head is not None:
+            from raytune_ft.train.objectives import build_head
+
+            model.score = build_head(head).to(dtype=dtype if dtype is not None else model.score.weight.dtype)
     except (OSError, ValueError) as e:
         where = "on this machine" if local_only or os.environ.get("HF_HUB_OFFLINE") else "locally or on the Hub"
         raise UserError(f"cannot load the model {name} {where}: {str(e).splitlines()[0]}")
@@ -142,11 +151,13 @@ def load_model(
     dtype: str | None = None,
     device: Any = None,
     quantize: bool | None = None,
+    head: dict | None = None,
 ) -> Loaded:
     """Tokenizer and model for ``src``: base + adapter (a PeftModel) or the full model, in eval mode.
 
     ``quantize``: for a QLoRA adapter, load its base quantized as in training (``None``/``True``) or
-    unquantized in ``dtype`` (``False``). Ignored for other sources.
+    unquantized in ``dtype`` (``False``). Ignored for other sources. ``head``: the run's ``head.json`` (a
+    regression or reward run): the scalar-head model, its head's weights loaded from ``head.safetensors``.
     """
     quiet_transformers()
     device = device or default_device()
@@ -160,7 +171,7 @@ def load_model(
         qcfg = None
         if src.method == "qlora" and quantize is not False:
             qcfg = _usable_bnb(src, tdtype, notes)
-        base = load_pretrained(src.base_model, src, dtype=tdtype, device=device, quantization=qcfg)
+        base = load_pretrained(src.base_model, src, dtype=tdtype, device=device, quantization=qcfg, head=head)
         quantized = qcfg is not None
         if quantized:
             notes.append(f"base {src.base_model} loaded quantized ({src.spec.method.quantization.bits}-bit) as in training")
@@ -170,9 +181,31 @@ def load_model(
             raise UserError(f"cannot load the adapter {src.path} onto {src.base_model}: {str(e).splitlines()[0]}")
         model.eval()
     else:
-        model = load_pretrained(src.path, src, dtype=tdtype, device=device)
+        model = load_pretrained(src.path, src, dtype=tdtype, device=device, head=head)
+    if head is not None:
+        _load_head(model, src, device)
     _check_vocab(model, tok, src)
     return Loaded(model=model, tokenizer=tok, device=device, dtype=tdtype, quantized=quantized, notes=notes)
+
+
+def _load_head(model: Any, src: Source, device: Any) -> None:
+    """The head's own weights (``head.safetensors``, beside the adapter or model) into the loaded head."""
+    from safetensors.torch import load_file
+
+    from raytune_ft.train.objectives import head_module
+
+    path = os.path.join(src.path, rd.HEAD_WEIGHTS)
+    if not os.path.exists(path):
+        raise UserError(f"{src.origin}: no {rd.HEAD_WEIGHTS} beside the model (not a regression or reward run)")
+    head = head_module(model)
+    state = load_file(path)
+    try:
+        head.load_state_dict({k: v.to(next(head.parameters()).dtype) for k, v in state.items()})
+    except RuntimeError as e:
+        raise UserError(f"{src.origin}: {rd.HEAD_WEIGHTS} does not fit the head of {rd.HEAD_CONFIG}: "
+                        f"{str(e).splitlines()[0]}")
+    model.to(device)
+    model.eval()
 
 
 def _usable_bnb(src: Source, dtype, notes: list[str]):

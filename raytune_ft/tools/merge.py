@@ -55,7 +55,12 @@ def merge(source: str | Source, out_dir: str, dtype: str = "float32", *, overwri
     quiet_transformers()
     messages = list(src.notes)
     dequantized = bool(src.quantized_base)
-    base = _load_base(src, tdtype, messages)
+    head = None
+    if os.path.exists(os.path.join(src.path, rd.HEAD_CONFIG)):  # a regression/reward run: its head is kept
+        from raytune_ft.tools.scoring import read_head_config
+
+        head = read_head_config(src)
+    base = _load_base(src, tdtype, messages, head)
     tok = load_tokenizer(src)
 
     from peft import PeftModel
@@ -78,6 +83,9 @@ def merge(source: str | Source, out_dir: str, dtype: str = "float32", *, overwri
     try:
         merged.save_pretrained(work, safe_serialization=True)
         tok.save_pretrained(work)
+        if head is not None:  # the trained head beside the merged model, as beside the adapter
+            for name in (rd.HEAD_WEIGHTS, rd.HEAD_CONFIG):
+                shutil.copyfile(os.path.join(src.path, name), os.path.join(work, name))
         if src.spec_path and os.path.isfile(src.spec_path):
             shutil.copyfile(src.spec_path, os.path.join(work, rd.SPEC))
         info = {
@@ -121,10 +129,10 @@ def merge(source: str | Source, out_dir: str, dtype: str = "float32", *, overwri
     }
 
 
-def _load_base(src: Source, tdtype, messages: list[str]):
-    """The base model, unquantized, in ``tdtype``, on the CPU."""
+def _load_base(src: Source, tdtype, messages: list[str], head: dict | None = None):
+    """The base model, unquantized, in ``tdtype``, on the CPU (``head``: the scalar-head class with that head)."""
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     name = src.base_model
     from raytune_ft.tools.loading import trust_remote_code
@@ -134,7 +142,13 @@ def _load_base(src: Source, tdtype, messages: list[str]):
         kwargs["revision"] = src.spec.model.revision
     prequantized = _prequantized(name)
     try:
-        base = AutoModelForCausalLM.from_pretrained(name, **kwargs)
+        if head is not None:
+            from raytune_ft.train.objectives import build_head
+
+            base = AutoModelForSequenceClassification.from_pretrained(name, num_labels=1, **kwargs)
+            base.score = build_head(head).to(dtype=tdtype)
+        else:
+            base = AutoModelForCausalLM.from_pretrained(name, **kwargs)
     except (OSError, ValueError) as e:
         raise UserError(f"cannot load the base model {name}: {str(e).splitlines()[0]}")
     if prequantized:

@@ -154,7 +154,9 @@ class RtfCallback(TrainerCallback):
         import ray.train
 
         ev = float(metrics["eval_loss"])
-        ray.train.report({"step": state.global_step, "max_steps": state.max_steps, "epoch": state.epoch,
+        ours = {k: float(v) for k, v in metrics.items() if k.startswith("eval_") and isinstance(v, (int, float))
+                and not isinstance(v, bool)}  # an objective's own metrics (eval_r2, eval_accuracy...) too
+        ray.train.report({"step": state.global_step, "max_steps": state.max_steps, "epoch": state.epoch, **ours,
                           "eval_loss": ev, "perplexity": math.exp(min(ev, 50.0)) if math.isfinite(ev) else ev})
 
     # ------------------------------------------------------------------ checkpoints

@@ -132,9 +132,12 @@ def quantization_config(quant: QuantizationSpec, *, compute_dtype: torch.dtype |
 
 def build_model(spec: JobSpec, tokenizer: Any, *, device: torch.device, seed: int) -> tuple[Any, dict[str, str]]:
     """The model, ready for the method (not yet wrapped), and what was chosen and why."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     m = spec.model
+    head = spec.method.objective in ("regression", "reward")  # a scalar head (raytune_ft.train.objectives)
+    auto = AutoModelForSequenceClassification if head else AutoModelForCausalLM
+    head_kwargs: dict[str, Any] = {"num_labels": 1} if head else {}
     cuda = device.type == "cuda"
     dtype = load_dtype(spec)
     chosen: dict[str, str] = {"dtype": str(dtype).replace("torch.", "")}
@@ -144,7 +147,8 @@ def build_model(spec: JobSpec, tokenizer: Any, *, device: torch.device, seed: in
                                      model_class=_class_for(config))
         config._attn_implementation = attn
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        config.num_labels = 1 if head else config.num_labels
+        model = auto.from_config(config, dtype=dtype)
         chosen["source"] = f"built from model.init ({m.init.arch})"
     else:
         kwargs: dict[str, Any] = dict(
@@ -166,7 +170,9 @@ def build_model(spec: JobSpec, tokenizer: Any, *, device: torch.device, seed: in
             kwargs["quantization_config"] = quantization_config(spec.method.quantization)
             if cuda:
                 kwargs["device_map"] = {"": device.index or 0}
-        model = AutoModelForCausalLM.from_pretrained(m.name_or_path, **kwargs)
+        if head:
+            torch.manual_seed(seed)  # a new head's initial weights
+        model = auto.from_pretrained(m.name_or_path, **kwargs, **head_kwargs)
         chosen["source"] = f"pretrained {m.name_or_path}"
     chosen["attention"] = f"{attn} ({why})"
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
@@ -177,21 +183,36 @@ def build_model(spec: JobSpec, tokenizer: Any, *, device: torch.device, seed: in
     return model, chosen
 
 
-def apply_method(model: Any, spec: JobSpec) -> Any:
-    """Wrap with LoRA (every ``method.lora`` option) or prepare a quantized base for QLoRA."""
+def apply_method(model: Any, spec: JobSpec, *, wrap: bool = True) -> Any:
+    """Wrap with LoRA (every ``method.lora`` option) or prepare a quantized base for QLoRA. ``wrap=False``:
+    only the preparation (a trainer that applies :func:`lora_config` itself, as TRL's DPO does)."""
     if spec.method.type == "full":
         return model
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import get_peft_model, prepare_model_for_kbit_training
 
-    lora = spec.method.lora_or_default
-    assert lora is not None
     if spec.method.type == "qlora":
         model = prepare_model_for_kbit_training(
             model,
             use_gradient_checkpointing=spec.training.gradient_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False},
         )
-    cfg = LoraConfig(
+    if not wrap:
+        return model
+    try:
+        return get_peft_model(model, lora_config(spec))
+    except ValueError as e:
+        raise UserError(f"method.lora: {e}")
+
+
+def lora_config(spec: JobSpec) -> Any:
+    """PEFT's ``LoraConfig`` of ``method.lora``; a scalar-head objective trains (and saves) its ``score`` head
+    whole (PEFT's SEQ_CLS task adds it to ``modules_to_save``)."""
+    from peft import LoraConfig
+
+    lora = spec.method.lora_or_default
+    assert lora is not None
+    head = spec.method.objective in ("regression", "reward")
+    return LoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
@@ -199,12 +220,8 @@ def apply_method(model: Any, spec: JobSpec) -> Any:
         bias=lora.bias,
         modules_to_save=lora.modules_to_save,
         layers_to_transform=lora.layers_to_transform,
-        task_type="CAUSAL_LM",
+        task_type="SEQ_CLS" if head else "CAUSAL_LM",
     )
-    try:
-        return get_peft_model(model, cfg)
-    except ValueError as e:
-        raise UserError(f"method.lora: {e}")
 
 
 def count_parameters(model: Any) -> tuple[int, int]:

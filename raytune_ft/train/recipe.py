@@ -108,14 +108,18 @@ def setup_tokenizer(run: RunContext, work: str) -> Any:
     return tok
 
 
-def training_arguments(spec: JobSpec, out_dir: str, deepspeed: dict | None, use_cpu: bool) -> Any:
+def training_arguments(spec: JobSpec, out_dir: str, deepspeed: dict | None, use_cpu: bool, cls: Any = None,
+                       **extra: Any) -> Any:
+    """HF's ``TrainingArguments`` of the spec; ``cls`` and ``extra``: a TRL trainer's config class and its own
+    options (:func:`raytune_ft.train.objectives.argument_class`)."""
     from transformers import TrainingArguments
 
+    cls = cls or TrainingArguments
     t = spec.training
     has_eval = spec.data.has_eval and t.eval_strategy != "no"
     report = [r for r in spec.monitoring.report_to if r in ("wandb", "mlflow") and _installed(r)]
     warmup: float | int = t.warmup_steps or t.warmup_ratio
-    return TrainingArguments(
+    return cls(
         output_dir=out_dir,
         num_train_epochs=t.num_epochs or 1.0,
         max_steps=t.max_steps or -1,
@@ -155,6 +159,7 @@ def training_arguments(spec: JobSpec, out_dir: str, deepspeed: dict | None, use_
         ddp_backend="gloo" if use_cpu and torch.distributed.is_initialized() else None,
         deepspeed=deepspeed,
         use_liger_kernel=t.liger_kernel,
+        **extra,
     )
 
 
@@ -221,10 +226,11 @@ def train_loop(config: WorkerConfig) -> None:
 def _run(spec: JobSpec, run: RunContext, work: str, publisher: Publisher, config: WorkerConfig) -> None:
     import ray
     import ray.train
-    from transformers import EarlyStoppingCallback, PrinterCallback, Trainer
+    from transformers import EarlyStoppingCallback, PrinterCallback
 
     from raytune_ft.data.packing import PaddedCollator, collate_packed
     from raytune_ft.data.pipeline import build_datasets
+    from raytune_ft.train import objectives as ob
 
     info = (lambda msg: publisher.push({"kind": "info", "message": msg})) if run.rank == 0 else (lambda msg: None)
     t0 = time.time()
@@ -245,19 +251,23 @@ def _run(spec: JobSpec, run: RunContext, work: str, publisher: Publisher, config
         eval_ds = []
     for line in stats.lines():
         info(f"data: {line}")
+    train_ds, eval_ds, scale = ob.prepare_datasets(spec, tokenizer, train_ds, eval_ds)  # as the objective reads them
+    if spec.method.objective == "regression":
+        info(f"data: labels trained as (label - {scale.mean:.6g}) / {scale.std:.6g}; predictions and metrics "
+             "in the labels' own units")
     t_data = time.time()
 
     model, chosen = build_model(spec, tokenizer, device=device, seed=seed)
-    model = apply_method(model, spec)
-    trainable, total = count_parameters(model)
+    model = ob.attach_head(model, spec)  # regression: the MLP head of method.head
+    model = apply_method(model, spec, wrap=not ob.wraps_adapter_itself(spec))
     info(f"model: {chosen['source']}; attention {chosen['attention']}; weights {chosen['dtype']}"
          + (f"; {chosen['embeddings']}" if "embeddings" in chosen else ""))
-    info(f"parameters: {trainable:,} trainable of {total:,} ({100 * trainable / max(total, 1):.2f}%), "
-         f"method {spec.method.type}")
     t_model = time.time()
 
     out_dir = os.path.join(work, "hf")
-    args = training_arguments(spec, out_dir, copy.deepcopy(config.plan.deepspeed), use_cpu=device.type == "cpu")
+    args_cls, args_extra = ob.argument_class(spec)
+    args = training_arguments(spec, out_dir, copy.deepcopy(config.plan.deepspeed), use_cpu=device.type == "cpu",
+                              cls=args_cls, **args_extra)
     resume = find_resume_point(run, config.resume_from)
     local_resume = None
     if resume is not None:
@@ -286,10 +296,13 @@ def _run(spec: JobSpec, run: RunContext, work: str, publisher: Publisher, config
         collator = partial(collate_packed, pad_token_id=tokenizer.pad_token_id, flatten=flatten)
     else:
         collator = PaddedCollator(tokenizer.pad_token_id)
-    trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds or None,
-                      data_collator=collator, processing_class=tokenizer, callbacks=callbacks)
+    trainer = ob.make_trainer(spec, model=model, args=args, train_ds=train_ds, eval_ds=eval_ds, tokenizer=tokenizer,
+                              callbacks=callbacks, scale=scale, collator=collator)
     trainer.remove_callback(PrinterCallback)  # its lines once per job, not once per node
     trainer.add_callback(PrintOnRankZero())
+    trainable, total = count_parameters(trainer.model)
+    info(f"parameters: {trainable:,} trainable of {total:,} ({100 * trainable / max(total, 1):.2f}%), "
+         f"method {spec.method.type}, objective {spec.method.objective}")
     info(f"setup took {time.time() - t0:.1f}s (data {t_data - t0:.1f}s, model {t_model - t_data:.1f}s)")
 
     # ---- train
@@ -302,12 +315,14 @@ def _run(spec: JobSpec, run: RunContext, work: str, publisher: Publisher, config
         result = TrainOutput(trainer.state.global_step, None, {"train_runtime": 0.0})
     eval_metrics = _final_eval(trainer) if eval_ds else {}
 
-    probe = fingerprint(trainer.model, (eval_ds or train_ds)[0]["input_ids"][:32], device)
+    probe = fingerprint(trainer.model, ob.probe_ids((eval_ds or train_ds)[0], tokenizer)[:32], device)
 
     # ---- save
     final = os.path.join(work, rd.FINAL)
     trainer.save_model(final)
     if run.rank == 0:
+        if ob.has_head(spec):
+            ob.save_head(trainer.model, spec, final, scale)
         tokenizer.save_pretrained(final)
         trainer.state.save_to_json(os.path.join(final, rd.TRAINER_STATE))
         runtime = result.metrics.get("train_runtime") or (time.time() - t0)
@@ -332,6 +347,10 @@ def _run(spec: JobSpec, run: RunContext, work: str, publisher: Publisher, config
                      "truncated": stats.truncated, "skipped_bad_rows": stats.skipped,
                      "packing_efficiency": stats.packing_efficiency},
             "method": spec.method.type,
+            "objective": spec.method.objective,
+            **ob.eval_summary(spec, eval_metrics),
+            **({"labels": stats.labels, "label_scale": {"mean": scale.mean, "std": scale.std}}
+               if spec.method.objective == "regression" else {}),
             "spec_hash": spec_hash(spec),
             "fingerprint": probe,
             "workers": workers,
@@ -348,7 +367,7 @@ def _run(spec: JobSpec, run: RunContext, work: str, publisher: Publisher, config
     barrier()
     ray.train.report({"step": trainer.state.global_step, "loss": _last_train_loss(trainer.state.log_history),
                       **({"eval_loss": eval_metrics["eval_loss"]} if "eval_loss" in eval_metrics else {}),
-                      "done": True})
+                      **ob.eval_summary(spec, eval_metrics), "done": True})
     if tb is not None:
         tb.close()
 
@@ -363,7 +382,8 @@ def fingerprint(model: Any, input_ids: list[int], device: torch.device) -> dict[
         logits = model(input_ids=ids).logits.float()
     if was_training:
         model.train()
-    return {"input_ids": list(input_ids), "last_logits_head": logits[0, -1, :8].tolist(),
+    last = logits[0, -1, :8] if logits.dim() == 3 else logits[0, :8]  # a scalar head: (batch, 1)
+    return {"input_ids": list(input_ids), "last_logits_head": last.tolist(),
             "logits_sum": float(logits.sum()), "logits_abs_sum": float(logits.abs().sum())}
 
 
@@ -372,7 +392,7 @@ def _final_eval(trainer: Any) -> dict[str, float]:
     for rec in reversed(trainer.state.log_history):
         if "eval_loss" in rec:
             if rec.get("step") == trainer.state.global_step:
-                return {"eval_loss": float(rec["eval_loss"])}
+                return {k: float(v) for k, v in rec.items() if k.startswith("eval_") and isinstance(v, (int, float))}
             break
     return trainer.evaluate()
 
