@@ -41,8 +41,21 @@ def train_inprocess(tmp_path, spec, steps):
     args.save_strategy = "no"
     collator = collate_packed if spec.data.packing else PaddedCollator(tok.pad_token_id)
     trainer = Trainer(model=model, args=args, train_dataset=train, data_collator=collator)
+
+    def data_loss() -> float:
+        """The loss over the whole (tiny) training set: per-step losses depend on which rows the shuffled
+        batch drew, so 8 noisy steps can hide what training did."""
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            batch = {k: v.to(model.device) for k, v in collator(list(train)).items()}
+            loss = float(model(**batch).loss)
+        model.train(was_training)
+        return loss
+
+    start = data_loss()
     trainer.train()
-    losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
+    losses = [start, data_loss()]  # before and after, on the same rows
     after = dict(model.named_parameters())
     changed = {n for n, p in after.items() if not same_bits(before[n], p.detach())}
     return losses, changed, model
