@@ -150,3 +150,28 @@ def test_auto_and_local_are_not_dashboard_urls():
         jobs_api.dashboard_url("auto")
     with pytest.raises(UserError, match="does not say where the cluster is"):
         jobs_api.dashboard_url("local")
+
+
+# The message of a real job (Ray 2.60) whose head was started as `.venv/bin/ray start --head` without the venv on
+# PATH, submitted with the former entrypoint `python -u -m raytune_ft.launch.driver rtf_spec.yaml`: the
+# system python ran it (paths shortened). test_multinode.py runs the real case, which now succeeds.
+NO_RAY_JOB = (
+    "Job entrypoint command failed with exit code 1, last available logs (truncated to 20,000 chars):\n"
+    "Traceback (most recent call last):\n  File \"<frozen runpy>\", line 198, in _run_module_as_main\n"
+    "  File \"/tmp/rtfx/session_x/runtime_resources/py_modules_files/_ray_pkg_b1/raytune_ft/launch/driver.py\", "
+    "line 368, in main\n    import ray\nModuleNotFoundError: No module named 'ray'\n")
+NO_PYTHON_JOB = ("Job entrypoint command failed with exit code 127, last available logs (truncated to 20,000 "
+                 "chars):\n/bin/sh: 1: python: not found\n")
+
+
+def test_a_driver_without_ray_is_explained_in_one_line():
+    from raytune_ft.launch import ray_jobs as rj
+
+    for message in (NO_RAY_JOB, NO_PYTHON_JOB):
+        hint = rj.driver_python_hint(message)
+        assert hint and "\n" not in hint and "source .venv/bin/activate && ray start" in hint
+        rec = {"job": "j", "run": "r", "status": "FAILED", "driver_exit_code": 1, "start_time": None,
+               "end_time": None, "step": None, "max_steps": None, "storage": None, "message": message}
+        assert f"hint:     {hint}" in rj.render_status(rec).splitlines()
+    assert rj.driver_python_hint("ModuleNotFoundError: No module named 'ray.train.v2'") is None
+    assert rj.driver_python_hint("error: data/x.jsonl:2: missing field") is None

@@ -1,7 +1,8 @@
 """The Ray Jobs target: run the driver on an existing Ray cluster through its Jobs API.
 
 ``rtf submit SPEC --address http://HEAD:8265`` (or ``$RAY_ADDRESS``, or ``cluster.address``) sends
-``python -m raytune_ft.launch.driver rtf_spec.yaml`` to the cluster with :class:`JobSubmissionClient`.
+``python -m raytune_ft.launch.driver rtf_spec.yaml`` to the cluster with :class:`JobSubmissionClient` (the
+connection, its time limits and its one-line errors: :mod:`raytune_ft.launch.jobs_api`).
 
 * **Authentication.** Ray's token auth (Ray >= 2.52): the token comes from ``$RAY_AUTH_TOKEN``, else
   the file ``$RAY_AUTH_TOKEN_PATH``, else ``~/.ray/auth_token`` (Ray's own lookup order and default
@@ -66,7 +67,8 @@ BUNDLE_SPEC = rd.SPEC  # the resolved spec, under the name it has in a run dir
 # failure is explained by driver_python_hint().
 PICK_PYTHON = ("PY=python; python -c 'import importlib.util as u, sys; sys.exit(u.find_spec(\"ray\") is None)' "
                "2>/dev/null || { R=$(awk '/^PPid:/{print $2}' /proc/$PPID/status 2>/dev/null); "
-               "W=$(tr '\\0' '\\n' </proc/$R/cmdline 2>/dev/null | sed -n 's/^--python_worker_command=\\([^ ]*\\).*/\\1/p'); "
+               "W=$(tr '\\0' '\\n' </proc/$R/cmdline 2>/dev/null "
+               "| sed -n 's/^--python_worker_command=\\([^ ]*\\).*/\\1/p'); "
                "[ -x \"$W\" ] && PY=$W; }; ")
 DRIVER = 'exec "$PY" -u -m raytune_ft.launch.driver'
 NO_RAY_SIGNS = ("No module named 'ray'", "No module named ray", "python: not found", "python: command not found")
