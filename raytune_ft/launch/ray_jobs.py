@@ -373,9 +373,10 @@ def _progress(cluster: Cluster, job: Any) -> dict[str, Any] | None:
     if not (job.metadata or {}).get("rtf_name"):
         return None
     try:
-        with cluster.calls(f"job {job.submission_id}"):
-            return last_progress(cluster.client.get_job_logs(job.submission_id))
-    except Exception:  # noqa: BLE001 - progress is a nicety; the listing must not fail on it
+        return last_progress(cluster.client.get_job_logs(job.submission_id))
+    except UserError:  # the cluster stopped answering (time limit, unreachable): one line, not a wait per job
+        raise
+    except Exception:  # noqa: BLE001 - progress is a nicety; the listing must not fail on a job's log
         return None
 
 
