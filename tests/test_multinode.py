@@ -401,7 +401,7 @@ def test_a_bad_data_row_fails_on_the_cluster_with_its_line_and_exit_2(cluster, t
 # --------------------------------------------------------------------------- the machine's history
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(300)  # the first test to ask for `trained` waits for it
 def test_the_driver_runs_with_the_clusters_python_though_path_has_none(cluster, trained):
     """The nodes' PATH has no `python` with Ray (the condition that broke `python -m ...` entrypoints);
     the two-node job succeeded all the same, its driver started with the raylet's Python."""
