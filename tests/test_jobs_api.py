@@ -175,3 +175,51 @@ def test_a_driver_without_ray_is_explained_in_one_line():
         assert f"hint:     {hint}" in rj.render_status(rec).splitlines()
     assert rj.driver_python_hint("ModuleNotFoundError: No module named 'ray.train.v2'") is None
     assert rj.driver_python_hint("error: data/x.jsonl:2: missing field") is None
+
+
+def _stand_in(mode: str, state: dict):
+    """A log stream that goes quiet for ever (mode "quiet") or sends a chunk every 50 ms ("chatty"); the
+    second stream opened ends, and the job has then SUCCEEDED."""
+    import asyncio
+    import types
+
+    class Client:
+        async def tail_job_logs(self, job_id):
+            state["opened"] += 1
+            yield "line one\n"
+            if state["opened"] >= 2:
+                state["status"] = "SUCCEEDED"
+                return
+            while True:
+                await asyncio.sleep(0.05 if mode == "chatty" else 3600)
+                if mode == "chatty":
+                    yield "x\n"
+
+        def get_job_info(self, job_id):
+            return types.SimpleNamespace(status=state["status"], metadata={}, driver_exit_code=0, message="")
+
+    return Client()
+
+
+@pytest.mark.parametrize("mode", ["quiet", "chatty"])
+def test_a_quiet_log_stream_is_reopened_and_ctrl_c_still_detaches(mode):
+    """`--follow` on a stream that goes quiet: after 4 time limits the job's state is asked and the stream
+    opened again; Ctrl-C while chunks arrive still detaches (exit 130). A stand-in client: a Ray dashboard's
+    stream that stalls mid-job is a network fault this machine cannot cause for real."""
+    import io
+    import os
+    import signal
+
+    from raytune_ft.launch import ray_jobs as rj
+
+    state = {"opened": 0, "status": "RUNNING"}
+    cluster = jobs_api.Cluster(_stand_in(mode, state), "http://127.0.0.1:1", jobs_api.Token(None, "none"),
+                               timeout=0.25)
+    if mode == "chatty":
+        threading.Timer(1.0, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
+    out = io.StringIO()
+    code = rj.follow_job(cluster, "j1", out=out)
+    if mode == "quiet":
+        assert code == 0 and state["opened"] == 2 and "job j1 SUCCEEDED" in out.getvalue()
+    else:
+        assert code == 130 and state["opened"] == 1 and "detached: job j1 keeps running" in out.getvalue()

@@ -281,19 +281,30 @@ def follow_job(cluster: Cluster, job_id: str, *, out=None, run_uri: str | None =
 
     async def tail() -> bool:
         """Feed the log stream; True when it ended, False when it stayed quiet past the limit (then the
-        job's state is asked over HTTP, which has a time limit, and the stream opened again)."""
-        stream = cluster.client.tail_job_logs(job_id)
+        job's state is asked over HTTP, which has a time limit, and the stream opened again). A timer, not
+        asyncio.wait_for, which on Python < 3.12 can swallow the cancellation Ctrl-C sends."""
+        task, loop = asyncio.current_task(), asyncio.get_running_loop()
+        quiet = False
+
+        def on_quiet() -> None:
+            nonlocal quiet
+            quiet = True
+            task.cancel()
+
+        timer = loop.call_later(cluster.stream_idle_s, on_quiet)
         try:
-            while True:
-                try:
-                    chunk = await asyncio.wait_for(stream.__anext__(), cluster.stream_idle_s)
-                except StopAsyncIteration:
-                    return True
-                except asyncio.TimeoutError:
-                    return False
+            async for chunk in cluster.client.tail_job_logs(job_id):
+                timer.cancel()
+                timer = loop.call_later(cluster.stream_idle_s, on_quiet)
                 f.feed(chunk)
+            return True
+        except asyncio.CancelledError:
+            if quiet and getattr(task, "cancelling", lambda: 1)() <= 1:  # only our timer's, not Ctrl-C's
+                getattr(task, "uncancel", lambda: 0)()
+                return False
+            raise
         finally:
-            await stream.aclose()
+            timer.cancel()
 
     try:
         while True:
