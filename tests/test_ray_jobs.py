@@ -382,8 +382,8 @@ def test_submit_over_plain_http_refuses_secrets_before_contacting(clean_env, tmp
     assert err.splitlines()[0] == ("warning: http://0.0.0.0:9 is plain HTTP to another machine: the Ray auth token "
                                    "(and with it RTF_UNIT_SECRET) crosses the network unencrypted; prefer https or "
                                    "an SSH tunnel to the head")
-    assert err.splitlines()[1].startswith("error: cannot reach the Ray Jobs API at http://0.0.0.0:9"), err
+    assert err.splitlines()[1].startswith("error: cannot reach the Ray dashboard at http://0.0.0.0:9"), err
     with pytest.raises(SystemExit):  # loopback: no warning
         main(["submit", str(spec), "--address", "http://127.0.0.1:9"])
     err = capsys.readouterr().err
-    assert "warning" not in err and err.startswith("error: cannot reach the Ray Jobs API at http://127.0.0.1:9"), err
+    assert "warning" not in err and err.startswith("error: cannot reach the Ray dashboard at http://127.0.0.1:9"), err
