@@ -12,7 +12,10 @@ on this machine, each with its own temp dir and one CPU), through the Ray Jobs A
   `logs`, `jobs` report it (a forwarded value the job prints is masked in `--follow` and `logs`), a
   second submit of the running run is refused,
   `stop` ends it, and its first committed checkpoint is intact and committed;
-* a bad data row fails on the cluster (driver preflight) with its file:line, exit 2, before any worker.
+* a bad data row fails on the cluster (driver preflight) with its file:line, exit 2, before any worker;
+* the nodes are started as `.venv/bin/ray start` without the venv on PATH (so the `python` there has no
+  Ray): the driver still runs, with the Python the raylet starts its workers with;
+* local mode beside this running head (recorded in Ray's address file) starts its own Ray and trains.
 
 Cleanup kills only processes whose command line names this module's temp dirs (and their children)."""
 
@@ -55,6 +58,12 @@ def _free_ports(n: int) -> list[int]:
     return ports
 
 
+# The PATH the nodes are started with: this one without the venv (as after `.venv/bin/ray start` with the
+# venv not activated), so the job supervisor's `python` is not the venv's.
+HEAD_PATH = os.pathsep.join(d for d in os.environ.get("PATH", "").split(os.pathsep)
+                            if d and Path(d).resolve() not in (VENV_BIN.resolve(), Path(sys.prefix, "bin").resolve()))
+
+
 def _base_env(**extra) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "RTF_"))}
     env.update(PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
@@ -69,6 +78,7 @@ class TwoNodeCluster:
         self.token = "rtf-test-" + secrets.token_hex(16)
         self.temp_dirs: list[str] = []
         self.url = ""
+        self.gcs = ""
 
     def _temp_dir(self) -> str:
         d = tempfile.mkdtemp(prefix="rtfmn", dir="/tmp")  # short: Ray's socket paths are limited
@@ -76,7 +86,7 @@ class TwoNodeCluster:
         return d
 
     def _ray_start(self, *args: str) -> None:
-        env = _base_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=self.token)
+        env = _base_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=self.token, PATH=HEAD_PATH)
         p = subprocess.run([str(VENV_BIN / "ray"), "start", "--disable-usage-stats", "--num-cpus", "1",
                             "--object-store-memory", str(200 * 1024 * 1024), "--node-ip-address", "127.0.0.1",
                             "--temp-dir", self._temp_dir(), *args], env=env, cwd=self.tmp, stdin=subprocess.DEVNULL,
@@ -89,6 +99,7 @@ class TwoNodeCluster:
         self._ray_start("--head", "--port", str(gcs), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
                         "--ray-client-server-port", str(client), "--dashboard-agent-listen-port", str(agent0))
         self.url = f"http://127.0.0.1:{dash}"
+        self.gcs = f"127.0.0.1:{gcs}"
         self._ray_start("--address", f"127.0.0.1:{gcs}", "--dashboard-agent-listen-port", str(agent1))
         deadline = time.time() + 60
         while time.time() < deadline:
@@ -418,3 +429,35 @@ def test_a_bad_data_row_fails_on_the_cluster_with_its_line_and_exit_2(cluster, t
     assert re.search(r"error: .*bad\.jsonl:2:", out) and "Traceback" not in out, out
     assert re.search(r"job rtf-mn-bad-\S+ FAILED \(driver exit code 2\)", out), out
     assert not (tmp_path / "runs" / "mn-bad").exists()  # stopped before anything was written
+
+
+# --------------------------------------------------------------------------- the machine's history
+
+
+@pytest.mark.timeout(300)  # the first test to ask for `trained` waits for it
+def test_the_driver_runs_with_the_clusters_python_though_path_has_none(cluster, trained):
+    """The nodes' PATH has no `python` with Ray (the condition that broke `python -m ...` entrypoints);
+    the two-node job succeeded all the same, its driver started with the raylet's Python."""
+    p = subprocess.run(["python", "-c", "import ray"], env=_base_env(PATH=HEAD_PATH), capture_output=True)
+    assert p.returncode != 0, "the nodes' PATH has a python with Ray: this test would show nothing"
+    assert trained["code"] == 0, trained["out"][-3000:]
+    from ray.job_submission import JobSubmissionClient
+
+    from raytune_ft.launch.ray_jobs import PICK_PYTHON
+
+    info = JobSubmissionClient(cluster.url, headers={"Authorization": f"Bearer {cluster.token}"}).get_job_info(
+        trained["job"])
+    assert info.entrypoint.startswith(PICK_PYTHON) and str(info.status) == "SUCCEEDED"
+
+
+@pytest.mark.timeout(300)
+def test_local_mode_beside_a_running_head_starts_its_own_ray(cluster, tiny, tmp_path):
+    from tests.test_local_mode import local_run, tiny_spec
+
+    code, out, address_file = local_run(tiny_spec("beside", tiny, tmp_path), cluster.gcs, tmp_path)
+    assert code == 0, out[-4000:]
+    assert "ray: started a new embedded Ray" in out
+    assert f"ray: not the Ray head at {cluster.gcs} recorded in {address_file} (running or stale)" in out
+    results = json.loads((tmp_path / "runs" / "beside" / "final" / "final_results.json").read_text())
+    assert results["steps"] == 2
+    assert {w["node_id"] for w in results["workers"]}.isdisjoint(cluster.node_ids())  # not on the head's nodes

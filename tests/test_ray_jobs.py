@@ -83,7 +83,7 @@ def test_unreachable_cluster_is_one_line_exit_2(clean_env, capsys):
         main(["status", "x", "--address", "http://127.0.0.1:9"])
     err = capsys.readouterr().err
     assert ei.value.code == 2 and err.count("\n") == 1, err
-    assert "cannot reach the Ray Jobs API at http://127.0.0.1:9" in err and "tok-unreachable" not in err
+    assert "cannot reach the Ray dashboard at http://127.0.0.1:9" in err and "tok-unreachable" not in err
 
 
 def test_commands_need_an_address(clean_env):
@@ -209,7 +209,7 @@ def test_payload_carries_names_never_values(tmp_path, monkeypatch):
     bundle.mkdir()
     rj.write_bundle(spec, str(bundle), {"HF_TOKEN": SECRET}, "tok")
     p = rj.job_payload(spec, str(bundle), fresh=True, forwarded=["HF_TOKEN"])
-    assert p["entrypoint"] == "python -u -m raytune_ft.launch.driver rtf_spec.yaml --fresh"
+    assert p["entrypoint"] == rj.PICK_PYTHON + 'exec "$PY" -u -m raytune_ft.launch.driver rtf_spec.yaml --fresh'
     env = p["runtime_env"]
     assert env["working_dir"] == str(bundle)
     assert env["py_modules"] == [rj.package_dir()] and rj.package_dir().endswith("raytune_ft")
@@ -382,8 +382,8 @@ def test_submit_over_plain_http_refuses_secrets_before_contacting(clean_env, tmp
     assert err.splitlines()[0] == ("warning: http://0.0.0.0:9 is plain HTTP to another machine: the Ray auth token "
                                    "(and with it RTF_UNIT_SECRET) crosses the network unencrypted; prefer https or "
                                    "an SSH tunnel to the head")
-    assert err.splitlines()[1].startswith("error: cannot reach the Ray Jobs API at http://0.0.0.0:9"), err
+    assert err.splitlines()[1].startswith("error: cannot reach the Ray dashboard at http://0.0.0.0:9"), err
     with pytest.raises(SystemExit):  # loopback: no warning
         main(["submit", str(spec), "--address", "http://127.0.0.1:9"])
     err = capsys.readouterr().err
-    assert "warning" not in err and err.startswith("error: cannot reach the Ray Jobs API at http://127.0.0.1:9"), err
+    assert "warning" not in err and err.startswith("error: cannot reach the Ray dashboard at http://127.0.0.1:9"), err

@@ -153,7 +153,9 @@ def plan(
 def submit(
     spec_path: Path = typer.Argument(..., metavar="SPEC"),
     overrides: Optional[list[str]] = SetOpt,
-    address: Optional[str] = typer.Option(None, "--address", metavar="URL", help="Ray cluster address (else RAY_ADDRESS, cluster.address, or local)."),
+    address: Optional[str] = typer.Option(None, "--address", metavar="URL",
+                                          help="Ray dashboard URL http://HEAD:8265, or local (else RAY_ADDRESS, "
+                                               "cluster.address, or local)."),
     fresh: bool = typer.Option(False, "--fresh", help="Start over; the old run is kept aside, never deleted."),
     resume_from: Optional[str] = typer.Option(None, "--resume-from", metavar="URI", help="Resume from this checkpoint URI."),
     follow: bool = typer.Option(True, "--follow/--no-follow",

@@ -1,7 +1,8 @@
 """The Ray Jobs target: run the driver on an existing Ray cluster through its Jobs API.
 
 ``rtf submit SPEC --address http://HEAD:8265`` (or ``$RAY_ADDRESS``, or ``cluster.address``) sends
-``python -m raytune_ft.launch.driver rtf_spec.yaml`` to the cluster with :class:`JobSubmissionClient`.
+``python -m raytune_ft.launch.driver rtf_spec.yaml`` to the cluster with :class:`JobSubmissionClient` (the
+connection, its time limits and its one-line errors: :mod:`raytune_ft.launch.jobs_api`).
 
 * **Authentication.** Ray's token auth (Ray >= 2.52): the token comes from ``$RAY_AUTH_TOKEN``, else
   the file ``$RAY_AUTH_TOKEN_PATH``, else ``~/.ray/auth_token`` (Ray's own lookup order and default
@@ -28,7 +29,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import os
@@ -37,180 +37,46 @@ import shlex
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
-from urllib.parse import urlsplit
 
 from raytune_ft import rundir as rd
 from raytune_ft.errors import UserError
 from raytune_ft.launch import secrets as sec
+from raytune_ft.launch.jobs_api import (  # noqa: F401  (the connection's names, also used from here)
+    DEFAULT_DASHBOARD_PORT,
+    Cluster,
+    Token,
+    checks_tokens,
+    cluster_address,
+    connect,
+    dashboard_url,
+    default_token_path,
+    find_token,
+)
 from raytune_ft.launch.progress import EVENT_PREFIX, Renderer, print_summary
 from raytune_ft.train.env import SEALED_FILE, seal
 
-DEFAULT_DASHBOARD_PORT = 8265
 BUNDLE_SPEC = rd.SPEC  # the resolved spec, under the name it has in a run dir
-DRIVER = "python -u -m raytune_ft.launch.driver"
+# The driver's interpreter. Ray's job supervisor runs the entrypoint with /bin/sh, so `python` is the one on
+# the PATH of whoever ran `ray start`; a head started as `.venv/bin/ray start` without the venv activated
+# finds a `python` without Ray (or none). So: `python` when it has Ray (the usual case, and the one Ray's
+# pip/conda runtime environments arrange), else the Python the node's raylet starts its workers with (the
+# supervisor's parent; its --python_worker_command, read from /proc on Linux), else `python` anyway, and a
+# failure is explained by driver_python_hint().
+PICK_PYTHON = ("PY=python; python -c 'import importlib.util as u, sys; sys.exit(u.find_spec(\"ray\") is None)' "
+               "2>/dev/null || { R=$(awk '/^PPid:/{print $2}' /proc/$PPID/status 2>/dev/null); "
+               "W=$(tr '\\0' '\\n' </proc/$R/cmdline 2>/dev/null "
+               "| sed -n 's/^--python_worker_command=\\([^ ]*\\).*/\\1/p'); "
+               "[ -x \"$W\" ] && PY=$W; }; ")
+DRIVER = 'exec "$PY" -u -m raytune_ft.launch.driver'
+NO_RAY_SIGNS = ("No module named 'ray'", "No module named ray", "python: not found", "python: command not found")
 SETUP_HOOK = "raytune_ft.launch.secrets.setup_hook"
 EXCLUDES = ["__pycache__", "*.pyc", ".pytest_cache", ".mypy_cache", ".ruff_cache"]
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 ACTIVE = ("PENDING", "RUNNING")
 # in --follow, driver lines shown besides the progress events (all lines with RTF_WORKER_LOGS=1)
 DRIVER_MESSAGES = ("error:", "hint:", "warning:", "rtf:", "stopped:", "interrupted")
-
-
-# --------------------------------------------------------------------------- address and token
-
-
-def dashboard_url(address: str) -> str:
-    """The Jobs API URL for an address: ``http(s)://host:port`` as is; ``ray://host[:port]`` (Ray
-    Client) is taken to mean the same head's dashboard on 8265; ``host[:port]`` gets ``http://``."""
-    a = (address or "").strip().rstrip("/")
-    if not a or a in ("auto", "local"):
-        raise UserError(f"address {address!r} does not say where the cluster is: give the Ray dashboard URL, "
-                        f"e.g. --address http://HEAD:{DEFAULT_DASHBOARD_PORT}")
-    if a.startswith(("http://", "https://")):
-        return a
-    if a.startswith("ray://"):
-        host = urlsplit(a).hostname
-        if not host:
-            raise UserError(f"cannot read a host from {address!r}")
-        return f"http://{host}:{DEFAULT_DASHBOARD_PORT}"
-    if "://" in a:
-        raise UserError(f"address {address!r}: use the Ray dashboard URL http://HEAD:{DEFAULT_DASHBOARD_PORT}")
-    return f"http://{a}" if ":" in a else f"http://{a}:{DEFAULT_DASHBOARD_PORT}"
-
-
-@dataclass(frozen=True)
-class Token:
-    value: str | None = field(repr=False)
-    source: str  # where it came from, for messages (never the value)
-
-
-def default_token_path() -> str:
-    """Ray's default token file (``ray._private.authentication.authentication_token_setup``)."""
-    return os.path.join(os.path.expanduser("~"), ".ray", "auth_token")
-
-
-def find_token() -> Token:
-    """The Ray auth token, looked up as Ray does: ``$RAY_AUTH_TOKEN``, ``$RAY_AUTH_TOKEN_PATH``,
-    ``~/.ray/auth_token``."""
-    tok = os.environ.get("RAY_AUTH_TOKEN", "").strip()
-    if tok:
-        return Token(tok, "$RAY_AUTH_TOKEN")
-    path = os.environ.get("RAY_AUTH_TOKEN_PATH")
-    if path:
-        try:
-            with open(os.path.expanduser(path)) as f:
-                tok = f.read().strip()
-        except OSError as e:
-            raise UserError(f"$RAY_AUTH_TOKEN_PATH names {path}, which cannot be read ({e.strerror})") from None
-        if not tok:
-            raise UserError(f"$RAY_AUTH_TOKEN_PATH names {path}, which is empty")
-        return Token(tok, f"$RAY_AUTH_TOKEN_PATH ({path})")
-    path = default_token_path()
-    try:
-        with open(path) as f:
-            tok = f.read().strip()
-    except OSError:
-        tok = ""
-    return Token(tok, path) if tok else Token(None, "none")
-
-
-def _no_auth_allowed() -> bool:
-    return os.environ.get("RTF_ALLOW_NO_AUTH", "") in ("1", "true", "yes")
-
-
-@dataclass
-class Cluster:
-    client: Any  # ray.job_submission.JobSubmissionClient
-    url: str
-    token: Token
-
-    @contextlib.contextmanager
-    def calls(self, what: str) -> Iterator[None]:
-        """Jobs API failures as one-line UserErrors that never hold the token."""
-        with _api_errors(self.url, self.token, what):
-            yield
-
-
-@contextlib.contextmanager
-def _api_errors(url: str, token: Token, what: str) -> Iterator[None]:
-    try:
-        yield
-    except UserError:
-        raise
-    except Exception as e:  # noqa: BLE001 - classified below, re-raised otherwise
-        text = str(e)
-        name = type(e).__name__
-        status = getattr(e, "status", None)
-        if name == "AuthenticationError" or status in (401, 403) or "Unauthorized" in text[:200] \
-                or "Forbidden" in text[:200]:
-            if "Forbidden" in text or "invalid" in text.lower() or status == 403:
-                raise UserError(f"the Ray cluster at {url} refused the auth token from {token.source} "
-                                "(403 Forbidden): it is not this cluster's token") from None
-            raise UserError(f"the Ray cluster at {url} requires a Ray auth token (401 Unauthorized) and none "
-                            "was sent: set $RAY_AUTH_TOKEN or $RAY_AUTH_TOKEN_PATH") from None
-        if name in ("ConnectionError", "ConnectTimeout", "ClientConnectorError", "ServerDisconnectedError") \
-                or "Failed to connect" in text or "Connection refused" in text:
-            raise UserError(f"cannot reach the Ray Jobs API at {url} ({what}): is the cluster's dashboard "
-                            f"there? (`ray start --head` serves it on port {DEFAULT_DASHBOARD_PORT})") from None
-        if "does not exist" in text and what.startswith("job "):
-            raise UserError(f"no {what} on the cluster at {url}; `rtf jobs` lists them") from None
-        raise
-
-
-@contextlib.contextmanager
-def _without_env(*names: str) -> Iterator[None]:
-    """JobSubmissionClient prefers $RAY_ADDRESS/$RAY_API_SERVER_ADDRESS to its argument; ours wins."""
-    saved = {n: os.environ.pop(n) for n in names if n in os.environ}
-    try:
-        yield
-    finally:
-        os.environ.update(saved)
-
-
-def connect(address: str) -> Cluster:
-    """A Jobs API client for ``address`` that authenticates with the Ray token."""
-    import logging
-
-    url = dashboard_url(address)
-    token = find_token()
-    if token.value is None and not _no_auth_allowed():
-        raise UserError(f"no Ray auth token for {url}: set $RAY_AUTH_TOKEN, or $RAY_AUTH_TOKEN_PATH to the "
-                        f"token file, or put the token in {default_token_path()} (`ray get-auth-token` on the "
-                        "head node prints it)")
-    headers = {"Authorization": f"Bearer {token.value}"} if token.value else None
-    from ray.job_submission import JobSubmissionClient
-
-    for name in ("ray.dashboard.modules.dashboard_sdk", "ray.dashboard.modules.job.sdk",
-                 "ray._private.runtime_env.packaging"):
-        logging.getLogger(name).setLevel(logging.WARNING)  # "Uploading package", "WebSocket closed" chatter
-    with _without_env("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"), _api_errors(url, token, "connecting"):
-        client = JobSubmissionClient(url, headers=headers)
-    return Cluster(client, url, token)
-
-
-def checks_tokens(url: str, timeout: float = 10.0) -> bool | None:
-    """Whether the cluster refuses a request that carries no token (``None``: could not tell). A
-    cluster that answers without one has token auth off: anyone who reaches it can run code there."""
-    import requests
-
-    try:
-        r = requests.get(f"{url}/api/jobs/", timeout=timeout)
-    except requests.RequestException:
-        return None
-    if r.status_code in (401, 403):
-        return True
-    return False if r.status_code == 200 else None
-
-
-def cluster_address(address: str | None) -> str:
-    addr = address or os.environ.get("RAY_ADDRESS")
-    if not addr:
-        raise UserError("which cluster? give --address http://HEAD:8265 or set $RAY_ADDRESS")
-    return addr
 
 
 # --------------------------------------------------------------------------- the submission
@@ -248,7 +114,7 @@ def job_payload(spec: Any, bundle: str, *, fresh: bool = False, resume_from: str
     metadata = {"rtf_name": spec.name, "rtf_run": make_plan(spec).run_uri, "rtf_spec_hash": spec_hash(spec)}
     if forwarded:
         metadata["rtf_forwarded_env"] = ",".join(forwarded)
-    return {"entrypoint": f"{DRIVER} {' '.join(shlex.quote(a) for a in args)}", "runtime_env": runtime_env,
+    return {"entrypoint": f"{PICK_PYTHON}{DRIVER} {' '.join(shlex.quote(a) for a in args)}", "runtime_env": runtime_env,
             "metadata": metadata, "submission_id": submission_id(spec)}
 
 
@@ -397,6 +263,15 @@ class _Follower:
         self.skip, self.lines, self.partial = self.lines, 0, ""
 
 
+def driver_python_hint(text: str) -> str | None:
+    """What to do when the cluster ran the driver with a Python that has no Ray (seen in its log)."""
+    if not any(sign in (text or "") for sign in NO_RAY_SIGNS):
+        return None
+    return ("the cluster ran the driver with a `python` that has no Ray (the one on the PATH of whoever ran "
+            "`ray start`): start Ray with its environment active, e.g. `source .venv/bin/activate && ray start "
+            "--head ...`, or with that environment's bin/ first on PATH")
+
+
 def follow_job(cluster: Cluster, job_id: str, *, out=None, run_uri: str | None = None,
                hide: dict[str, str] | None = None) -> int:
     """Stream a job's progress until it ends (exit code from its outcome). Ctrl-C detaches."""
@@ -405,21 +280,45 @@ def follow_job(cluster: Cluster, job_id: str, *, out=None, run_uri: str | None =
     out = sec.Masked(out or sys.stderr, hide or {})  # everything shown below goes through it
     f = _Follower(out, bool(os.environ.get("RTF_WORKER_LOGS")))
 
-    async def tail() -> None:
-        async for chunk in cluster.client.tail_job_logs(job_id):
-            f.feed(chunk)
+    async def tail() -> bool:
+        """Feed the log stream; True when it ended, False when it stayed quiet past the limit (then the
+        job's state is asked over HTTP, which has a time limit, and the stream opened again). A timer, not
+        asyncio.wait_for, which on Python < 3.12 can swallow the cancellation Ctrl-C sends."""
+        task, loop = asyncio.current_task(), asyncio.get_running_loop()
+        quiet = False
+
+        def on_quiet() -> None:
+            nonlocal quiet
+            quiet = True
+            task.cancel()
+
+        timer = loop.call_later(cluster.stream_idle_s, on_quiet)
+        try:
+            async for chunk in cluster.client.tail_job_logs(job_id):
+                timer.cancel()
+                timer = loop.call_later(cluster.stream_idle_s, on_quiet)
+                f.feed(chunk)
+            return True
+        except asyncio.CancelledError:
+            if quiet and getattr(task, "cancelling", lambda: 1)() <= 1:  # only our timer's, not Ctrl-C's
+                getattr(task, "uncancel", lambda: 0)()
+                return False
+            raise
+        finally:
+            timer.cancel()
 
     try:
         while True:
             with cluster.calls(f"job {job_id}"):
-                asyncio.run(tail())
-            if f.partial:
-                f.feed("\n")
+                ended = asyncio.run(tail())
             info = job_info(cluster, job_id)
-            if str(info.status) in TERMINAL:
+            if ended and str(info.status) in TERMINAL:
                 break
-            time.sleep(1.0)  # the stream ended early (a network blip): reconnect, skip what was shown
-            f.reconnect()
+            if ended:
+                time.sleep(1.0)  # the stream ended early (a network blip): reconnect, skip what was shown
+            f.reconnect()  # (a quiet stream of a job that has ended: read it to its end once more)
+        if f.partial:
+            f.feed("\n")
     except KeyboardInterrupt:
         f.renderer.close()
         print(f"\ndetached: job {job_id} keeps running on the cluster.\n"
@@ -436,7 +335,10 @@ def follow_job(cluster: Cluster, job_id: str, *, out=None, run_uri: str | None =
         return 0
     code = info.driver_exit_code
     msg = (info.message or "").strip()
-    if status == "FAILED" and not f.shown_error and msg:
+    hint = driver_python_hint(msg) if status == "FAILED" else None
+    if hint:
+        print(f"error: {hint}", file=out)
+    elif status == "FAILED" and not f.shown_error and msg:
         lines = msg.splitlines()
         tail_lines = "\n".join("  " + ln for ln in lines[-15:]) if len(lines) > 1 else ""
         print(f"error: {lines[0]}" + (f"\n{tail_lines}" if tail_lines else ""), file=out)
@@ -444,7 +346,7 @@ def follow_job(cluster: Cluster, job_id: str, *, out=None, run_uri: str | None =
           + f"; full log: rtf logs {job_id}", file=out)
     if status == "STOPPED":
         return 1
-    return code if code in (1, 2) else 1
+    return 2 if hint else code if code in (1, 2) else 1
 
 
 # --------------------------------------------------------------------------- status, logs, stop, jobs
@@ -483,9 +385,10 @@ def _progress(cluster: Cluster, job: Any) -> dict[str, Any] | None:
     if not (job.metadata or {}).get("rtf_name"):
         return None
     try:
-        with cluster.calls(f"job {job.submission_id}"):
-            return last_progress(cluster.client.get_job_logs(job.submission_id))
-    except Exception:  # noqa: BLE001 - progress is a nicety; the listing must not fail on it
+        return last_progress(cluster.client.get_job_logs(job.submission_id))
+    except UserError:  # the cluster stopped answering (time limit, unreachable): one line, not a wait per job
+        raise
+    except Exception:  # noqa: BLE001 - progress is a nicety; the listing must not fail on a job's log
         return None
 
 
@@ -519,6 +422,9 @@ def render_status(rec: dict[str, Any]) -> str:
             ("progress", _steps(rec)), ("storage", rec["storage"] or "-")]
     if rec["message"] and rec["status"] != "RUNNING":
         rows.append(("message", rec["message"].strip().splitlines()[0][:200]))
+        hint = driver_python_hint(rec["message"]) if rec["status"] == "FAILED" else None
+        if hint:
+            rows.append(("hint", hint))
     return "\n".join(f"{k + ':':<10}{v}" for k, v in rows)
 
 

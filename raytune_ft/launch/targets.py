@@ -14,10 +14,15 @@ from raytune_ft.spec.models import JobSpec
 
 def choose_target(spec: JobSpec, address: str | None) -> tuple[str, str | None, str]:
     """(mode, address, why). An address from --address, RAY_ADDRESS or cluster.address means a
-    cluster; none of them means an embedded Ray in this process."""
+    cluster (through its Jobs API, a running head on this machine included); none of them, or the word
+    ``local`` (Ray's own spelling for a new local instance), means a new embedded Ray in this process."""
     if address:
+        if address.strip() == "local":
+            return "local", None, "--address local"
         return "cluster", address, "--address was given"
     if os.environ.get("RAY_ADDRESS"):
+        if os.environ["RAY_ADDRESS"].strip() == "local":
+            return "local", None, "RAY_ADDRESS=local"
         return "cluster", os.environ["RAY_ADDRESS"], "RAY_ADDRESS is set"
     if spec.cluster.address:
         return "cluster", spec.cluster.address, "cluster.address is set in the spec"

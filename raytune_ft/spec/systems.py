@@ -143,7 +143,8 @@ class RunpodSpec(Section):
 
 
 class ClusterSpec(Section):
-    address: str | None = Field(None, description="Ray cluster address (ray://, http:// dashboard, or auto).")
+    address: str | None = Field(None, description="Ray cluster: its dashboard URL http://HEAD:8265 "
+                                "(ray://HEAD means the same head's dashboard).")
     image: str | None = None
     pip: list[str] | None = Field(None, description="Extra pip packages for the job's runtime_env.")
     kubernetes: KubernetesSpec | None = None

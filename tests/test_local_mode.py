@@ -1,0 +1,73 @@
+"""Local mode does not depend on the machine's history: with Ray's address file left behind by a head that
+died (``ray_current_cluster`` in Ray's temp dir, here a throwaway one named by ``$RAY_TMPDIR``), ``rtf submit``
+still starts its own embedded Ray, trains, and says it did not use the recorded head. (A *running* head is
+the same test in test_multinode.py, on its real cluster.) And the word ``local`` picks local mode."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from raytune_ft.launch.targets import choose_target
+from raytune_ft.spec import spec_from_dict
+from tests.tiny import spec_doc, write_spec
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def local_run(spec: Path, recorded: str, cwd: Path) -> tuple[int, str, Path]:
+    """``rtf submit SPEC`` (local mode) in a fresh process whose Ray temp dir holds an address file naming
+    ``recorded``: (exit code, output, the address file)."""
+    ray_tmp = tempfile.mkdtemp(prefix="rtfl", dir="/tmp")  # short: Ray's socket paths are limited
+    try:
+        address_file = Path(ray_tmp) / "ray" / "ray_current_cluster"
+        address_file.parent.mkdir()
+        address_file.write_text(recorded)
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "RTF_"))}
+        env.update(RAY_TMPDIR=ray_tmp, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+                   PYTHONPATH=str(REPO))
+        p = subprocess.run([sys.executable, "-m", "raytune_ft", "submit", str(spec)], env=env, cwd=cwd,
+                           capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+        return p.returncode, p.stdout + p.stderr, address_file
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def tiny_spec(name: str, tiny, tmp_path: Path) -> Path:
+    train, _, model_dir = tiny
+    return write_spec(tmp_path / f"{name}.yaml", spec_doc(name, model_dir, train, None, tmp_path / "runs",
+                                                         training={"max_steps": 2, "save_steps": 2}))
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_a_stale_address_file_does_not_stop_local_mode(tiny, tmp_path):
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    dead = f"127.0.0.1:{s.getsockname()[1]}"
+    s.close()  # the head that wrote the file is gone: nothing listens there
+    code, out, address_file = local_run(tiny_spec("stale", tiny, tmp_path), dead, tmp_path)
+    assert code == 0, out[-4000:]
+    assert "mode: local embedded Ray (no --address" in out and "ray: started a new embedded Ray" in out
+    assert f"ray: not the Ray head at {dead} recorded in {address_file} (running or stale)" in out
+    assert "num_cpus and num_gpus must not be provided" not in out and "Traceback" not in out
+    assert (tmp_path / "runs" / "stale" / "final" / "adapter_model.safetensors").is_file()
+
+
+def test_local_is_spelled_local(monkeypatch, tmp_path):
+    spec = spec_from_dict(spec_doc("t", tmp_path / "m", tmp_path / "t.jsonl", None, tmp_path / "runs"))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert choose_target(spec, None) == ("local", None, "no --address, no RAY_ADDRESS and no cluster.address")
+    assert choose_target(spec, "local") == ("local", None, "--address local")
+    assert choose_target(spec, "http://127.0.0.1:8265")[:2] == ("cluster", "http://127.0.0.1:8265")
+    monkeypatch.setenv("RAY_ADDRESS", "local")
+    assert choose_target(spec, None) == ("local", None, "RAY_ADDRESS=local")
+    monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:8265")  # a running head, asked for by its dashboard
+    assert choose_target(spec, None) == ("cluster", "http://127.0.0.1:8265", "RAY_ADDRESS is set")
