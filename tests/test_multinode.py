@@ -283,7 +283,9 @@ def test_submit_follow_trains_on_both_nodes(cluster, trained):
     assert "storage preflight:" in out and "workers: rank 0 pid" in out
     assert re.search(r"\] 4/4  loss \d", out) and "checkpoint committed: step 2" in out
     assert "RTF_EVENT" not in out and "final train loss" in out and f"job {trained['job']} SUCCEEDED" in out
-    groups = re.findall(r"workers: rank 0 pid (\d+) node \S+, rank 1 pid (\d+)", out)
+    # the restarted group's line says so: "workers restarted (attempt 2 of 2): rank 0 pid ..."
+    groups = re.findall(r"workers(?: restarted \(attempt \d+ of \d+\))?: rank 0 pid (\d+) node \S+, rank 1 pid (\d+)",
+                        out)
     assert len(groups) == 2 and not set(groups[0]) & set(groups[1]), groups  # the worker group was restarted
 
     results = json.loads((trained["run"] / "final" / "final_results.json").read_text())
@@ -347,7 +349,8 @@ def test_logs_show_each_worker_line_once_after_a_restart(cluster, trained):
     assert trained["code"] == 0 and trained["job"], trained["out"][-3000:]
     code, logs = cluster.rtf("logs", trained["job"], "--address", cluster.url)
     assert code == 0, logs
-    assert len(re.findall(r"^workers: rank 0 pid", logs, re.M)) == 2, logs[-4000:]  # both groups' workers
+    assert len(re.findall(r"^workers(?: restarted \(attempt \d+ of \d+\))?: rank 0 pid", logs, re.M)) == 2, \
+        logs[-4000:]  # both groups' workers (the second one marked as restarted)
     printed = re.findall(r"^\(RayTrainWorker pid=\d+[^)]*\) \{'(?:loss|train_runtime)'.*$", logs, re.M)
     assert len(printed) >= 5, logs[-4000:]  # steps 1-4 and the summary, from the second group at least
     repeated = {line: n for line, n in Counter(printed).items() if n > 1}

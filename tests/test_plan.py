@@ -119,7 +119,8 @@ def test_an_unreachable_hub_is_tried_once_briefly_and_named(tmp_path):
         "print(p.memory.known, p.memory.notes[0])\n"
         "print(resolve_arch(spec(model={'name_or_path': 'meta-llama/Llama-3.1-8B'})).source)\n"
     )
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    # not offline: huggingface_hub also takes TRANSFORMERS_OFFLINE (which other test modules set) as offline
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "TRANSFORMERS_", "HUGGINGFACE"))}
     env.update(HF_ENDPOINT=f"http://127.0.0.1:{port}", HF_HOME=str(tmp_path), PYTHONPATH=os.getcwd())
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
