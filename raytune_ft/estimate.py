@@ -62,6 +62,7 @@ class Tokens:
     examples: int | None
     mean_len: float | None
     how: str  # counted | sampled | approximate | unknown: why
+    lengths: tuple[int, ...] = ()  # the counted (or sampled) examples' lengths, as training truncates them
 
 
 @dataclass
@@ -80,9 +81,12 @@ class Estimate:
     cost: float | None
     sweep: dict[str, Any] | None = None
     notes: list[str] = field(default_factory=list)
+    compute_tokens: int | None = None  # train_tokens with the padding a padded batch computes too
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        d["tokens"].pop("lengths", None)  # the sample behind mean_len and the padding: not a plan figure
+        return d
 
 
 # --------------------------------------------------------------------------- tokens
@@ -125,6 +129,7 @@ def count_tokens(spec: JobSpec, *, sample_rows: int = SAMPLE_ROWS) -> Tokens:
         except Exception:  # a tokenizer file the library cannot read: fall back to characters
             encode = None
     total_tokens, total_rows, sampled_any = 0.0, 0, False
+    all_lens: list[int] = []
     max_len = spec.data.max_seq_length
     for src in spec.data.train_sources:
         if "://" in src.path:
@@ -148,6 +153,7 @@ def count_tokens(spec: JobSpec, *, sample_rows: int = SAMPLE_ROWS) -> Tokens:
         lens = encode(texts) if encode else [math.ceil(len(t) / CHARS_PER_TOKEN) for t in texts]
         if max_len:
             lens = [min(n + 2, max_len) for n in lens]  # + BOS/EOS, truncated as training truncates
+        all_lens += lens
         scale = rows / len(texts)
         sampled_any |= scale > 1
         total_tokens += sum(lens) * scale * src.weight
@@ -163,7 +169,21 @@ def count_tokens(spec: JobSpec, *, sample_rows: int = SAMPLE_ROWS) -> Tokens:
         how = f"sampled: {sample_rows:,} rows per source counted with {tok_file}, scaled by the row count"
     else:
         how = f"counted: every row, with {tok_file}"
-    return Tokens(int(total_tokens), total_rows, total_tokens / total_rows, how)
+    return Tokens(int(total_tokens), total_rows, total_tokens / total_rows, how, tuple(all_lens))
+
+
+def padded_length(lengths: tuple[int, ...], batch: int, draws: int = 256) -> float | None:
+    """The mean row length of a padded micro-batch: each batch pads to its longest example, and HF's
+    sampler draws examples at random (no length grouping), so this is the expected maximum of ``batch``
+    lengths drawn from the data (simulated with a fixed seed)."""
+    if not lengths:
+        return None
+    if batch <= 1:
+        return sum(lengths) / len(lengths)
+    import random
+
+    rng = random.Random(0)
+    return sum(max(rng.choices(lengths, k=batch)) for _ in range(draws)) / draws
 
 
 # --------------------------------------------------------------------------- FLOPs, MFU, price
@@ -233,6 +253,13 @@ def estimate(spec: JobSpec, *, tokens: Tokens | None = None, tokens_per_epoch: i
     mean_len = tokens.mean_len or seq_cap
     per_seq = seq_cap if spec.data.packing else min(mean_len, seq_cap)
     step_tokens = plan.global_batch_size * per_seq
+    # what the model computes per row: a packed row is full; a padded row is as long as its batch's longest
+    padded = None if spec.data.packing else padded_length(tokens.lengths, t.per_device_train_batch_size)
+    compute_per_token = max(1.0, padded / per_seq) if padded else 1.0
+    if padded and compute_per_token > 1.0:
+        est.notes.append(f"padded batches: rows of ≈{padded:.0f} tokens for examples of {per_seq:.0f} on average; "
+                         f"the time counts the padding ({100 * (1 - 1 / compute_per_token):.0f}% of what is computed; "
+                         "data.packing removes it)")
     if t.max_steps:
         est.steps = t.max_steps
         est.train_tokens = int(t.max_steps * step_tokens)
@@ -258,7 +285,8 @@ def estimate(spec: JobSpec, *, tokens: Tokens | None = None, tokens_per_epoch: i
         est.notes.append("training length " + tokens.how)
         return est
     devices = gpus or max(1, c.num_workers)  # on CPU: one device (peak_tflops) per worker
-    seconds = est.train_tokens * est.flops_per_token / (devices * est.peak_tflops * 1e12 * mfu)
+    est.compute_tokens = int(est.train_tokens * compute_per_token)
+    seconds = est.compute_tokens * est.flops_per_token / (devices * est.peak_tflops * 1e12 * mfu)
     est.hours = seconds / 3600
     if price is not None:
         est.cost = est.hours * gpus * price

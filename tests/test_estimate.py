@@ -66,6 +66,23 @@ def test_cpu_time_needs_peak_tflops_and_then_is_by_hand():
     assert "of training on CPU" in text
 
 
+def test_padded_batches_count_their_padding_in_the_time():
+    lengths = (100, 100, 100, 500)  # one long example in four: most batches of 4 pad to 500
+    cpu = {"num_workers": 1, "gpus_per_worker": 1, "accelerator_type": "H100", "assumed_mfu": 0.5}
+    packed = spec("meta-llama/Llama-3.2-1B", compute=cpu)
+    padded = spec("meta-llama/Llama-3.2-1B", compute=cpu, data={"packing": False})
+    tokens = E.Tokens(2_000_000, 10_000, 200.0, "counted", lengths)
+    p, u = E.estimate(packed, tokens=tokens), E.estimate(padded, tokens=tokens)
+    assert p.compute_tokens == p.train_tokens  # packed rows are full: nothing padded
+    assert u.train_tokens == 1000 * 4 * 4 * 200  # useful tokens: steps × global batch × mean length
+    expect = E.padded_length(lengths, 4)
+    assert abs(expect - (0.75**4 * 100 + (1 - 0.75**4) * 500)) < 25  # = 373.4 in expectation
+    assert u.compute_tokens == int(u.train_tokens * expect / 200)
+    assert u.hours == pytest.approx(hours(u.compute_tokens, u.flops_per_token, 1, 989, 0.5))
+    assert any(n.startswith(f"padded batches: rows of ≈{expect:.0f} tokens for examples of 200") for n in u.notes)
+    assert "lengths" not in u.to_dict()["tokens"]
+
+
 def test_lora_1b_with_checkpointing_and_price_by_hand():
     s = spec("meta-llama/Llama-3.2-1B", training={"gradient_checkpointing": True},
              compute={"num_workers": 1, "accelerator_type": "H100", "price_per_hour": 2.0, "assumed_mfu": 0.5})
