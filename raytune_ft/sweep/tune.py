@@ -29,14 +29,13 @@ from typing import Any
 import ray
 import yaml
 from ray import tune
-from ray.train.v2._internal.execution.callback import WorkerGroupCallback
 from ray.tune import ExperimentAnalysis
 from ray.tune.experiment import Trial
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.result import EXPR_RESULT_FILE
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search import BasicVariantGenerator
-from ray.util.placement_group import placement_group_table, remove_placement_group
+from ray.util.placement_group import PlacementGroup, remove_placement_group
 
 from raytune_ft import storage as st
 from raytune_ft.errors import UserError
@@ -60,11 +59,11 @@ from raytune_ft.sweep.results import (
     write_results,
 )
 from raytune_ft.train.config import WorkerConfig
-from raytune_ft.train.progress import NAMESPACE, Publisher, board_name
+from raytune_ft.train.progress import Publisher, board_name
 
 DIVERGED = 1e30  # what Tune sees for a NaN/inf loss, so schedulers and ranking treat it as the worst
 TRIAL_DRIVER_MEMORY = 256 * 2**20  # a trial only drives its TorchTrainer: no CPU (its workers have theirs), some memory
-FREE_AFTER_S = 5.0
+FREE_WAIT_S = 30.0  # how long to look for the placement group a stopped trial leaves behind
 
 
 # --------------------------------------------------------------------------- trials
@@ -88,8 +87,7 @@ def trial_spec(base: dict, values: dict[str, Any], name: str) -> JobSpec:
     return validate_document(doc, label=f"(trial {name})")
 
 
-def _run_trial(config: dict[str, Any], base: dict | None = None, metric: str = "eval_loss",
-               registry: str = "") -> None:
+def _run_trial(config: dict[str, Any], base: dict | None = None, metric: str = "eval_loss") -> None:
     """One Tune trial (Tune's function trainable, by this name in its experiment state): a whole run of the
     spec with this trial's values, through the same TorchTrainer as a plain run."""
     assert base is not None
@@ -109,7 +107,7 @@ def _run_trial(config: dict[str, Any], base: dict | None = None, metric: str = "
         return
     run_dir.write_spec(to_yaml(spec))
     worker = WorkerConfig(make_plan(spec), report_evals=True)
-    callbacks = [ReportToTune(metric), TrackPlacementGroup(registry, name)]
+    callbacks = [ReportToTune(metric)]
     build_trainer(spec, worker, callbacks=callbacks).fit()
 
 
@@ -149,27 +147,6 @@ class ReportToTune(TuneReportCallback):
             super().after_report(run_context, [result], checkpoint)
 
 
-class TrackPlacementGroup(WorkerGroupCallback):
-    """Ray Train callback (runs in the Train controller): records which placement group holds this
-    trial's workers in the sweep's registry.
-
-    When Tune stops a trial (ASHA, Ctrl-C) it ends the trial's actor, and the Train controller dies with
-    it before it can remove its workers' placement group, which belongs to the sweep's job and so
-    would hold its CPUs/GPUs until the sweep ends (ray-project/ray#54305). Ray's PlacementGroupCleaner
-    covers this only where the state API answers (a dashboard); the sweep driver frees it instead.
-    """
-
-    def __init__(self, registry: str, trial: str) -> None:
-        self.registry, self.trial = registry, trial
-
-    def after_worker_group_start(self, worker_group) -> None:
-        try:
-            pg = worker_group.get_worker_group_state().placement_group_handle.placement_group
-            ray.get_actor(self.registry, namespace=NAMESPACE).put.remote(self.trial, pg)
-        except Exception as e:  # noqa: BLE001 - never fail a trial for its bookkeeping
-            print(f"rtf: could not record the placement group of {self.trial}: {e}")
-
-
 class SweepEvents(tune.Callback):
     """Tune callback (runs in the driver): one line per trial start, metric, stop, end, failure.
 
@@ -177,9 +154,8 @@ class SweepEvents(tune.Callback):
     this holds names only: the lines go to the sweep's progress board (:func:`raytune_ft.launch.progress.relay`),
     found by name, whichever process restored it."""
 
-    def __init__(self, metric: str, paths: list[str], storage: dict[str, Any], registry: str = "",
-                 board: str | None = None) -> None:
-        self.metric, self.paths, self.storage, self.registry = metric, list(paths), dict(storage), registry
+    def __init__(self, metric: str, paths: list[str], storage: dict[str, Any], board: str | None = None) -> None:
+        self.metric, self.paths, self.storage = metric, list(paths), dict(storage)
         self.board = board
 
     def say(self, message: str) -> None:
@@ -220,51 +196,78 @@ class SweepEvents(tune.Callback):
         self.say(f"{tune_trial_name(trial)} failed: {_error_line(trial)}")
 
     def _free_later(self, name: str) -> None:
-        # once the trial's actor (and the Train controller with it) is gone, so that no controller is
-        # left to start its workers again in a new placement group
-        pending = self.__dict__.setdefault("_pending", {})
-        pending[name] = time.monotonic() + FREE_AFTER_S
+        # the trial's actor, and the Train controller with it, end a moment after this: look for the
+        # group it leaves behind (free_orphaned_placement_groups) once a second for a while
+        self.__dict__["_free_until"] = time.monotonic() + FREE_WAIT_S
 
     def on_step_end(self, iteration, trials, **info):
-        pending = self.__dict__.get("_pending") or {}
-        for name, when in list(pending.items()):
-            if time.monotonic() >= when:
-                del pending[name]
-                free_placement_group(self.registry, name)
+        now = time.monotonic()
+        if now < self.__dict__.get("_free_until", 0.0) and now >= self.__dict__.get("_next_free", 0.0):
+            self.__dict__["_next_free"] = now + 1.0
+            try:
+                free_orphaned_placement_groups()
+            except Exception:  # noqa: BLE001 - best effort: the sweep's end frees the rest
+                pass
+
+    def __getstate__(self):  # Tune pickles callbacks into its experiment state: names only, no clock readings
+        return {k: v for k, v in self.__dict__.items() if k not in ("_free_until", "_next_free")}
 
 
-class PlacementGroupRegistry:
-    """A small actor in the sweep driver's namespace: trial name -> its workers' placement group."""
+def free_orphaned_placement_groups() -> int:
+    """Remove the placement groups of this job whose creating actor is dead; returns how many.
 
-    def __init__(self) -> None:
-        self.groups: dict[str, Any] = {}
+    The gap this fills (ray-project/ray#54305): a Train controller creates its workers' placement group, and
+    when Tune ends the trial's actor (an ASHA stop, Ctrl-C, an error) the controller dies with it, often
+    before it removes that group. A group made by a non-detached actor lives until its *job* ends, so it
+    would hold its CPUs/GPUs for the rest of the sweep (for good, in a long-lived driver). Ray Train's own
+    PlacementGroupCleaner covers this only where the state API answers (a dashboard). No one can use a
+    group whose creator is gone, so removing it is always safe; groups made by the driver itself or by a
+    live actor (a running trial) are left alone. The public placement_group_table() leaves out who created
+    a group, so this reads GCS's table through the accessor that function itself uses.
+    """
+    from ray._private.state import state as gcs_state
+    from ray.core.generated import gcs_pb2
 
-    def put(self, trial: str, pg: Any) -> None:
-        self.groups[trial] = pg
+    data = gcs_pb2.PlacementGroupTableData
+    job = ray.get_runtime_context().get_job_id()
+    freed = 0
+    for raw in gcs_state._connect_and_get_accessor().get_placement_group_table():
+        pg = data.FromString(raw)
+        by_actor = pg.creator_actor_id and any(b != 0xFF for b in pg.creator_actor_id)  # nil id: the driver
+        if (pg.creator_job_id.hex() == job and by_actor and pg.creator_actor_dead and not pg.is_detached
+                and pg.state != data.REMOVED):
+            try:
+                remove_placement_group(PlacementGroup(ray.PlacementGroupID(pg.placement_group_id)))
+                freed += 1
+            except Exception:  # noqa: BLE001 - removed meanwhile
+                pass
+    return freed
 
-    def pop(self, trial: str) -> Any:
-        return self.groups.pop(trial, None)
 
-    def names(self) -> list[str]:
-        return list(self.groups)
+def release_ended_trials(timeout_s: float = 15.0) -> int:
+    """At the sweep's end: free the groups of the trials Tune ended (Ctrl-C ends them as the sweep returns;
+    their controllers die a moment later), waiting until no group of this job made by a live actor is left,
+    at most ``timeout_s``."""
+    freed, deadline = 0, time.monotonic() + timeout_s
+    while True:
+        freed += free_orphaned_placement_groups()
+        if not _held_by_live_actors() or time.monotonic() >= deadline:
+            return freed
+        time.sleep(0.5)
 
 
+def _held_by_live_actors() -> bool:
+    from ray._private.state import state as gcs_state
+    from ray.core.generated import gcs_pb2
 
-
-def registry_name(spec_name: str) -> str:
-    return f"rtf-sweep-pgs-{spec_name}"
-
-
-def free_placement_group(registry: str, trial: str) -> bool:
-    """Remove the placement group of a trial that Tune stopped (True when one was still held)."""
-    try:
-        pg = ray.get(ray.get_actor(registry, namespace=NAMESPACE).pop.remote(trial), timeout=30)
-        if pg is None or placement_group_table(pg).get("state") in (None, "REMOVED"):
-            return False
-        remove_placement_group(pg)
-        return True
-    except Exception:  # noqa: BLE001 - best effort: the sweep's end frees the rest with the job
-        return False
+    data = gcs_pb2.PlacementGroupTableData
+    job = ray.get_runtime_context().get_job_id()
+    for raw in gcs_state._connect_and_get_accessor().get_placement_group_table():
+        pg = data.FromString(raw)
+        if (pg.creator_job_id.hex() == job and pg.creator_actor_id and any(b != 0xFF for b in pg.creator_actor_id)
+                and not pg.creator_actor_dead and not pg.is_detached and pg.state != data.REMOVED):
+            return True
+    return False
 
 
 def _error_line(trial: Any) -> str:
@@ -452,10 +455,7 @@ def run_sweep(spec: JobSpec, *, fresh: bool = False, on_event: Callable[[dict[st
         if aside:
             emit({"kind": "info", "message": f"--fresh: the previous sweep was moved aside to {aside}"})
     restore = _check_identity(spec, sweep)
-    registry = registry_name(spec.name)
-    holder = ray.remote(num_cpus=0)(PlacementGroupRegistry).options(
-        name=registry, namespace=NAMESPACE, get_if_exists=True).remote()
-    tuner = _tuner(spec, sweep, restore, registry, emit)
+    tuner = _tuner(spec, sweep, restore, emit)
     # Tune's new output engine prints its experiment table and a TensorBoard hint even at verbose=0; the
     # legacy engine is silent at verbose=0, and the SweepEvents callback reports the sweep instead
     air_output = os.environ.get("RAY_AIR_NEW_OUTPUT")
@@ -468,9 +468,7 @@ def run_sweep(spec: JobSpec, *, fresh: bool = False, on_event: Callable[[dict[st
             os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
         else:
             os.environ["RAY_AIR_NEW_OUTPUT"] = air_output
-        for name in ray.get(holder.names.remote()):
-            free_placement_group(registry, name)
-        ray.kill(holder)
+        release_ended_trials()
     res = collect_results(spec, sweep.fs, sweep.tune_dir)
     files = write_results(spec, res)
     lines = [render_table(res), f"results: {files['results']}"]
@@ -509,12 +507,11 @@ def _check_identity(spec: JobSpec, sweep: RunDir) -> bool:
     return restore
 
 
-def _tuner(spec: JobSpec, sweep: RunDir, restore: bool, registry: str, emit: Callable[[dict[str, Any]], None]):
+def _tuner(spec: JobSpec, sweep: RunDir, restore: bool, emit: Callable[[dict[str, Any]], None]):
     """Tune's Tuner for the sweep: restored from its experiment state, or new."""
     t = spec.tune
     assert t is not None
-    trainable = tune.with_resources(tune.with_parameters(_run_trial, base=trial_base(spec), metric=t.metric,
-                                                         registry=registry),
+    trainable = tune.with_resources(tune.with_parameters(_run_trial, base=trial_base(spec), metric=t.metric),
                                     {"cpu": 0, "memory": TRIAL_DRIVER_MEMORY})
     if restore:
         tuner = tune.Tuner.restore(sweep.tune_dir, trainable, resume_unfinished=True, resume_errored=True,
@@ -538,7 +535,7 @@ def _tuner(spec: JobSpec, sweep: RunDir, restore: bool, registry: str, emit: Cal
         run_config=tune.RunConfig(
             name=TUNE_DIR, storage_path=sweep.path, storage_filesystem=sweep.fs, verbose=0,
             failure_config=tune.FailureConfig(max_failures=0),
-            callbacks=[SweepEvents(t.metric, list(t.space), storage, registry, board_name(spec.name))],
+            callbacks=[SweepEvents(t.metric, list(t.space), storage, board_name(spec.name))],
         ),
     )
     emit({"kind": "info", "message": f"sweep {spec.name}: {_describe(spec)}; up to {concurrency} trial(s) "
