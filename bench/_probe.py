@@ -88,7 +88,12 @@ def main() -> int:
     rec["t_exit"] = time.time()
     with open(a.out, "w") as f:
         json.dump(rec, f, default=str)
-    return 0 if all(r["code"] == 0 for r in rec["runs"]) else 1
+    code = 0 if all(r["code"] == 0 for r in rec["runs"]) else 1
+    if not a.warm:  # the end of the `rtf` process, as the CLI's own entry point ends it
+        from raytune_ft.cli.app import exit_now_if_trained_here
+
+        exit_now_if_trained_here(code)
+    return code
 
 
 def callback_bench(n: int) -> dict:

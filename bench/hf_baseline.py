@@ -26,6 +26,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--train", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--epochs", type=float, default=1.0)
+    ap.add_argument("--max-steps", type=int, default=-1, help="stop after this many steps (-1: the epochs)")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--max-len", type=int, default=256)
     ap.add_argument("--lr", type=float, default=1e-3)
@@ -86,6 +87,7 @@ def main(argv: list[str] | None = None) -> None:
     args = TrainingArguments(
         output_dir=os.path.join(a.out, "hf"),
         num_train_epochs=a.epochs,
+        max_steps=a.max_steps,
         per_device_train_batch_size=a.batch,
         learning_rate=a.lr,
         lr_scheduler_type="linear",

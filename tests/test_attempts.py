@@ -23,7 +23,7 @@ def spec(max_failures: int):
                            "fault_tolerance": {"max_failures": max_failures}})
 
 
-def run_events(max_failures: int, events, driver_retry: bool = True) -> tuple[str, str]:
+def run_events(max_failures: int, events, driver_retry: bool = True, in_process: bool = False) -> tuple[str, str]:
     """(what local mode prints, what `rtf logs` prints for the driver's log of the same run)."""
     import io
 
@@ -34,7 +34,7 @@ def run_events(max_failures: int, events, driver_retry: bool = True) -> tuple[st
         local.handle(e)
         log.append(EVENT_PREFIX + json.dumps(e))  # the cluster driver's stdout (RTF_EVENTS=1)
 
-    attempts = Attempts(spec(max_failures), emit, driver_retry=driver_retry)
+    attempts = Attempts(spec(max_failures), emit, driver_retry=driver_retry, in_process=in_process)
     for e in events:
         attempts.handle(e)
     return out.getvalue(), render_log("\n".join(log))
@@ -83,3 +83,17 @@ def test_other_failures_and_no_driver_retry():
     assert "a worker failed (attempt 1 of unlimited failed: boom); Ray Train restarts the workers; they resume " \
            "from the last committed checkpoint" in local
     assert "workers restarted (attempt 2 of unlimited)" in local
+
+
+def test_a_run_in_the_drivers_process_counts_no_attempts():
+    """One local worker in rtf's own process (Ray Train's local mode): Ray Train restarts nothing there, whatever
+    fault_tolerance.max_failures says, so the line says so and how to go on; storage still gets the driver's wait."""
+    local, logs = run_events(3, [WORKERS, {"kind": "worker_failed", "rank": 0, "error": "ValueError: bad batch"}],
+                             in_process=True)
+    assert local == logs
+    assert local.splitlines()[-1] == ("training failed (ValueError: bad batch); it ran in this process, which "
+                                      "restarts nothing: resubmit to resume from the last committed checkpoint")
+    local, _ = run_events(3, [WORKERS, {"kind": "worker_failed", "rank": 0, "error": STORAGE_ERR}], in_process=True)
+    assert local.splitlines()[-1] == (
+        f"storage unreachable at s3://bkt/runs at http://127.0.0.1:9000 ({STORAGE_ERR}); no restarts left: the "
+        "driver waits up to 120s for storage to answer, then starts the run again from the last committed checkpoint")

@@ -143,3 +143,20 @@ def test_identity_changes_split_defining_from_extending():
     defining, allowed = identity.changes(a, c)
     assert defining == ["method.lora.r", "model.name_or_path"] and allowed == []
     assert identity.describe(a, c, defining) == "method.lora.r 8 -> 16; model.name_or_path 'some/model' -> 'other/model'"
+
+
+def test_a_run_started_under_the_old_optimizer_default_resumes_under_the_new_one():
+    """training.optimizer's default became adamw_torch_fused: a run whose stored spec says adamw_torch (the old
+    default) is the same run (the same update and optimizer state); another optimizer is another run."""
+    from raytune_ft.spec import dump_spec, identity
+
+    def with_optimizer(name: str | None) -> dict:
+        doc = base_doc()
+        if name:
+            doc["training"]["optimizer"] = name
+        return dump_spec(spec_from_dict(doc))
+
+    new, old, other = with_optimizer(None), with_optimizer("adamw_torch"), with_optimizer("adafactor")
+    assert new["training"]["optimizer"] == "adamw_torch_fused"
+    assert identity.changes(old, new) == ([], [])
+    assert identity.changes(old, other) == (["training.optimizer"], [])

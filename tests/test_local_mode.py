@@ -71,3 +71,33 @@ def test_local_is_spelled_local(monkeypatch, tmp_path):
     assert choose_target(spec, None) == ("local", None, "RAY_ADDRESS=local")
     monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:8265")  # a running head, asked for by its dashboard
     assert choose_target(spec, None) == ("cluster", "http://127.0.0.1:8265", "RAY_ADDRESS is set")
+
+
+def test_the_embedded_ray_runs_its_workers_at_normal_priority_and_polls_them_often():
+    """What `rtf submit` sets before it starts its own Ray reaches Ray's processes: workers at nice 0 (Ray's
+    default is 15), no usage report, and Ray Train's controller polling its workers every 0.25 s (the default
+    2 s kept the process alive for seconds after the last step). A fresh process, a real Ray."""
+    code = (
+        "import os, ray\n"
+        "from raytune_ft.launch.local import start_env\n"
+        "os.environ.pop('RAY_worker_niceness', None)\n"
+        "added = start_env()\n"
+        "ray.init(address='local', num_cpus=1, include_dashboard=False)\n"
+        "@ray.remote\n"
+        "def probe():\n"
+        "    return os.nice(0), os.environ.get('RAY_TRAIN_HEALTH_CHECK_INTERVAL_S'), "
+        "os.environ.get('RAY_USAGE_STATS_ENABLED')\n"
+        "print('PROBE', *ray.get(probe.remote()), sorted(added))\n"
+        "ray.shutdown()\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_TRAIN_", "RAY_USAGE"))}
+    env["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="rtfn", dir="/tmp")
+    try:
+        p = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
+                           timeout=180)
+    finally:
+        shutil.rmtree(env["RAY_TMPDIR"], ignore_errors=True)
+    line = [x for x in p.stdout.splitlines() if x.startswith("PROBE")]
+    assert p.returncode == 0 and line, p.stdout + p.stderr
+    assert line[0].split(" ", 4)[1:4] == ["0", "0.25", "0"], line
+    assert "RAY_worker_niceness" in line[0]

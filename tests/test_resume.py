@@ -130,6 +130,9 @@ def test_interrupted_run_resumes_to_the_same_result(ray_local, tiny, model4, tmp
     os.killpg(proc.p.pid, signal.SIGINT)  # Ctrl-C
     assert proc.finish() == 130, proc.text
     assert "interrupted: training stopped" in proc.text
+    # a fresh `rtf submit` of one worker trains in its own process (Ray Train's local mode): Ctrl-C stopped the
+    # training thread at a step boundary, and what it committed is what the resume below continues from
+    assert "1 worker, in this process" in proc.text, proc.text
     # the console (a pipe here) holds rtf's lines, not library chatter
     for noise in ("Token authentication is enabled", "\x1b[", "gemm_4bit", "kernels"):
         assert noise not in proc.text, noise

@@ -22,7 +22,7 @@ from raytune_ft.plan import Plan, make_plan
 from raytune_ft.rundir import FINAL, SPEC, RunDir
 from raytune_ft.spec import to_yaml
 from raytune_ft.spec.models import JobSpec
-from raytune_ft.train.config import WorkerConfig
+from raytune_ft.train.config import STOP, WorkerConfig
 
 EventHandler = Callable[[dict[str, Any]], None]
 
@@ -258,7 +258,8 @@ STORAGE_WAIT_S = 120.0
 
 
 def run(spec: JobSpec, *, fresh: bool = False, resume_from: str | None = None,
-        on_event: EventHandler | None = None, plan: Plan | None = None, settled: bool = False) -> RunResult:
+        on_event: EventHandler | None = None, plan: Plan | None = None, settled: bool = False,
+        in_process: bool = False) -> RunResult:
     """Run the spec on the Ray cluster this process is connected to (``ray.init`` already called).
 
     A failure is classified: a user error is raised as such; when storage dropped out, the run is
@@ -288,7 +289,7 @@ def run(spec: JobSpec, *, fresh: bool = False, resume_from: str | None = None,
             emit({"kind": "info", "message": f"--fresh: the previous run was moved aside to {aside}"})
     run_dir.write_spec(to_yaml(spec))
     run_dir.clear_stopped()
-    worker = WorkerConfig(plan, resume_from=resume_from, progress_board=board_name(spec.name))
+    worker = WorkerConfig(plan, resume_from=resume_from, progress_board=board_name(spec.name), in_process=in_process)
     attempt = 0
     while True:
         attempt += 1
@@ -330,13 +331,16 @@ class Attempts:
     attempt k of N, and what comes next (Ray Train restarts the workers from the last committed
     checkpoint, or, with no restarts left, the driver's own wait for storage)."""
 
-    def __init__(self, spec: JobSpec, emit: EventHandler, *, driver_retry: bool = False) -> None:
+    def __init__(self, spec: JobSpec, emit: EventHandler, *, driver_retry: bool = False,
+                 in_process: bool = False) -> None:
         self.spec, self.emit = spec, emit
         self.driver_retry = driver_retry  # after the last attempt, the driver waits for storage and runs again
         self.attempt = 0  # worker groups started in this fit()
         self.reported: set[tuple[int, bool]] = set()  # (attempt, said storage)
         n = spec.fault_tolerance.max_failures
-        self.total: int | None = n + 1 if n >= 0 else None  # Ray Train's attempts: the first + max_failures
+        # Ray Train's attempts: the first + max_failures; in-process (local mode) Ray Train restarts nothing
+        self.total: int | None = 1 if in_process else n + 1 if n >= 0 else None
+        self.in_process = in_process
 
     def handle(self, e: dict[str, Any]) -> None:
         kind = e.get("kind")
@@ -357,7 +361,7 @@ class Attempts:
             e = {"kind": "retry", "attempt": k, "attempts": self.total, "error": error,
                  "storage": st.describe(self.spec.storage) if storage else None,
                  "next": ("driver_wait" if storage and self.driver_retry else "fail") if last else "restart",
-                 "wait_s": STORAGE_WAIT_S}
+                 "wait_s": STORAGE_WAIT_S, "in_process": self.in_process}
         self.emit(e)
 
 
@@ -377,11 +381,13 @@ def _fit_once(spec: JobSpec, worker: WorkerConfig, emit: EventHandler, *,
         except BaseException as e:  # noqa: BLE001 - reported to the main thread
             outcome["error"] = e
 
+    if worker.in_process:
+        STOP.clear()
     thread = threading.Thread(target=fit, name="rtf-fit", daemon=True)
     thread.start()
     seen = 0
     summary: dict[str, Any] = {}
-    attempts = Attempts(spec, emit, driver_retry=driver_retry)
+    attempts = Attempts(spec, emit, driver_retry=driver_retry, in_process=worker.in_process)
     try:
         while True:
             alive = thread.is_alive()
@@ -397,12 +403,20 @@ def _fit_once(spec: JobSpec, worker: WorkerConfig, emit: EventHandler, *,
             if not alive:
                 break
             time.sleep(0.5)
+    except BaseException:
+        if worker.in_process:  # Ctrl-C: the training thread stops at its next step (Ray Train's local mode
+            STOP.set()         # has no abort of its own), and this process does not exit under it
+            thread.join(timeout=IN_PROCESS_STOP_S)
+        raise
     finally:
         try:
             ray.kill(board)
         except Exception:
             pass
     return outcome, summary
+
+
+IN_PROCESS_STOP_S = 120.0  # the longest a step (or a save under way) may take to finish after Ctrl-C
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,9 +3,12 @@ progress rendered live."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 
 from raytune_ft import storage as st
 from raytune_ft.data.pipeline import check_data
@@ -29,6 +32,83 @@ def recorded_head() -> tuple[str, str] | None:
     return (address, path) if address else None
 
 
+# The embedded Ray, started for one run on this machine rather than as a shared service (each kept when the
+# environment sets it):
+LOCAL_RAY_ENV = {
+    # Ray runs its worker processes at nice 15, a background priority: here they are the run itself, and
+    # anything else on the machine (an IDE, a browser) would take the CPU from them
+    "RAY_worker_niceness": "0",
+    # no usage report from a one-run Ray (there is no dashboard either)
+    "RAY_USAGE_STATS_ENABLED": "0",
+    # Ray Train's controller polls its workers every 2 s and learns that training ended only then: measured,
+    # the process exited 5.5-7 s after the last step; at 0.25 s it is under 2 s. The polls cost nothing
+    # measurable next to a training step.
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25",
+}
+
+
+def start_env() -> dict[str, str]:
+    """Set :data:`LOCAL_RAY_ENV` for the Ray this process is about to start (its processes inherit it);
+    returns what it set."""
+    added = {k: v for k, v in LOCAL_RAY_ENV.items() if k not in os.environ}
+    os.environ.update(added)
+    return added
+
+
+TRAINED_HERE = False  # a run trained in this process and this process's Ray was shut down after it
+
+IN_PROCESS_ENV = "RTF_IN_PROCESS"  # 0: always a worker group; 1: in process whenever there is one worker
+
+
+def choose_in_process(spec: JobSpec, owned: bool) -> tuple[bool, str]:
+    """Whether a local run trains in this process (Ray Train's local mode), and the reason said with it.
+
+    Yes for one worker on the Ray this command started itself (a fresh ``rtf submit``), where a worker group
+    costs seconds to start and buys nothing: no peer to synchronise with, and a Ray Train restart after a
+    crash of the only worker. A sweep keeps its trials' workers (Tune runs them), and so does a Ray this
+    process was already running (a notebook, a test session: long-lived, where a worker's failure must not
+    be the process's). ``RTF_IN_PROCESS=0`` keeps the worker group; ``=1`` uses this process on an existing
+    Ray too."""
+    want = os.environ.get(IN_PROCESS_ENV, "").strip()
+    if spec.tune is not None or spec.compute.num_workers != 1 or want == "0":
+        return False, ""
+    if want == "1":
+        return True, f"{IN_PROCESS_ENV}=1"
+    if owned:
+        return True, f"{IN_PROCESS_ENV}=0 starts one"
+    return False, ""
+
+
+@contextlib.contextmanager
+def training_output(spec: JobSpec) -> Iterator[str]:
+    """For a run in this process: what a worker process would write to its log (library warnings, progress
+    bars, the recipe's log lines) goes to a file, and the console keeps rtf's own lines. Yields the path.
+
+    ``sys.stdout``/``sys.stderr`` are swapped for the run (the console renderer holds the real stream);
+    handlers a library creates meanwhile keep the file, so it stays open until the process ends."""
+    import logging
+
+    if os.environ.get("RTF_WORKER_LOGS"):  # asked to see the workers' output on the console
+        yield ""
+        return
+    folder = os.path.join(tempfile.gettempdir(), "rtf-logs")
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log")
+    f = open(path, "a", buffering=1)  # noqa: SIM115 - kept open: see above
+    handler = logging.StreamHandler(f)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    try:
+        with contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+            yield path
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+
+
 def run_local(spec: JobSpec, *, fresh: bool = False, resume_from: str | None = None, out=None) -> int:
     out = out or sys.stderr
     plan = make_plan(spec)
@@ -48,15 +128,20 @@ def run_local(spec: JobSpec, *, fresh: bool = False, resume_from: str | None = N
     t0 = time.time()
     owned = not ray.is_initialized()  # a caller (a notebook, a test session) may have started Ray already
     other = recorded_head() if owned else None
+    added: dict[str, str] = {}
     if owned:
         quiet_ray_console(out)
+        added = start_env()
         # address="local": always a new Ray of our own. Without it ray.init joins the head recorded in Ray's
         # address file, even a dead one's leftover, and refuses num_cpus there.
         ray.init(address="local", num_cpus=cpus, include_dashboard=False,
                  log_to_driver=bool(os.environ.get("RTF_WORKER_LOGS")), configure_logging=False, namespace="rtf")
     what = "started a new embedded Ray" if owned else "reusing the Ray this process already runs"
+    in_process, why = choose_in_process(spec, owned)
+    where = ("1 worker, in this process (Ray Train's local mode: no worker group to start; "
+             f"{why})" if in_process else f"{plan.num_workers} worker(s) × {plan.resources_per_worker}")
     print(f"ray: {what} in {time.time() - t0:.1f}s with {ray.cluster_resources().get('CPU', 0):g} CPU(s); "
-          f"{plan.num_workers} worker(s) × {plan.resources_per_worker}", file=out)
+          f"{where}", file=out)
     if other:
         print(f"ray: not the Ray head at {other[0]} recorded in {other[1]} (running or stale); to run on a "
               "running head, submit to its dashboard: --address http://HEAD:8265", file=out)
@@ -65,7 +150,11 @@ def run_local(spec: JobSpec, *, fresh: bool = False, resume_from: str | None = N
               "set compute.gpus_per_worker: 1 to use it", file=out)
     renderer = Renderer(out)
     try:
-        result = run(spec, fresh=fresh, resume_from=resume_from, on_event=renderer.handle, plan=plan, settled=True)
+        with training_output(spec) if in_process else contextlib.nullcontext("") as log_path:
+            if log_path:
+                print(f"training output (library warnings and logs): {log_path}", file=out)
+            result = run(spec, fresh=fresh, resume_from=resume_from, on_event=renderer.handle, plan=plan,
+                         settled=True, in_process=in_process)
     except KeyboardInterrupt:
         renderer.close()
         mark_stopped(spec, "interrupted")
@@ -76,6 +165,11 @@ def run_local(spec: JobSpec, *, fresh: bool = False, resume_from: str | None = N
         renderer.close()
         if owned:
             ray.shutdown()
+        for k in added:  # for this Ray only (a later one in this process, a test session's, starts as it would)
+            os.environ.pop(k, None)
+        if in_process and owned:
+            global TRAINED_HERE
+            TRAINED_HERE = True
     if not result.ok:
         mark_stopped(spec, f"failed: {result.error}")
         print(f"error: training failed: {result.error}", file=out)

@@ -95,7 +95,11 @@ def retry_message(e: dict[str, Any]) -> str:
     """One line for a ``retry`` event (the driver's :class:`~raytune_ft.launch.driver.Attempts`): what failed,
     the attempt count, and what the run waits for next."""
     what = f"storage unreachable at {e['storage']}" if e.get("storage") else "a worker failed"
-    head = f"{what} ({attempt_of(e)} failed: {e.get('error') or '?'})"
+    if e.get("in_process"):  # one worker in the driver's process: no attempts to count
+        what = what if e.get("storage") else "training failed"
+        head = f"{what} ({e.get('error') or '?'})"
+    else:
+        head = f"{what} ({attempt_of(e)} failed: {e.get('error') or '?'})"
     nxt = e.get("next")
     if nxt == "restart":
         tail = ("Ray Train restarts the workers; they resume from the last committed checkpoint"
@@ -103,6 +107,8 @@ def retry_message(e: dict[str, Any]) -> str:
     elif nxt == "driver_wait":
         tail = (f"no restarts left: the driver waits up to {float(e.get('wait_s') or 0):.0f}s for storage to "
                 "answer, then starts the run again from the last committed checkpoint")
+    elif e.get("in_process"):
+        tail = "it ran in this process, which restarts nothing: resubmit to resume from the last committed checkpoint"
     else:
         tail = "no restarts left (fault_tolerance.max_failures)"
     return f"{head}; {tail}"

@@ -13,14 +13,7 @@ from raytune_ft import storage as st
 from raytune_ft.plan import Plan
 from raytune_ft.rundir import RunDir
 from raytune_ft.spec.models import JobSpec
-from raytune_ft.train.config import WorkerConfig
-
-# RAY_TRAIN_ENABLE_PRINT_PATCH=0: Ray Train V2 replaces print() in its workers with a call to the root logger
-# (whose console handler writes the line) plus, whenever sys.stdout is not sys.__stdout__, the real print as
-# well; Ray itself reopens a worker's stdout for its log files, so that is always, and every print() of a
-# worker reached the job's log (`rtf logs`) twice. Without the patch a print goes to stdout once; logging
-# calls still go through Ray Train's handlers.
-WORKER_ENV = {"TOKENIZERS_PARALLELISM": "false", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+from raytune_ft.train.config import WORKER_ENV, WorkerConfig
 
 
 @dataclass
@@ -34,8 +27,11 @@ class RunResult:
     interrupted: bool = False
 
 
-def scaling_config(plan: Plan):
+def scaling_config(plan: Plan, in_process: bool = False):
     from ray.train import ScalingConfig
+
+    if in_process:  # Ray Train's local mode: the train function runs in this process, no worker group
+        return ScalingConfig(num_workers=0)
 
     kwargs: dict[str, Any] = dict(
         num_workers=plan.num_workers,
@@ -63,7 +59,7 @@ def build_trainer(spec: JobSpec, worker: WorkerConfig, *, callbacks: Sequence[An
     return TorchTrainer(
         train_loop,
         train_loop_config=worker,
-        scaling_config=scaling_config(plan),
+        scaling_config=scaling_config(plan, worker.in_process),
         torch_config=TorchConfig(backend="nccl" if plan.use_gpu else "gloo"),
         run_config=RunConfig(
             name=spec.name,

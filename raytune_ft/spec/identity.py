@@ -21,6 +21,15 @@ EXTENDS_OR_OBSERVES = (
 )
 
 
+# Values that name the same thing: torch's AdamW fused into one kernel or not (the same update, the same optimizer
+# state), so a run started under the old default (adamw_torch) resumes under the new one.
+SAME = {"training.optimizer": {"adamw_torch_fused": "adamw_torch"}}
+
+
+def _same(path: str, value: Any) -> Any:
+    return SAME.get(path, {}).get(value, value) if isinstance(value, str) else value
+
+
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
     if isinstance(d, dict):
         out: dict[str, Any] = {}
@@ -37,7 +46,7 @@ def _allowed(path: str) -> bool:
 def changes(old: dict[str, Any], new: dict[str, Any]) -> tuple[list[str], list[str]]:
     """(defining, allowed): the dotted paths whose values differ between two dumped specs."""
     a, b = _flatten(old), _flatten(new)
-    changed = sorted(p for p in set(a) | set(b) if a.get(p) != b.get(p))
+    changed = sorted(p for p in set(a) | set(b) if _same(p, a.get(p)) != _same(p, b.get(p)))
     defining = [p for p in changed if not _allowed(p)]
     return defining, [p for p in changed if _allowed(p)]
 

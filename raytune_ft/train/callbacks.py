@@ -24,6 +24,7 @@ from transformers.trainer_callback import PrinterCallback
 from raytune_ft import checkpoints as ck
 from raytune_ft import rundir as rd
 from raytune_ft import storage as st
+from raytune_ft.train.config import STOP, StopRequested
 
 
 def peak_memory_mb() -> float:
@@ -77,7 +78,7 @@ class PrintOnRankZero(PrinterCallback):
 
 class RtfCallback(TrainerCallback):
     def __init__(self, *, run: Any, spec_hash: str, publisher: Any, work_dir: str, tb_writer: Any = None,
-                 tokens_per_sample: float | None = None, report_evals: bool = False) -> None:
+                 tokens_per_sample: float | None = None, report_evals: bool = False, in_process: bool = False) -> None:
         self.run = run  # RunContext: rank, spec, dir (the RunDir)
         self.spec_hash = spec_hash
         self.publisher = publisher
@@ -92,8 +93,13 @@ class RtfCallback(TrainerCallback):
         self.last_metrics: dict[str, Any] = {}
         self.tokens_per_sample = tokens_per_sample
         self.report_evals = report_evals
+        self.in_process = in_process  # Ray Train's local mode: it uploads no checkpoint, rtf does
 
     # ------------------------------------------------------------------ logging
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.in_process and STOP.is_set():  # Ctrl-C in the driver, which this run shares a process with
+            raise StopRequested(f"stopped at step {state.global_step}")
 
     def on_train_begin(self, args, state, control, **kwargs):
         from raytune_ft.train.monitor import HardwareMonitor
@@ -174,6 +180,8 @@ class RtfCallback(TrainerCallback):
         metrics["step"] = step
         name = rd.checkpoint_name(step)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(local), checkpoint_dir_name=name)
+        if self.in_process:  # the gap: Ray Train's local mode keeps the checkpoint where it is
+            st.upload_dir(local, self.run.dir.fs, self.run.dir.join(name))
         barrier()
         if self.run.rank == 0:
             path = self.run.dir.join(name)

@@ -4,11 +4,19 @@
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 from raytune_ft.plan import Plan
 from raytune_ft.spec import spec_from_dict
 from raytune_ft.spec.models import JobSpec
+
+# RAY_TRAIN_ENABLE_PRINT_PATCH=0: Ray Train V2 replaces print() in its workers with a call to the root logger
+# (whose console handler writes the line) plus, whenever sys.stdout is not sys.__stdout__, the real print as
+# well; Ray itself reopens a worker's stdout for its log files, so that is always, and every print() of a
+# worker reached the job's log (`rtf logs`) twice. Without the patch a print goes to stdout once; logging
+# calls still go through Ray Train's handlers.
+WORKER_ENV = {"TOKENIZERS_PARALLELISM": "false", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
 
 
 @dataclass(frozen=True)
@@ -23,6 +31,20 @@ class WorkerConfig:
     """A sweep trial: every evaluation is reported to Ray Train at once (and so reaches Ray Tune's scheduler)."""
     progress_board: str | None = None
     """The name of the Ray actor that collects rank 0's progress events (None: rank 0 prints them)."""
+    in_process: bool = False
+    """One worker, run in the driver's own process (Ray Train's local mode, ``ScalingConfig(num_workers=0)``):
+    no worker group to start. Ray Train then neither uploads checkpoints nor restarts a failed worker: the
+    recipe uploads each checkpoint itself, and a failure ends the run (resubmit to resume)."""
 
     def job_spec(self) -> JobSpec:
         return spec_from_dict(self.plan.spec)
+
+
+class StopRequested(KeyboardInterrupt):
+    """Raised in an in-process run's training thread at the next step once :data:`STOP` is set (Ctrl-C reaches
+    the driver's main thread; the training thread has no signal of its own)."""
+
+
+STOP = threading.Event()
+"""Set by the driver to stop an in-process run at the next step boundary (nothing half-written: a checkpoint
+is committed whole or not at all)."""

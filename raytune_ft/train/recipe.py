@@ -40,7 +40,7 @@ from raytune_ft.train.callbacks import (
     barrier,
     gather,
 )
-from raytune_ft.train.config import WorkerConfig
+from raytune_ft.train.config import WORKER_ENV, WorkerConfig
 from raytune_ft.train.env import apply_env, env_report
 from raytune_ft.train.modeling import apply_method, build_model, count_parameters, hf_token
 from raytune_ft.train.progress import Publisher
@@ -65,9 +65,12 @@ def _context(spec: JobSpec) -> RunContext:
     return RunContext(spec, ctx.get_world_rank(), ctx.get_world_size(), ctx.get_local_rank(), RunDir.of(spec))
 
 
-def _device(run: RunContext) -> torch.device:
+def _device(run: RunContext, in_process: bool = False) -> torch.device:
     if run.spec.compute.use_gpu and torch.cuda.is_available():
         import ray.train.torch
+
+        if in_process:  # the driver holds no GPU of Ray's: get_device() would not name one
+            return torch.device("cuda", torch.cuda.current_device())
 
         return ray.train.torch.get_device()
     return torch.device("cpu")
@@ -150,6 +153,7 @@ def training_arguments(spec: JobSpec, out_dir: str, deepspeed: dict | None, use_
         seed=t.seed,
         data_seed=t.data_seed,
         dataloader_num_workers=t.dataloader_num_workers,
+        dataloader_pin_memory=not use_cpu,  # page-locked host memory only helps copies to a GPU
         train_sampling_strategy="group_by_length" if t.group_by_length else "random",
         remove_unused_columns=False,
         include_num_input_tokens_seen="non_padding",
@@ -161,6 +165,13 @@ def training_arguments(spec: JobSpec, out_dir: str, deepspeed: dict | None, use_
         use_liger_kernel=t.liger_kernel,
         **extra,
     )
+
+
+def has_experts(model: Any) -> bool:
+    """Whether the model routes tokens to experts (MoE): some of its parameters may get no gradient in a step."""
+    cfg = getattr(model, "config", None)
+    keys = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
+    return any((getattr(cfg, k, None) or 0) > 1 for k in keys)
 
 
 def _installed(name: str) -> bool:
@@ -203,8 +214,11 @@ def restore_metrics(run: RunContext, work: str, upto_step: int | None) -> None:
 
 def train_loop(config: WorkerConfig) -> None:
     """Entry point of every Ray Train worker."""
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
     spec = config.job_spec()
+    if config.in_process:
+        in_process_setup(spec)
+    else:
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
     apply_env(spec)  # first: literal env values, and forwarded secrets (Ray Jobs: sealed)
     run = _context(spec)
     work = tempfile.mkdtemp(prefix=f"rtf-{spec.name}-r{run.rank}-")
@@ -223,6 +237,14 @@ def train_loop(config: WorkerConfig) -> None:
         shutil.rmtree(work, ignore_errors=True)
 
 
+def in_process_setup(spec: JobSpec) -> None:
+    """What a Ray worker process would have had, for a run in the driver's process (Ray Train's local mode):
+    the worker environment, and as many threads as ``compute.cpus_per_worker`` (Ray sets OMP_NUM_THREADS so)."""
+    for k, v in WORKER_ENV.items():
+        os.environ.setdefault(k, v)
+    torch.set_num_threads(max(1, int(spec.compute.cpus_per_worker)))
+
+
 def _run(spec: JobSpec, run: RunContext, work: str, publisher: Publisher, config: WorkerConfig) -> None:
     import ray
     import ray.train
@@ -234,7 +256,7 @@ def _run(spec: JobSpec, run: RunContext, work: str, publisher: Publisher, config
 
     info = (lambda msg: publisher.push({"kind": "info", "message": msg})) if run.rank == 0 else (lambda msg: None)
     t0 = time.time()
-    device = _device(run)
+    device = _device(run, config.in_process)
     seed = spec.training.seed
     workers = gather({"rank": run.rank, "pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(),
                       **env_report(spec)})  # forwarded env var names seen (never values)
@@ -268,6 +290,10 @@ def _run(spec: JobSpec, run: RunContext, work: str, publisher: Publisher, config
     args_cls, args_extra = ob.argument_class(spec)
     args = training_arguments(spec, out_dir, copy.deepcopy(config.plan.deepspeed), use_cpu=device.type == "cpu",
                               cls=args_cls, **args_extra)
+    # HF asks DDP to look for parameters without a gradient after every backward unless told otherwise (and
+    # DDP warns that it found none): every trainable parameter gets one here, except in mixture-of-experts
+    # models, whose unrouted experts may go without in a step
+    args.ddp_find_unused_parameters = True if has_experts(model) else False
     resume = find_resume_point(run, config.resume_from)
     local_resume = None
     if resume is not None:
@@ -285,7 +311,8 @@ def _run(spec: JobSpec, run: RunContext, work: str, publisher: Publisher, config
 
         tb = SummaryWriter(log_dir=os.path.join(work, rd.TENSORBOARD))
     callback = RtfCallback(run=run, spec_hash=spec_hash(spec), publisher=publisher, work_dir=work, tb_writer=tb,
-                           report_evals=config.report_evals)  # a sweep trial: each eval to Tune
+                           report_evals=config.report_evals,  # a sweep trial: each eval to Tune
+                           in_process=config.in_process)
     callbacks: list[Any] = [StopAtMaxSteps(), callback]
     if spec.training.early_stopping:
         es = spec.training.early_stopping
