@@ -15,7 +15,13 @@ fine-tuning, ``--steps`` steps, a log every step:
 rtf runs go through bench/_probe.py (the CLI path in-process, every progress event kept), so the phases of
 ``common.startup_breakdown`` are printed too. Median of the reps; ratios against ``hf`` of the same run.
 
-    python bench/startup.py [--reps 3] [--steps 10] [--json out.json]
+``--sweep N`` then runs the 4-trial sweep (learning rate × LoRA rank, FIFO, each trial ``--steps`` steps with
+an evaluation at the end, 2 trials at a time, each 1 worker of 1 CPU), before and after, alternated N times:
+``rtf submit`` in a fresh process, its wall time, and trials per hour = 4 / wall. A sweep's trials always
+have a worker group (Tune runs them): what changed for them is the embedded Ray (nice 0, the 0.25 s health
+check, so a finished trial's workers are let go sooner) and the fused AdamW.
+
+    python bench/startup.py [--reps 3] [--steps 10] [--sweep 1] [--json out.json]
 """
 
 from __future__ import annotations
@@ -60,10 +66,25 @@ def rtf_run(fx: dict[str, str], work: Path, name: str, steps: int, before: bool)
             "steps": logs[-1]["step"]}
 
 
+def sweep_run(fx: dict[str, str], work: Path, name: str, steps: int, before: bool) -> dict[str, float]:
+    doc = C.rtf_spec(name, fx, str(work / "runs"), packing=False, max_steps=steps, logging_steps=1,
+                     method="lora", eval_data=True)
+    doc["training"].update(eval_strategy="steps", eval_steps=steps)
+    if before:
+        doc["training"]["optimizer"] = "adamw_torch"
+    doc["tune"] = {"space": {"training.learning_rate": {"grid": [1e-3, 3e-3]}, "method.lora.r": {"grid": [8, 16]}},
+                   "search": "grid", "max_concurrent_trials": 2, "metric": "eval_loss"}
+    spec = C.write_yaml(work / f"{name}.yaml", doc)
+    wall, p = C.run([C.RTF, "submit", str(spec)], env=C.bench_env(**(BEFORE_ENV if before else {})), timeout=1800)
+    assert "trial-003" in p.stdout + p.stderr, (p.stdout + p.stderr)[-2000:]
+    return {"wall_s": wall, "trials_per_hour": 4 / wall * 3600}
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser()
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--sweep", type=int, default=0, metavar="N", help="N before/after pairs of the 4-trial sweep")
     ap.add_argument("--json")
     a = ap.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="rtf-bench-startup-"))
@@ -87,6 +108,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(C.fmt_table(["phase", "rtf before", "rtf after"],
                       [[p, f"{med['rtf before'].get(p, 0):.2f}", f"{med['rtf after'].get(p, 0):.2f}"] for p in phases]))
     out = {"machine": C.machine_info(), "steps": a.steps, "reps": a.reps, "runs": runs, "median": med}
+    if a.sweep:
+        sweeps: dict[str, list[dict[str, float]]] = {"rtf before": [], "rtf after": []}
+        for rep in range(a.sweep):
+            for label, before in (("rtf before", True), ("rtf after", False)):
+                sweeps[label].append(sweep_run(fx, work, f"sweep-{label.split()[1]}{rep}", a.steps, before))
+                print(f"sweep {label} {rep + 1}/{a.sweep}: {sweeps[label][-1]['wall_s']:.1f}s", flush=True)
+        smed = {k: {m: C.median([r[m] for r in v]) for m in v[0]} for k, v in sweeps.items()}
+        print(C.fmt_table(["4-trial sweep", "wall s", "trials/hour"],
+                          [[k, f"{m['wall_s']:.1f}", f"{m['trials_per_hour']:.0f}"] for k, m in smed.items()]))
+        out["sweep"] = {"runs": sweeps, "median": smed}
     if a.json:
         Path(a.json).write_text(json.dumps(out, indent=2))
     return out

@@ -22,9 +22,10 @@ from tests.tiny import spec_doc, write_spec
 REPO = Path(__file__).resolve().parents[1]
 
 
-def local_run(spec: Path, recorded: str, cwd: Path) -> tuple[int, str, Path]:
+def local_run(spec: Path, recorded: str, cwd: Path, **extra_env: str) -> tuple[int, str, Path]:
     """``rtf submit SPEC`` (local mode) in a fresh process whose Ray temp dir holds an address file naming
-    ``recorded``: (exit code, output, the address file)."""
+    ``recorded``: (exit code, output, the address file). After the run: no session of a Ray left in that dir
+    unless the run started one."""
     ray_tmp = tempfile.mkdtemp(prefix="rtfl", dir="/tmp")  # short: Ray's socket paths are limited
     try:
         address_file = Path(ray_tmp) / "ray" / "ray_current_cluster"
@@ -32,10 +33,11 @@ def local_run(spec: Path, recorded: str, cwd: Path) -> tuple[int, str, Path]:
         address_file.write_text(recorded)
         env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "RTF_"))}
         env.update(RAY_TMPDIR=ray_tmp, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-                   PYTHONPATH=str(REPO))
+                   PYTHONPATH=str(REPO), **extra_env)
         p = subprocess.run([sys.executable, "-m", "raytune_ft", "submit", str(spec)], env=env, cwd=cwd,
                            capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
-        return p.returncode, p.stdout + p.stderr, address_file
+        sessions = sorted(x.name for x in (Path(ray_tmp) / "ray").glob("session_*"))
+        return p.returncode, p.stdout + p.stderr + f"\n[ray sessions: {sessions}]", address_file
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
@@ -55,10 +57,18 @@ def test_a_stale_address_file_does_not_stop_local_mode(tiny, tmp_path):
     s.close()  # the head that wrote the file is gone: nothing listens there
     code, out, address_file = local_run(tiny_spec("stale", tiny, tmp_path), dead, tmp_path)
     assert code == 0, out[-4000:]
-    assert "mode: local embedded Ray (no --address" in out and "ray: started a new embedded Ray" in out
+    # one worker: trained in the rtf process itself (Ray Train's local mode), no Ray started, none joined
+    assert "mode: local embedded Ray (no --address" in out and "ray: 1 worker, trained in this process" in out
+    assert "[ray sessions: []]" in out and "ray: started a new embedded Ray" not in out
     assert f"ray: not the Ray head at {dead} recorded in {address_file} (running or stale)" in out
     assert "num_cpus and num_gpus must not be provided" not in out and "Traceback" not in out
     assert (tmp_path / "runs" / "stale" / "final" / "adapter_model.safetensors").is_file()
+    # with a worker group (RTF_IN_PROCESS=0; several workers always have one): a Ray of its own
+    code, out, address_file = local_run(tiny_spec("stale-group", tiny, tmp_path), dead, tmp_path, RTF_IN_PROCESS="0")
+    assert code == 0, out[-4000:]
+    assert "ray: started a new embedded Ray" in out and "1 worker(s)" in out and "[ray sessions: []]" not in out
+    assert f"ray: not the Ray head at {dead} recorded in {address_file} (running or stale)" in out
+    assert (tmp_path / "runs" / "stale-group" / "final" / "adapter_model.safetensors").is_file()
 
 
 def test_local_is_spelled_local(monkeypatch, tmp_path):

@@ -457,7 +457,8 @@ def test_the_driver_runs_with_the_clusters_python_though_path_has_none(cluster, 
 def test_local_mode_beside_a_running_head_starts_its_own_ray(cluster, tiny, tmp_path):
     from tests.test_local_mode import local_run, tiny_spec
 
-    code, out, address_file = local_run(tiny_spec("beside", tiny, tmp_path), cluster.gcs, tmp_path)
+    code, out, address_file = local_run(tiny_spec("beside", tiny, tmp_path), cluster.gcs, tmp_path,
+                                        RTF_IN_PROCESS="0")  # a worker group: the Ray it starts is its own
     assert code == 0, out[-4000:]
     assert "ray: started a new embedded Ray" in out
     assert f"ray: not the Ray head at {cluster.gcs} recorded in {address_file} (running or stale)" in out

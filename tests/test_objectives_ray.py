@@ -48,6 +48,10 @@ def test_regression_run_end_to_end_then_score(ray_local, tiny, tmp_path, capsys)
     evs = [r for r in recs if "eval_r2" in r]
     assert [r["step"] for r in evs] == [8, 16] and evs[-1]["eval_mse"] < evs[0]["eval_mse"] * 1.5
     assert {"eval_mae", "eval_loss"} <= evs[-1].keys()
+    # exp(eval_loss) of an MSE is no perplexity: none is logged, reported or summarised
+    assert results["perplexity"] is None and not any("perplexity" in r for r in recs)
+    assert "perplexity" not in out
+    assert "\n  r2 " in out and f"{results['eval_r2']:.4f}" in out  # the summary shows the objective's metrics
     infos = ck.list_checkpoints(__import__("pyarrow.fs").fs.LocalFileSystem(), str(run))
     assert [(i.step, i.committed) for i in infos] == [(8, True), (16, True)]
 

@@ -132,7 +132,8 @@ def test_interrupted_run_resumes_to_the_same_result(ray_local, tiny, model4, tmp
     assert "interrupted: training stopped" in proc.text
     # a fresh `rtf submit` of one worker trains in its own process (Ray Train's local mode): Ctrl-C stopped the
     # training thread at a step boundary, and what it committed is what the resume below continues from
-    assert "1 worker, in this process" in proc.text, proc.text
+    assert "1 worker, trained in this process" in proc.text, proc.text
+    assert f"checkpoint committed: step {SAVE} " in proc.text  # said before it stopped
     # the console (a pipe here) holds rtf's lines, not library chatter
     for noise in ("Token authentication is enabled", "\x1b[", "gemm_4bit", "kernels"):
         assert noise not in proc.text, noise

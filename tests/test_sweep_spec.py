@@ -148,9 +148,13 @@ def test_scheduler_rungs_fall_on_reported_steps_and_never_at_the_end():
 
 
 def test_a_train_report_reaches_tune_only_with_a_fresh_metric():
-    # an evaluation (no checkpoint): forwarded, with perplexity
-    r = sweep_tune.to_tune_result({"step": 2, "eval_loss": 2.0, "max_steps": 10}, "eval_loss", has_checkpoint=False)
+    # an evaluation (no checkpoint): forwarded, with the perplexity the worker reported (next-token objectives)
+    r = sweep_tune.to_tune_result({"step": 2, "eval_loss": 2.0, "perplexity": math.exp(2.0), "max_steps": 10},
+                                  "eval_loss", has_checkpoint=False)
     assert r["eval_loss"] == 2.0 and r["perplexity"] == pytest.approx(math.exp(2.0)) and r["final"] is False
+    # none is made up for another objective's eval_loss (a DPO or regression loss has no perplexity)
+    assert "perplexity" not in sweep_tune.to_tune_result({"step": 2, "eval_loss": 0.6, "eval_accuracy": 0.7},
+                                                         "eval_accuracy", has_checkpoint=False)
     # a checkpoint repeats the last eval: not for an eval metric, yes for the training loss
     ckpt = {"step": 4, "loss": 1.5, "eval_loss": 2.0}
     assert sweep_tune.to_tune_result(ckpt, "eval_loss", has_checkpoint=True) is None

@@ -136,3 +136,20 @@ def test_attention_choice_says_why():
 
     with pytest.raises(UserError, match="needs a CUDA GPU"):
         choose_attention("flash_attention_2", cuda=False)
+
+
+def test_a_lora_adapter_starts_from_the_runs_seed_whatever_drew_from_torch_before(tiny, tmp_path):
+    """LoRA's A matrices are random: they come from training.seed, not from the state torch's generator was left
+    in (which differed between processes, so the same spec trained to different losses)."""
+    from transformers import AutoModelForCausalLM
+
+    train, _, model_dir = tiny
+    spec = spec_from_dict(spec_doc("seeded", model_dir, train, None, tmp_path / "runs"))
+    adapters = []
+    for draws in (0, 3):
+        torch.rand(draws, 1000)  # what happened to consume randomness before differs
+        model = apply_method(AutoModelForCausalLM.from_pretrained(str(model_dir)), spec)
+        adapters.append({k: v.clone() for k, v in model.state_dict().items() if "lora_A" in k})
+    assert adapters[0] and adapters[0].keys() == adapters[1].keys()
+    assert all(torch.equal(adapters[0][k], adapters[1][k]) for k in adapters[0])
+    assert any(v.abs().sum() > 0 for v in adapters[0].values())

@@ -23,6 +23,7 @@ from raytune_ft.rundir import FINAL, SPEC, RunDir
 from raytune_ft.spec import to_yaml
 from raytune_ft.spec.models import JobSpec
 from raytune_ft.train.config import STOP, WorkerConfig
+from raytune_ft.train.progress import LOCAL_BOARDS, LocalBoard
 
 EventHandler = Callable[[dict[str, Any]], None]
 
@@ -367,11 +368,21 @@ class Attempts:
 
 def _fit_once(spec: JobSpec, worker: WorkerConfig, emit: EventHandler, *,
               driver_retry: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
-    """One TorchTrainer.fit(), with the progress board polled while it runs."""
-    import ray
+    """One TorchTrainer.fit(), with the progress board polled while it runs (an actor on the Ray cluster, or
+    for a run in this process, an in-process board: such a run needs no Ray started at all)."""
+    if worker.in_process:
+        board: Any = LOCAL_BOARDS.setdefault(worker.progress_board or "", LocalBoard())
 
-    board = make_board_class().options(name=worker.progress_board, namespace=NAMESPACE,
-                                       get_if_exists=True).remote()
+        def since(seen: int) -> list[dict[str, Any]]:
+            return board.since(seen)
+    else:
+        import ray
+
+        board = make_board_class().options(name=worker.progress_board, namespace=NAMESPACE,
+                                           get_if_exists=True).remote()
+
+        def since(seen: int) -> list[dict[str, Any]]:
+            return ray.get(board.since.remote(seen), timeout=10)
     trainer = build_trainer(spec, worker)
     outcome: dict[str, Any] = {}
 
@@ -392,7 +403,7 @@ def _fit_once(spec: JobSpec, worker: WorkerConfig, emit: EventHandler, *,
         while True:
             alive = thread.is_alive()
             try:
-                events = ray.get(board.since.remote(seen), timeout=10)
+                events = since(seen)
             except Exception:
                 events = []
             seen += len(events)
@@ -407,12 +418,20 @@ def _fit_once(spec: JobSpec, worker: WorkerConfig, emit: EventHandler, *,
         if worker.in_process:  # Ctrl-C: the training thread stops at its next step (Ray Train's local mode
             STOP.set()         # has no abort of its own), and this process does not exit under it
             thread.join(timeout=IN_PROCESS_STOP_S)
+            try:  # what it said since the last poll (the steps and checkpoints up to the stop)
+                for e in since(seen):
+                    attempts.handle(e)
+            except Exception:  # noqa: BLE001 - the stop is what matters now
+                pass
         raise
     finally:
-        try:
-            ray.kill(board)
-        except Exception:
-            pass
+        if worker.in_process:
+            LOCAL_BOARDS.pop(worker.progress_board or "", None)
+        else:
+            try:
+                ray.kill(board)
+            except Exception:
+                pass
     return outcome, summary
 
 

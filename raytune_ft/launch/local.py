@@ -9,6 +9,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from typing import Any
 
 from raytune_ft import storage as st
 from raytune_ft.data.pipeline import check_data
@@ -99,6 +100,15 @@ def training_output(spec: JobSpec) -> Iterator[str]:
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     level = root.level
+    # handlers that libraries set up at import (Ray's, on its "ray" logger) hold the console stream itself
+    consoles = {id(sys.stdout), id(sys.stderr), id(sys.__stdout__), id(sys.__stderr__)}
+    moved: list[tuple[logging.StreamHandler, Any]] = []
+    for logger in [root, *(x for x in logging.root.manager.loggerDict.values() if isinstance(x, logging.Logger))]:
+        for h in logger.handlers:
+            dynamic = isinstance(getattr(type(h), "stream", None), property)  # reads sys.stderr when it writes
+            if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler) and not dynamic \
+                    and id(getattr(h, "stream", None)) in consoles:
+                moved.append((h, h.setStream(f)))
     root.addHandler(handler)
     root.setLevel(logging.INFO)
     try:
@@ -107,6 +117,18 @@ def training_output(spec: JobSpec) -> Iterator[str]:
     finally:
         root.removeHandler(handler)
         root.setLevel(level)
+        for h, stream in moved:
+            h.setStream(stream)
+
+
+def _has_gpu(in_process: bool) -> bool:
+    if not in_process:
+        import ray
+
+        return bool(ray.cluster_resources().get("GPU"))
+    import torch  # the run imports it next anyway
+
+    return torch.cuda.is_available()
 
 
 def run_local(spec: JobSpec, *, fresh: bool = False, resume_from: str | None = None, out=None) -> int:
@@ -126,8 +148,10 @@ def run_local(spec: JobSpec, *, fresh: bool = False, resume_from: str | None = N
     need = c.num_workers * c.cpus_per_worker
     cpus = max(os.cpu_count() or 1, int(need + 0.999))
     t0 = time.time()
-    owned = not ray.is_initialized()  # a caller (a notebook, a test session) may have started Ray already
-    other = recorded_head() if owned else None
+    running = ray.is_initialized()  # a caller (a notebook, a test session) may have started Ray already
+    in_process, why = choose_in_process(spec, owned=not running)
+    owned = not running and not in_process  # a Ray of our own, for a worker group (an in-process run needs none)
+    other = recorded_head() if not running else None
     added: dict[str, str] = {}
     if owned:
         quiet_ray_console(out)
@@ -136,16 +160,17 @@ def run_local(spec: JobSpec, *, fresh: bool = False, resume_from: str | None = N
         # address file, even a dead one's leftover, and refuses num_cpus there.
         ray.init(address="local", num_cpus=cpus, include_dashboard=False,
                  log_to_driver=bool(os.environ.get("RTF_WORKER_LOGS")), configure_logging=False, namespace="rtf")
-    what = "started a new embedded Ray" if owned else "reusing the Ray this process already runs"
-    in_process, why = choose_in_process(spec, owned)
-    where = ("1 worker, in this process (Ray Train's local mode: no worker group to start; "
-             f"{why})" if in_process else f"{plan.num_workers} worker(s) × {plan.resources_per_worker}")
-    print(f"ray: {what} in {time.time() - t0:.1f}s with {ray.cluster_resources().get('CPU', 0):g} CPU(s); "
-          f"{where}", file=out)
+    if in_process:
+        print(f"ray: 1 worker, trained in this process (Ray Train's local mode: no Ray cluster or worker group "
+              f"to start; {why})", file=out)
+    else:
+        what = "started a new embedded Ray" if owned else "reusing the Ray this process already runs"
+        print(f"ray: {what} in {time.time() - t0:.1f}s with {ray.cluster_resources().get('CPU', 0):g} CPU(s); "
+              f"{plan.num_workers} worker(s) × {plan.resources_per_worker}", file=out)
     if other:
         print(f"ray: not the Ray head at {other[0]} recorded in {other[1]} (running or stale); to run on a "
               "running head, submit to its dashboard: --address http://HEAD:8265", file=out)
-    if ray.cluster_resources().get("GPU") and not spec.compute.use_gpu:
+    if not spec.compute.use_gpu and _has_gpu(in_process):
         print("note: this machine has a GPU but compute.gpus_per_worker is 0, so training runs on CPU; "
               "set compute.gpus_per_worker: 1 to use it", file=out)
     renderer = Renderer(out)
@@ -167,7 +192,7 @@ def run_local(spec: JobSpec, *, fresh: bool = False, resume_from: str | None = N
             ray.shutdown()
         for k in added:  # for this Ray only (a later one in this process, a test session's, starts as it would)
             os.environ.pop(k, None)
-        if in_process and owned:
+        if in_process and not running:
             global TRAINED_HERE
             TRAINED_HERE = True
     if not result.ok:

@@ -184,7 +184,11 @@ def print_summary(summary: dict[str, Any], run_uri: str, out) -> None:
         ("steps", f"{summary.get('steps', '-')}"),
         ("final train loss", f(summary.get("train_loss"))),
         ("eval loss", f(summary.get("eval_loss"))),
-        ("perplexity", f(summary.get("perplexity"), "{:.2f}")),
+        # a language model's measure: the other objectives show their own eval metrics instead
+        *([("perplexity", f(summary.get("perplexity"), "{:.2f}"))]
+          if summary.get("perplexity") is not None or summary.get("objective", "sft") == "sft" else []),
+        *[(k.removeprefix("eval_").replace("_", " "), f(v)) for k, v in summary.items()
+          if k.startswith("eval_") and k != "eval_loss" and isinstance(v, (int, float)) and not isinstance(v, bool)],
         ("tokens", f(summary.get("tokens"), "{:,}")),
         *([("tokens since resume", f(summary["attempt_tokens"], "{:,}"))]  # what runtime and tokens/s cover
           if summary.get("resumed_from_step") is not None and summary.get("attempt_tokens") is not None else []),

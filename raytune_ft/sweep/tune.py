@@ -118,9 +118,7 @@ def to_tune_result(metrics: dict[str, Any], metric: str, has_checkpoint: bool) -
     report count. ``done`` is renamed ``final`` (Tune would otherwise stop the trial before the trainer
     returns), and a NaN/inf loss becomes :data:`DIVERGED` with ``diverged: true``.
     """
-    m = {k: plain(v) for k, v in metrics.items()}
-    if m.get("eval_loss") is not None and m.get("perplexity") is None:
-        m["perplexity"] = math.exp(min(float(m["eval_loss"]), 50.0)) if math.isfinite(m["eval_loss"]) else m["eval_loss"]
+    m = {k: plain(v) for k, v in metrics.items()}  # perplexity comes with the report (next-token objectives only)
     final = bool(m.pop("done", False))
     if m.get(metric) is None or "step" not in m:
         return None

@@ -78,7 +78,8 @@ class PrintOnRankZero(PrinterCallback):
 
 class RtfCallback(TrainerCallback):
     def __init__(self, *, run: Any, spec_hash: str, publisher: Any, work_dir: str, tb_writer: Any = None,
-                 tokens_per_sample: float | None = None, report_evals: bool = False, in_process: bool = False) -> None:
+                 tokens_per_sample: float | None = None, report_evals: bool = False, in_process: bool = False,
+                 perplexity: bool = True) -> None:
         self.run = run  # RunContext: rank, spec, dir (the RunDir)
         self.spec_hash = spec_hash
         self.publisher = publisher
@@ -94,6 +95,7 @@ class RtfCallback(TrainerCallback):
         self.tokens_per_sample = tokens_per_sample
         self.report_evals = report_evals
         self.in_process = in_process  # Ray Train's local mode: it uploads no checkpoint, rtf does
+        self.perplexity = perplexity  # exp(eval_loss) means something for next-token prediction only
 
     # ------------------------------------------------------------------ logging
 
@@ -116,8 +118,9 @@ class RtfCallback(TrainerCallback):
         event: dict[str, Any] = {"step": step, "max_steps": state.max_steps, "epoch": state.epoch}
         if "eval_loss" in logs:
             ev = float(logs["eval_loss"])
-            logs["perplexity"] = math.exp(min(ev, 50.0))
-            event.update(kind="eval", eval_loss=ev, perplexity=logs["perplexity"])
+            event.update(kind="eval", eval_loss=ev)
+            if self.perplexity:
+                logs["perplexity"] = event["perplexity"] = math.exp(min(ev, 50.0))
         elif "loss" in logs:
             tokens = state.num_input_tokens_seen or 0
             dt = max(now - self.t_last, 1e-9)
@@ -162,8 +165,10 @@ class RtfCallback(TrainerCallback):
         ev = float(metrics["eval_loss"])
         ours = {k: float(v) for k, v in metrics.items() if k.startswith("eval_") and isinstance(v, (int, float))
                 and not isinstance(v, bool)}  # an objective's own metrics (eval_r2, eval_accuracy...) too
+        if self.perplexity:
+            ours["perplexity"] = math.exp(min(ev, 50.0)) if math.isfinite(ev) else ev
         ray.train.report({"step": state.global_step, "max_steps": state.max_steps, "epoch": state.epoch, **ours,
-                          "eval_loss": ev, "perplexity": math.exp(min(ev, 50.0)) if math.isfinite(ev) else ev})
+                          "eval_loss": ev})
 
     # ------------------------------------------------------------------ checkpoints
 

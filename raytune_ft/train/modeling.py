@@ -198,6 +198,9 @@ def apply_method(model: Any, spec: JobSpec, *, wrap: bool = True) -> Any:
         )
     if not wrap:
         return model
+    # the adapter's initial weights (LoRA's A is random) from the run's seed, whatever drew from torch's
+    # generator before: the same spec starts from the same adapter in every process
+    torch.manual_seed(spec.training.seed)
     try:
         return get_peft_model(model, lora_config(spec))
     except ValueError as e:

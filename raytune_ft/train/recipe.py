@@ -258,7 +258,8 @@ def _run(spec: JobSpec, run: RunContext, work: str, publisher: Publisher, config
     t0 = time.time()
     device = _device(run, config.in_process)
     seed = spec.training.seed
-    workers = gather({"rank": run.rank, "pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(),
+    workers = gather({"rank": run.rank, "pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id()
+                      if ray.is_initialized() else "local",
                       **env_report(spec)})  # forwarded env var names seen (never values)
     if run.rank == 0:
         publisher.push({"kind": "workers", "workers": workers, "message": "workers: " + ", ".join(
@@ -312,7 +313,7 @@ def _run(spec: JobSpec, run: RunContext, work: str, publisher: Publisher, config
         tb = SummaryWriter(log_dir=os.path.join(work, rd.TENSORBOARD))
     callback = RtfCallback(run=run, spec_hash=spec_hash(spec), publisher=publisher, work_dir=work, tb_writer=tb,
                            report_evals=config.report_evals,  # a sweep trial: each eval to Tune
-                           in_process=config.in_process)
+                           in_process=config.in_process, perplexity=spec.method.objective == "sft")
     callbacks: list[Any] = [StopAtMaxSteps(), callback]
     if spec.training.early_stopping:
         es = spec.training.early_stopping
@@ -360,7 +361,8 @@ def _run(spec: JobSpec, run: RunContext, work: str, publisher: Publisher, config
             "train_loss": _last_train_loss(trainer.state.log_history),
             "train_loss_avg": result.training_loss,
             "eval_loss": eval_metrics.get("eval_loss"),
-            "perplexity": math.exp(min(eval_metrics["eval_loss"], 50)) if "eval_loss" in eval_metrics else None,
+            "perplexity": (math.exp(min(eval_metrics["eval_loss"], 50))
+                           if "eval_loss" in eval_metrics and spec.method.objective == "sft" else None),
             "steps": trainer.state.global_step,
             "max_steps": trainer.state.max_steps,
             "tokens": tokens,
@@ -392,8 +394,10 @@ def _run(spec: JobSpec, run: RunContext, work: str, publisher: Publisher, config
         callback.sync_logs()
         publisher.push({"kind": "done", "summary": summary, "final": run.dir.final_uri})
     barrier()
+    sft_eval = "eval_loss" in eval_metrics and spec.method.objective == "sft"
     ray.train.report({"step": trainer.state.global_step, "loss": _last_train_loss(trainer.state.log_history),
                       **({"eval_loss": eval_metrics["eval_loss"]} if "eval_loss" in eval_metrics else {}),
+                      **({"perplexity": math.exp(min(eval_metrics["eval_loss"], 50))} if sft_eval else {}),
                       **ob.eval_summary(spec, eval_metrics), "done": True})
     if tb is not None:
         tb.close()
