@@ -58,6 +58,16 @@ def main() -> int:
             inits.append((t, time.time()))
 
     ray.init = timed_init
+    import raytune_ft.launch.local as local
+
+    orig_run = local.run
+    runs_at: list[float] = []
+
+    def timed_run(*args, **kwargs):  # when the driver's run() began (a run without ray.init: in process)
+        runs_at.append(time.time())
+        return orig_run(*args, **kwargs)
+
+    local.run = timed_run
 
     if not a.warm:
         assert len(a.specs) == 1
@@ -67,7 +77,7 @@ def main() -> int:
         except SystemExit as e:
             code = e.code or 0
         rec["runs"].append({"spec": a.specs[0], "code": code, "events": events, "t_end": time.time(),
-                            "ray_init": inits[:1]})
+                            "ray_init": inits[:1], "t_run": runs_at[0] if runs_at else None})
     else:
         from raytune_ft.launch import submit
         from raytune_ft.spec import load_spec

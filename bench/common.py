@@ -368,9 +368,10 @@ def startup_breakdown(rec: dict[str, Any], run_index: int = 0) -> dict[str, floa
     Phases (each ends where the next begins):
       cli_start      process start, Python and rtf CLI imports (cold runs only)
       driver_prep    spec load, plan, storage preflight, data check (everything before ray.init)
-      ray_start      ray.init (cold runs only)
+      ray_start      ray.init (cold runs only; 0 for a run trained in the rtf process, which starts no Ray)
       worker_group   TorchTrainer setup, worker process start and imports, torch.distributed; ends
-                     at the worker's first event (cold: from ray.init's end; warm: from the call)
+                     at the worker's first event (cold: from ray.init's end; warm: from the call); in
+                     the rtf process: the training stack's imports and Ray Train's local mode
       data_prep      tokenizer (load, or train and share) + read, tokenize, pack the data
       model_load     model load/build + LoRA wrap
       trainer_setup  TrainingArguments, resume lookup, callbacks, Trainer()
@@ -403,7 +404,10 @@ def startup_breakdown(rec: dict[str, Any], run_index: int = 0) -> dict[str, floa
     else:
         t0 = rec["t0"]
         t_begin = t0
-        (ri0, ri1), = run_rec["ray_init"][:1]
+        if run_rec["ray_init"]:
+            (ri0, ri1), = run_rec["ray_init"][:1]
+        else:  # trained in the rtf process (one local worker): no Ray started; the driver's run() began here
+            ri0 = ri1 = run_rec["t_run"]
         out["cli_start"] = rec["t_cli_imported"] - t0
         out["driver_prep"] = ri0 - rec["t_cli_imported"]
         out["ray_start"] = ri1 - ri0

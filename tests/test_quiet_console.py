@@ -71,3 +71,38 @@ def test_ray_notices_kept_off_a_console_that_is_not_a_terminal(monkeypatch):
     monkeypatch.setenv("RAY_COLOR_PREFIX", "1")  # the user's choice stands
     quiet_ray_console(io.StringIO())
     assert os.environ["RAY_COLOR_PREFIX"] == "1"
+
+
+def test_storage_data_checks_and_planning_import_no_training_stack(tmp_path):
+    """Issue 17 item 2: everything `rtf submit` does before training starts (the spec, the plan with its memory
+    estimate, the storage preflight, the data check of every row) imports neither torch nor transformers, peft,
+    deepspeed or bitsandbytes. A real spec on real files: a tokenizer-less model dir and alpaca rows."""
+    import json
+
+    import yaml
+
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"instruction": f"q{i}", "output": f"a{i}"}) + "\n" for i in range(20)))
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({
+        "model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 64, "intermediate_size": 128,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 4, "vocab_size": 512}))
+    spec = tmp_path / "s.yaml"
+    spec.write_text(yaml.safe_dump({
+        "name": "light", "model": {"name_or_path": str(model)}, "data": {"train": {"path": str(data)}},
+        "training": {"max_steps": 4}, "storage": {"path": str(tmp_path / "runs")}}))
+    out = run_py(
+        "import sys\n"
+        "from raytune_ft import storage as st\n"
+        "from raytune_ft.data.pipeline import check_data\n"
+        "from raytune_ft.plan import make_plan\n"
+        "from raytune_ft.render_plan import render_plan\n"
+        "from raytune_ft.spec import load_spec\n"
+        f"spec = load_spec({str(spec)!r})\n"
+        "text = render_plan(make_plan(spec))\n"
+        "st.preflight(spec.storage)\n"
+        "check_data(spec)\n"
+        "assert 'memory' in text, text\n"
+        "print([m for m in ('torch', 'transformers', 'peft', 'deepspeed', 'bitsandbytes') if m in sys.modules])\n")
+    assert out.strip().splitlines()[-1] == "[]"
