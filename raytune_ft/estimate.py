@@ -380,7 +380,13 @@ def fit(spec: JobSpec) -> tuple[list[str], str]:
         return memory_estimate(_apply(spec, sets)).total / GIB
 
     t = spec.training
-    gbs_per_worker = t.per_device_train_batch_size * t.gradient_accumulation_steps
+    gbs_per_worker = t.per_device_train_batch_size * spec.accumulation_steps
+
+    def batch(b: int) -> dict[str, Any]:  # a micro-batch of b, the global batch kept
+        if t.tokens_per_step:  # the accumulation follows from tokens_per_step
+            return {"training.per_device_train_batch_size": b}
+        return {"training.per_device_train_batch_size": b, "training.gradient_accumulation_steps": gbs_per_worker // b}
+
     now = total({})
     if now <= cap:  # headroom: the largest micro-batch that fits and divides the per-worker batch
         best = t.per_device_train_batch_size
@@ -389,13 +395,11 @@ def fit(spec: JobSpec) -> tuple[list[str], str]:
                 best = b
         if best == t.per_device_train_batch_size:
             return [], f"fits: {now:.1f} of {cap:g} GiB; no larger micro-batch fits with the same global batch"
-        sets = {"training.per_device_train_batch_size": best,
-                "training.gradient_accumulation_steps": gbs_per_worker // best}
+        sets = batch(best)
         return _as_sets(sets), (f"fits: {now:.1f} of {cap:g} GiB; the largest micro-batch that fits with "
                                 f"{100 - HEADROOM * 100:.0f}% to spare is {best} ({total(sets):.1f} GiB), same global batch")
     steps: list[dict[str, Any]] = [  # in order of effect on a step's speed: least costly first
-        {"training.per_device_train_batch_size": b, "training.gradient_accumulation_steps": gbs_per_worker // b}
-        for b in _divisors_desc(gbs_per_worker, below=t.per_device_train_batch_size)]
+        batch(b) for b in _divisors_desc(gbs_per_worker, below=t.per_device_train_batch_size)]
     if not t.gradient_checkpointing:
         steps.append({"training.gradient_checkpointing": True})
     stage = spec.deepspeed.stage if spec.deepspeed else 0

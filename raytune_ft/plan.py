@@ -513,7 +513,7 @@ def placeholders(spec: JobSpec) -> list[str]:
 def make_plan(spec: JobSpec) -> Plan:
     c, t = spec.compute, spec.training
     warnings: list[str] = []
-    gbs = t.per_device_train_batch_size * t.gradient_accumulation_steps * c.num_workers
+    gbs = t.per_device_train_batch_size * spec.accumulation_steps * c.num_workers
     tps = gbs * spec.data.max_seq_length if spec.data.max_seq_length else None
     resources = {"CPU": c.cpus_per_worker}
     if c.use_gpu:

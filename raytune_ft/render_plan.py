@@ -17,6 +17,14 @@ def _env_line(spec: dict) -> list[str]:
     return ["env:          " + ", ".join(parts)]
 
 
+def _accumulation(p: Plan) -> str:
+    t = p.spec.get("training") or {}
+    if not t.get("tokens_per_step"):
+        return ""
+    return (f"; training.tokens_per_step: gradient accumulation "
+            f"{p.global_batch_size // (t['per_device_train_batch_size'] * p.num_workers)}")
+
+
 def render_plan(p: Plan, extra: list[str] | None = None) -> str:
     m = p.memory
     lines = [
@@ -27,7 +35,8 @@ def render_plan(p: Plan, extra: list[str] | None = None) -> str:
         f"{'  GPU' if p.use_gpu else '  CPU only'}, placement {p.placement_strategy}"
         + (f", accelerator {p.accelerator_type}" if p.accelerator_type else ""),
         f"global batch: {p.global_batch_size} sequences per optimizer step"
-        + (f", {p.tokens_per_step:,} tokens (at max_seq_length)" if p.tokens_per_step else ""),
+        + (f", {p.tokens_per_step:,} tokens (at max_seq_length)" if p.tokens_per_step else "")
+        + _accumulation(p),
         *_env_line(p.spec),
     ]
     if m.known:

@@ -111,3 +111,23 @@ def test_the_embedded_ray_runs_its_workers_at_normal_priority_and_polls_them_oft
     assert p.returncode == 0 and line, p.stdout + p.stderr
     assert line[0].split(" ", 4)[1:4] == ["0", "0.25", "0"], line
     assert "RAY_worker_niceness" in line[0]
+
+
+def test_which_local_runs_train_in_the_rtf_process(monkeypatch, tmp_path):
+    from raytune_ft.launch.local import choose_in_process
+
+    def spec(**over):
+        return spec_from_dict(spec_doc("t", tmp_path / "m", tmp_path / "t.jsonl", None, tmp_path / "runs", **over))
+
+    monkeypatch.delenv("RTF_IN_PROCESS", raising=False)
+    assert choose_in_process(spec(), owned=True) == (True, "RTF_IN_PROCESS=0 starts one")
+    assert not choose_in_process(spec(), owned=False)[0]  # a Ray this process already runs: a worker group
+    assert not choose_in_process(spec(compute={"num_workers": 2}), owned=True)[0]
+    assert not choose_in_process(spec(deepspeed={"stage": 2}, method={"type": "full"}), owned=True)[0]
+    sweep = spec(tune={"space": {"training.learning_rate": {"grid": [1e-3, 1e-4]}}, "search": "grid", "metric": "loss"})
+    assert not choose_in_process(sweep, owned=True)[0]
+    monkeypatch.setenv("RTF_IN_PROCESS", "0")
+    assert not choose_in_process(spec(), owned=True)[0]
+    monkeypatch.setenv("RTF_IN_PROCESS", "1")
+    assert choose_in_process(spec(), owned=False) == (True, "RTF_IN_PROCESS=1")
+    assert not choose_in_process(spec(compute={"num_workers": 2}), owned=False)[0]

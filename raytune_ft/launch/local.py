@@ -64,14 +64,17 @@ IN_PROCESS_ENV = "RTF_IN_PROCESS"  # 0: always a worker group; 1: in process whe
 def choose_in_process(spec: JobSpec, owned: bool) -> tuple[bool, str]:
     """Whether a local run trains in this process (Ray Train's local mode), and the reason said with it.
 
-    Yes for one worker on the Ray this command started itself (a fresh ``rtf submit``), where a worker group
-    costs seconds to start and buys nothing: no peer to synchronise with, and a Ray Train restart after a
-    crash of the only worker. A sweep keeps its trials' workers (Tune runs them), and so does a Ray this
-    process was already running (a notebook, a test session: long-lived, where a worker's failure must not
-    be the process's). ``RTF_IN_PROCESS=0`` keeps the worker group; ``=1`` uses this process on an existing
-    Ray too."""
+    Yes for one worker when this command would start a Ray of its own (a fresh ``rtf submit``): a worker group
+    costs seconds to start (and a Ray to run it), and for one worker it buys only Ray Train's restart after a
+    crash of that worker (``fault_tolerance.max_failures``; a storage outage still gets the driver's retry).
+    No for several workers, a sweep (Tune runs its trials' workers), DeepSpeed (it needs the process group Ray
+    Train sets up for a worker), and a Ray this process already runs (a notebook, a test session: long-lived,
+    where a worker's failure must not be the process's). ``RTF_IN_PROCESS=0`` keeps the worker group; ``=1``
+    uses this process on an existing Ray too."""
     want = os.environ.get(IN_PROCESS_ENV, "").strip()
     if spec.tune is not None or spec.compute.num_workers != 1 or want == "0":
+        return False, ""
+    if spec.deepspeed is not None:  # DeepSpeed wants a process group, which Ray Train sets up for a worker
         return False, ""
     if want == "1":
         return True, f"{IN_PROCESS_ENV}=1"

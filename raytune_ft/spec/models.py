@@ -306,6 +306,11 @@ class TrainingSpec(Section):
     per_device_train_batch_size: int = Field(1, gt=0)
     per_device_eval_batch_size: int | None = Field(None, gt=0)
     gradient_accumulation_steps: int = Field(1, gt=0)
+    tokens_per_step: int | None = Field(None, gt=0, description=(
+        "Global tokens per optimizer step, with data.packing (rows of data.max_seq_length): sets "
+        "gradient_accumulation_steps to tokens_per_step / (max_seq_length × per_device_train_batch_size × "
+        "num_workers), recomputed for another worker count; set it to an unpacked run's tokens per step to "
+        "compare the two at equal work."))
     learning_rate: float = Field(2e-4, gt=0, lt=1)
     lr_scheduler_type: Scheduler = "cosine"
     warmup_ratio: float = Field(0.0, ge=0, lt=1)
@@ -528,6 +533,15 @@ class JobSpec(Section):
         default_factory=dict,
         description="Worker env vars: a literal value, or null to forward the submitter's variable by name.",
     )
+
+    @property
+    def accumulation_steps(self) -> int:
+        """training.gradient_accumulation_steps, or what training.tokens_per_step makes it for these workers."""
+        t = self.training
+        if t.tokens_per_step is None or not self.data.max_seq_length:
+            return t.gradient_accumulation_steps
+        row = self.data.max_seq_length * t.per_device_train_batch_size * self.compute.num_workers
+        return max(1, t.tokens_per_step // row)
 
     @field_validator("name")
     @classmethod

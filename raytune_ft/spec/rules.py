@@ -119,6 +119,29 @@ def _liger_gpu(s: Any) -> str | None:
     return None
 
 
+def _tokens_per_step(s: Any) -> str | None:
+    """training.tokens_per_step: full rows (packing), a whole number of micro-batches, one way to set it."""
+    t = s.training
+    if t.tokens_per_step is None:
+        return None
+    if not s.data.packing:
+        return ("training.tokens_per_step counts full rows of data.max_seq_length tokens: it needs data.packing: "
+                "true (unpacked rows vary in length; set their batch with per_device_train_batch_size and "
+                "gradient_accumulation_steps)")
+    if t.gradient_accumulation_steps != 1:
+        return (f"give training.tokens_per_step or training.gradient_accumulation_steps, not both (tokens_per_step "
+                f"sets the accumulation; got gradient_accumulation_steps {t.gradient_accumulation_steps})")
+    msl, b, n = s.data.max_seq_length, t.per_device_train_batch_size, s.compute.num_workers
+    micro = msl * b * n
+    if t.tokens_per_step % micro:
+        lo = t.tokens_per_step // micro * micro
+        near = " or ".join(f"{v:,}" for v in (lo, lo + micro) if v > 0)
+        return (f"training.tokens_per_step {t.tokens_per_step:,} is not a whole number of micro-batches of {micro:,} "
+                f"tokens (data.max_seq_length {msl} × per_device_train_batch_size {b} × compute.num_workers {n}): "
+                f"use {near}")
+    return None
+
+
 def _objective_fits(s: Any) -> str | None:
     """The data formats, packing, model.init, ZeRO-3 and metrics must fit method.objective."""
     from raytune_ft.spec import objectives as obj
@@ -146,6 +169,7 @@ CROSS_RULES: tuple[Rule, ...] = (
     Rule(("training", "liger_kernel"), _liger_gpu),
     Rule(("method", "type"), _init_full),
     Rule(("method", "objective"), _objective_fits),
+    Rule(("training", "tokens_per_step"), _tokens_per_step),
 )
 
 

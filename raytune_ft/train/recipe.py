@@ -128,7 +128,7 @@ def training_arguments(spec: JobSpec, out_dir: str, deepspeed: dict | None, use_
         max_steps=t.max_steps or -1,
         per_device_train_batch_size=t.per_device_train_batch_size,
         per_device_eval_batch_size=t.eval_batch_size,
-        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        gradient_accumulation_steps=spec.accumulation_steps,  # training.tokens_per_step sets it
         learning_rate=t.learning_rate,
         lr_scheduler_type=t.lr_scheduler_type,
         warmup_steps=warmup,
