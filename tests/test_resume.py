@@ -176,6 +176,35 @@ def test_interrupted_run_resumes_to_the_same_result(ray_local, tiny, model4, tmp
     assert_same_training(final_state(storage / "whole"), final_state(storage / "from-ckpt"), full_log=False)
 
 
+def test_sigterm_commits_a_checkpoint_at_the_next_step_then_stops(ray_local, tiny, model4, tmp_path, capsys):
+    """SIGTERM (a pod's eviction, a RunPod stop, `kill`) to a fresh `rtf submit` of one worker, which trains in
+    its own process: the step under way finishes, a checkpoint of it is committed (between the periodic
+    ones), the process exits 143 saying so, and resubmitting resumes from exactly that step."""
+    storage = tmp_path / "runs"
+    spec_path = write_spec(tmp_path / "t.yaml", doc("termed", tiny, model4, storage))
+    run = storage / "termed"
+    proc = Proc(spec_path)
+    proc.wait_for(lambda: committed(run, SAVE))
+    os.kill(proc.p.pid, signal.SIGTERM)  # the process itself, as Kubernetes signals a container's PID 1
+    assert proc.finish() == 143, proc.text
+    m = re.search(r"stopped on SIGTERM: checkpoint committed at step (\d+)\. Run the same command again", proc.text)
+    assert m, proc.text
+    step = int(m.group(1))
+    assert SAVE <= step < STEPS and committed(run, step), proc.text
+    assert f"SIGTERM: committing a checkpoint at step {step}, then stopping" in proc.text
+    assert f"checkpoint committed: step {step} " in proc.text and "Traceback" not in proc.text
+    assert not (run / "final").exists()
+    latest = ck.latest_committed(__import__("pyarrow.fs").fs.LocalFileSystem(), str(run))
+    assert latest is not None and latest.step == step  # what a resubmission resumes from
+    from raytune_ft.tools.runs import list_runs
+
+    row = next(r for r in list_runs(str(storage)) if r["name"] == "termed")
+    assert (row["status"], row["reason"]) == ("stopped", "terminated (SIGTERM)"), row
+    out = run_inprocess(spec_path, capsys)
+    assert f"resuming from {run / ck.checkpoint_dir_name(step)} at step {step}" in out
+    assert json.loads((run / "final" / "final_results.json").read_text())["steps"] == STEPS
+
+
 def test_killed_worker_is_replaced_and_the_run_recovers(ray_local, tiny, model4, tmp_path, capsys):
     storage = tmp_path / "runs"
     run_inprocess(write_spec(tmp_path / "a.yaml", doc("whole2", tiny, model4, storage, workers=2)), capsys)

@@ -22,7 +22,7 @@ from raytune_ft.plan import Plan, make_plan
 from raytune_ft.rundir import FINAL, SPEC, RunDir
 from raytune_ft.spec import to_yaml
 from raytune_ft.spec.models import JobSpec
-from raytune_ft.train.config import STOP, WorkerConfig
+from raytune_ft.train.config import STOP, StopRequested, WorkerConfig
 from raytune_ft.train.progress import LOCAL_BOARDS, LocalBoard
 
 EventHandler = Callable[[dict[str, Any]], None]
@@ -432,6 +432,8 @@ def _fit_once(spec: JobSpec, worker: WorkerConfig, emit: EventHandler, *,
                 ray.kill(board)
             except Exception:
                 pass
+    if worker.in_process and isinstance(outcome.get("error"), StopRequested):
+        raise outcome["error"]  # stopped on request (SIGTERM after its checkpoint): the caller says so
     return outcome, summary
 
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -17,6 +19,7 @@ from raytune_ft.launch.driver import before_start, mark_stopped, quiet_ray_conso
 from raytune_ft.launch.progress import Renderer, print_summary
 from raytune_ft.plan import make_plan
 from raytune_ft.spec.models import JobSpec
+from raytune_ft.train.config import SAVE_AND_STOP, StopRequested
 
 
 def recorded_head() -> tuple[str, str] | None:
@@ -177,19 +180,32 @@ def run_local(spec: JobSpec, *, fresh: bool = False, resume_from: str | None = N
         print("note: this machine has a GPU but compute.gpus_per_worker is 0, so training runs on CPU; "
               "set compute.gpus_per_worker: 1 to use it", file=out)
     renderer = Renderer(out)
+    SAVE_AND_STOP.clear()
+    on_term = None
+    if in_process and threading.current_thread() is threading.main_thread():
+        # SIGTERM (a pod's eviction, a RunPod stop, `kill`): commit a checkpoint at the next step, then stop.
+        # (A worker group's workers are Ray's processes: Ray Train handles their signals.)
+        on_term = signal.signal(signal.SIGTERM, lambda signum, frame: SAVE_AND_STOP.set())
     try:
         with training_output(spec) if in_process else contextlib.nullcontext("") as log_path:
             if log_path:
                 print(f"training output (library warnings and logs): {log_path}", file=out)
             result = run(spec, fresh=fresh, resume_from=resume_from, on_event=renderer.handle, plan=plan,
                          settled=True, in_process=in_process)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         renderer.close()
+        if SAVE_AND_STOP.is_set() and isinstance(e, StopRequested):
+            mark_stopped(spec, "terminated (SIGTERM)")
+            print(f"\nstopped on SIGTERM: {str(e).removeprefix('SIGTERM: ')}. Run the same command again to "
+                  "resume from it.", file=out)
+            return 143
         mark_stopped(spec, "interrupted")
         print("\ninterrupted: training stopped. Committed checkpoints are intact; "
               "run the same command again to resume from the latest one.", file=out)
         return 130
     finally:
+        if on_term is not None:
+            signal.signal(signal.SIGTERM, on_term)
         renderer.close()
         if owned:
             ray.shutdown()

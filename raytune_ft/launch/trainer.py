@@ -65,7 +65,8 @@ def build_trainer(spec: JobSpec, worker: WorkerConfig, *, callbacks: Sequence[An
             name=spec.name,
             storage_path=root,
             storage_filesystem=fs,
-            failure_config=FailureConfig(max_failures=spec.fault_tolerance.max_failures),
+            failure_config=FailureConfig(max_failures=spec.fault_tolerance.max_failures,
+                                         max_preemption_failures=spec.fault_tolerance.max_preemption_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=None),  # rtf prunes by its manifests
             worker_runtime_env={"env_vars": dict(WORKER_ENV)},
             callbacks=list(callbacks) or None,

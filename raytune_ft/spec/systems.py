@@ -231,6 +231,9 @@ class StorageSpec(Section):
 
 class FaultTolerance(Section):
     max_failures: int = Field(3, ge=-1, description="Retries from the last checkpoint; -1 = unlimited.")
+    max_preemption_failures: int = Field(-1, ge=-1, description=(
+        "Restarts after a node was preempted (Ray reports the drain of a spot node before it goes), counted "
+        "apart from max_failures; -1 = unlimited."))
 
 
 class Monitoring(Section):

@@ -24,7 +24,7 @@ from transformers.trainer_callback import PrinterCallback
 from raytune_ft import checkpoints as ck
 from raytune_ft import rundir as rd
 from raytune_ft import storage as st
-from raytune_ft.train.config import STOP, StopRequested
+from raytune_ft.train.config import SAVE_AND_STOP, STOP, StopRequested
 
 
 def peak_memory_mb() -> float:
@@ -100,8 +100,15 @@ class RtfCallback(TrainerCallback):
     # ------------------------------------------------------------------ logging
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.in_process and STOP.is_set():  # Ctrl-C in the driver, which this run shares a process with
+        if not self.in_process:
+            return
+        if STOP.is_set():  # Ctrl-C in the driver, which this run shares a process with
             raise StopRequested(f"stopped at step {state.global_step}")
+        if SAVE_AND_STOP.is_set() and not getattr(self, "stopping", False):  # SIGTERM: save this step, then stop
+            self.stopping = True
+            control.should_save = True
+            self.publisher.push({"kind": "info", "message": f"SIGTERM: committing a checkpoint at step "
+                                 f"{state.global_step}, then stopping"})
 
     def on_train_begin(self, args, state, control, **kwargs):
         from raytune_ft.train.monitor import HardwareMonitor
@@ -203,6 +210,8 @@ class RtfCallback(TrainerCallback):
             self.sync_logs()
             self.publisher.push({"kind": "checkpoint", "step": step, "path": self.run.dir.uri_of(name)})
         barrier()
+        if getattr(self, "stopping", False):  # the checkpoint SIGTERM asked for is committed
+            raise StopRequested(f"SIGTERM: checkpoint committed at step {step}")
 
     def sync_logs(self) -> None:
         """Copy metrics.jsonl and the TensorBoard events to the run dir in storage (rank 0)."""

@@ -48,3 +48,7 @@ class StopRequested(KeyboardInterrupt):
 STOP = threading.Event()
 """Set by the driver to stop an in-process run at the next step boundary (nothing half-written: a checkpoint
 is committed whole or not at all)."""
+
+SAVE_AND_STOP = threading.Event()
+"""Set by the driver on SIGTERM (a Kubernetes eviction, a RunPod stop, ``kill``): an in-process run commits a
+checkpoint at the next step boundary, then stops, so that a resubmission loses at most one step."""
