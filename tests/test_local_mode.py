@@ -22,18 +22,25 @@ from tests.tiny import spec_doc, write_spec
 REPO = Path(__file__).resolve().parents[1]
 
 
-def local_run(spec: Path, recorded: str, cwd: Path, **extra_env: str) -> tuple[int, str, Path]:
+def local_run(spec: Path, recorded: str, cwd: Path, *, absent: tuple[str, ...] = (),
+              **extra_env: str) -> tuple[int, str, Path]:
     """``rtf submit SPEC`` (local mode) in a fresh process whose Ray temp dir holds an address file naming
     ``recorded``: (exit code, output, the address file). After the run: no session of a Ray left in that dir
-    unless the run started one."""
+    unless the run started one. ``absent``: top-level packages that process cannot import, as on a machine
+    without them (a ``sitecustomize`` puts None in ``sys.modules``, which also makes ``find_spec`` say no)."""
     ray_tmp = tempfile.mkdtemp(prefix="rtfl", dir="/tmp")  # short: Ray's socket paths are limited
     try:
+        pythonpath = str(REPO)
+        if absent:
+            (Path(ray_tmp) / "sitecustomize.py").write_text(
+                "import sys\n" + "".join(f"sys.modules[{name!r}] = None\n" for name in absent))
+            pythonpath = f"{ray_tmp}:{REPO}"
         address_file = Path(ray_tmp) / "ray" / "ray_current_cluster"
         address_file.parent.mkdir()
         address_file.write_text(recorded)
         env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "RTF_"))}
         env.update(RAY_TMPDIR=ray_tmp, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-                   PYTHONPATH=str(REPO), **extra_env)
+                   PYTHONPATH=pythonpath, **extra_env)
         p = subprocess.run([sys.executable, "-m", "raytune_ft", "submit", str(spec)], env=env, cwd=cwd,
                            capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
         sessions = sorted(x.name for x in (Path(ray_tmp) / "ray").glob("session_*"))
@@ -55,7 +62,9 @@ def test_a_stale_address_file_does_not_stop_local_mode(tiny, tmp_path):
     s.bind(("127.0.0.1", 0))
     dead = f"127.0.0.1:{s.getsockname()[1]}"
     s.close()  # the head that wrote the file is gone: nothing listens there
-    code, out, address_file = local_run(tiny_spec("stale", tiny, tmp_path), dead, tmp_path)
+    # and on a machine without `datasets` or `trl` (the H200 check's, where an SFT run once failed on an
+    # unneeded `from datasets import Dataset`): SFT needs neither
+    code, out, address_file = local_run(tiny_spec("stale", tiny, tmp_path), dead, tmp_path, absent=("datasets", "trl"))
     assert code == 0, out[-4000:]
     # one worker: trained in the rtf process itself (Ray Train's local mode), no Ray started, none joined
     assert "mode: local embedded Ray (no --address" in out and "ray: 1 worker, trained in this process" in out

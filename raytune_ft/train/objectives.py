@@ -165,10 +165,6 @@ class ScoredCollator:
 
 def prepare_datasets(spec: JobSpec, tokenizer: Any, train: list[dict], evals: list[dict]) -> tuple[Any, Any, LabelScale]:
     """The pipeline's examples as the objective's trainer reads them, and the label scale (regression)."""
-    from datasets import Dataset
-
-    from raytune_ft.data.formats import tokenize_preference
-
     obj = spec.method.objective
     scale = LabelScale()
     if obj == "regression":
@@ -176,14 +172,18 @@ def prepare_datasets(spec: JobSpec, tokenizer: Any, train: list[dict], evals: li
         scale = LabelScale.of([ex["labels"] for ex in train], h.normalize_labels if h else True)
         norm = [(lambda ex: {**ex, "labels": (ex["labels"] - scale.mean) / scale.std})]
         return [norm[0](ex) for ex in train], [norm[0](ex) for ex in evals], scale
+    if obj not in ("reward", "dpo", "orpo"):  # sft: plain lists; `datasets` is imported for TRL's trainers only
+        return train, evals, scale
+    from datasets import Dataset
+
+    from raytune_ft.data.formats import tokenize_preference
+
     if obj == "reward":  # TRL's pre-tokenized columns (its own tokenizing would skip our BOS/EOS/truncation)
         max_len = spec.data.max_seq_length
         train_ds = Dataset.from_list(tokenize_preference(train, tokenizer, max_len))
         eval_ds = Dataset.from_list(tokenize_preference(evals, tokenizer, max_len)) if evals else None
         return train_ds, eval_ds, scale
-    if obj in ("dpo", "orpo"):
-        return Dataset.from_list(train), (Dataset.from_list(evals) if evals else None), scale
-    return train, evals, scale
+    return Dataset.from_list(train), (Dataset.from_list(evals) if evals else None), scale
 
 
 # --------------------------------------------------------------------------- regression loss and metrics
