@@ -465,3 +465,91 @@ def test_local_mode_beside_a_running_head_starts_its_own_ray(cluster, tiny, tmp_
     results = json.loads((tmp_path / "runs" / "beside" / "final" / "final_results.json").read_text())
     assert results["steps"] == 2
     assert {w["node_id"] for w in results["workers"]}.isdisjoint(cluster.node_ids())  # not on the head's nodes
+
+
+# --------------------------------------------------------------------------- preemption (runs last: it replaces a node)
+
+
+@pytest.mark.timeout(600)
+def test_a_preempted_node_gets_a_checkpoint_before_it_goes_and_the_run_resumes(cluster, tiny, tmp_path):
+    """A spot reclaim as Ray sees it: the worker node is drained with reason preemption and a 30 s deadline
+    (what the autoscaler does on a cloud's notice; `ray drain-node` by hand) after the first periodic
+    checkpoint. The workers commit a checkpoint at the next step they ask (every step here), before the
+    deadline, and train on; the node is then killed and a replacement started. Ray Train restarts the group at
+    the deadline from that checkpoint, with `max_failures: 0` (a preemption is not a failure). The steps trained
+    twice (after the just-in-time checkpoint until the node went, then again after the restart) log the same
+    losses both times: the resume from that checkpoint is exact (no second, uninterrupted run is needed to
+    show it; test_resume.py compares against one for the other interruptions)."""
+    train, _, model_dir = tiny
+    save_steps, max_steps = 10, 150
+    t0 = time.time()
+
+    def spec(name: str) -> Path:
+        return write_spec(tmp_path / f"{name}.yaml", spec_doc(
+            name, model_dir, train, None, tmp_path / "runs",
+            compute={"num_workers": 2, "cpus_per_worker": 1, "placement": "strict_spread"},
+            training={"max_steps": max_steps, "save_steps": save_steps, "logging_steps": 1},
+            fault_tolerance={"max_failures": 0}))
+
+    worker_node = next(n["node_id"] for n in json.loads(cluster.get("/api/v0/nodes?limit=100"))["data"]["result"]["result"]
+                       if n["state"] == "ALIVE" and not n["is_head_node"])
+    worker_dir = cluster.temp_dirs[1]
+    f = Follow(["submit", str(spec("spot")), "--address", cluster.url, "--follow"], cluster.env(), tmp_path)
+    f.wait_for(f"checkpoint committed: step {save_steps}\\b", 240)
+    p = subprocess.run([str(VENV_BIN / "ray"), "drain-node", "--address", cluster.gcs, "--node-id", worker_node,
+                        "--reason", "DRAIN_NODE_REASON_PREEMPTION", "--reason-message", "spot reclaim (test)",
+                        "--deadline-remaining-seconds", "30"], env=cluster.env(RAY_AUTH_MODE="token"),
+                       capture_output=True, text=True, timeout=60)
+    t_drain = time.time()
+    print(f"preemption: drained after {t_drain - t0:.0f}s")
+    assert p.returncode == 0, p.stdout + p.stderr
+    # Ray Train's watcher polls drains every 5 s; the ranks on the drained node are those it names
+    m = f.wait_for(r"preemption notice for node (\w+) \(rank ([01])\), deadline in (\d+)s: committing a checkpoint "
+                   r"at step (\d+), then training on \(the last checkpoint took [\d.]+s\)", 60)
+    assert worker_node.startswith(m.group(1)) and 0 < int(m.group(3)) <= 30
+    jit = int(m.group(4))
+    f.wait_for(f"checkpoint committed: step {jit}\\b", 30)
+    assert time.time() < t_drain + 30, "the just-in-time checkpoint came after the deadline"
+    print(f"preemption: checkpoint at step {jit} committed {time.time() - t_drain:.0f}s after the drain")
+    assert jit < max_steps, f.text[-3000:]
+    # the node goes (as the cloud takes it), and a replacement joins
+    import psutil
+
+    for proc in [p for p in cluster.processes() if any(worker_dir in a for a in (p.cmdline() or []))]:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    cluster._ray_start("--address", cluster.gcs, "--dashboard-agent-listen-port", str(_free_ports(1)[0]))
+    code = f.finish(400)
+    out = f.text
+    assert code == 0, out[-6000:]
+    assert re.search(rf"\] {max_steps}/{max_steps}  loss \d", out) and "SUCCEEDED" in out
+    # the group Ray Train ended at the deadline is a preemption, not a failure (max_failures is 0)
+    assert re.search(r"node preempted \(attempt 1 of 2 ended: .*\); Ray Train restarts the workers from the last "
+                     r"committed checkpoint once nodes are free \(preemption 1 of unlimited", out), out[-5000:]
+    assert "workers restarted (attempt 2 of 2)" in out and "no restarts left" not in out
+    run = tmp_path / "runs" / "spot"
+    import pyarrow.fs
+
+    from raytune_ft import checkpoints as ck
+
+    committed = [i.step for i in ck.list_checkpoints(pyarrow.fs.LocalFileSystem(), str(run)) if i.committed]
+    assert committed, out[-3000:]
+    steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()
+             if "loss" in json.loads(x)]
+    assert steps == sorted(set(steps)) and steps[-1] == max_steps, steps  # each step logged once
+    results = json.loads((run / "final" / "final_results.json").read_text())
+    assert results["steps"] == max_steps
+
+    # the steps trained twice log the same losses: the restart resumed exactly from the just-in-time checkpoint
+    losses: dict[int, list[str]] = {}
+    for step, loss in re.findall(rf"\] (\d+)/{max_steps}  loss (\S+)", out):
+        losses.setdefault(int(step), []).append(loss)
+    twice = {s: v for s, v in losses.items() if len(v) > 1}
+    resumed = int(re.search(r"resumed from step +(\d+)", out).group(1))  # the JIT one, or a periodic one after it
+    assert resumed >= jit, out[-3000:]
+    assert twice and min(twice) == resumed + 1 and all(len(set(v)) == 1 for v in twice.values()), twice
+    assert not [s for s, v in losses.items() if s <= resumed and len(v) > 1], "a step before the resume was redone"
+    print(f"preemption: just-in-time checkpoint at step {jit}, resumed from {resumed}, {len(twice)} steps redone "
+          f"with equal losses; {time.time() - t0:.0f}s in all")

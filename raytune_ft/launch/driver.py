@@ -338,17 +338,29 @@ class Attempts:
         self.driver_retry = driver_retry  # after the last attempt, the driver waits for storage and runs again
         self.attempt = 0  # worker groups started in this fit()
         self.reported: set[tuple[int, bool]] = set()  # (attempt, said storage)
-        n = spec.fault_tolerance.max_failures
-        # Ray Train's attempts: the first + max_failures; in-process (local mode) Ray Train restarts nothing
-        self.total: int | None = 1 if in_process else n + 1 if n >= 0 else None
+        self.failures = 0  # attempts that failed, preempted ones not counted (Ray Train counts them apart)
+        self.preempted: set[int] = set()  # attempts whose workers had a preemption notice (a `preemption` event)
         self.in_process = in_process
+
+    @property
+    def total(self) -> int | None:
+        """Ray Train's attempts: the first + max_failures + one per preemption so far; in-process (local mode)
+        Ray Train restarts nothing."""
+        n = self.spec.fault_tolerance.max_failures
+        return 1 if self.in_process else n + 1 + len(self.preempted) if n >= 0 else None
 
     def handle(self, e: dict[str, Any]) -> None:
         kind = e.get("kind")
         if kind == "workers":
+            k = self.attempt
+            if k in self.preempted and (k, False) not in self.reported and (k, True) not in self.reported:
+                # the preempted group was ended with no worker saying why (its node's processes were killed)
+                self.handle({"kind": "worker_failed", "error": "stopped at the preemption's deadline"})
             self.attempt += 1
             if self.attempt > 1:
                 e = {**e, "attempt": self.attempt, "attempts": self.total}
+        elif kind == "preemption":
+            self.preempted.add(max(self.attempt, 1))
         elif kind == "worker_failed":
             k = max(self.attempt, 1)
             error = str(e.get("error") or "")
@@ -358,11 +370,20 @@ class Attempts:
             if (k, True) in self.reported or ((k, False) in self.reported and not storage):
                 return
             self.reported.add((k, storage))
-            last = self.total is not None and k >= self.total
-            e = {"kind": "retry", "attempt": k, "attempts": self.total, "error": error,
-                 "storage": st.describe(self.spec.storage) if storage else None,
-                 "next": ("driver_wait" if storage and self.driver_retry else "fail") if last else "restart",
-                 "wait_s": STORAGE_WAIT_S, "in_process": self.in_process}
+            if k in self.preempted:  # Ray Train ends a preempted group at the deadline: a PreemptionError
+                limit = self.spec.fault_tolerance.max_preemption_failures
+                n = sum(1 for a in self.preempted if a <= k)
+                last = 0 <= limit < n
+                e = {"kind": "retry", "attempt": k, "attempts": self.total, "error": error, "preempted": n,
+                     "max_preemptions": limit, "next": "fail" if last else "restart", "in_process": False}
+            else:
+                self.failures += 1
+                n = self.spec.fault_tolerance.max_failures
+                last = self.in_process or 0 <= n < self.failures
+                e = {"kind": "retry", "attempt": k, "attempts": self.total, "error": error,
+                     "storage": st.describe(self.spec.storage) if storage else None,
+                     "next": ("driver_wait" if storage and self.driver_retry else "fail") if last else "restart",
+                     "wait_s": STORAGE_WAIT_S, "in_process": self.in_process}
         self.emit(e)
 
 

@@ -1,7 +1,7 @@
 """Live progress, the driver's side: the board actor that collects the events rank 0 (or a sweep's Tune
 callback) publishes (:mod:`raytune_ft.train.progress`), and their rendering: a live bar on a TTY, one line per
 event elsewhere, and the summary at the end. Events are plain dicts:
-``{"kind": "log"|"eval"|"checkpoint"|"info"|"workers"|"retry"|"done", "step": …, "max_steps": …, "loss": …, …}``.
+``{"kind": "log"|"eval"|"checkpoint"|"info"|"preemption"|"workers"|"retry"|"done", "step": …, "max_steps": …, "loss": …, …}``.
 """
 
 from __future__ import annotations
@@ -94,6 +94,14 @@ def attempt_of(e: dict[str, Any]) -> str:
 def retry_message(e: dict[str, Any]) -> str:
     """One line for a ``retry`` event (the driver's :class:`~raytune_ft.launch.driver.Attempts`): what failed,
     the attempt count, and what the run waits for next."""
+    if e.get("preempted"):  # the group Ray Train ended at a preemption's deadline
+        limit = e.get("max_preemptions")
+        count = f"preemption {e['preempted']} of {limit if limit is not None and limit >= 0 else 'unlimited'}"
+        head = f"node preempted ({attempt_of(e)} ended: {e.get('error') or '?'})"
+        if e.get("next") == "restart":
+            return (f"{head}; Ray Train restarts the workers from the last committed checkpoint once nodes are free "
+                    f"({count}, fault_tolerance.max_preemption_failures; max_failures is not used)")
+        return f"{head}; no restarts left ({count}, fault_tolerance.max_preemption_failures)"
     what = f"storage unreachable at {e['storage']}" if e.get("storage") else "a worker failed"
     if e.get("in_process"):  # one worker in the driver's process: no attempts to count
         what = what if e.get("storage") else "training failed"

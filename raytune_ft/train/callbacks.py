@@ -79,7 +79,7 @@ class PrintOnRankZero(PrinterCallback):
 class RtfCallback(TrainerCallback):
     def __init__(self, *, run: Any, spec_hash: str, publisher: Any, work_dir: str, tb_writer: Any = None,
                  tokens_per_sample: float | None = None, report_evals: bool = False, in_process: bool = False,
-                 perplexity: bool = True) -> None:
+                 perplexity: bool = True, preemption_check_steps: int = 1) -> None:
         self.run = run  # RunContext: rank, spec, dir (the RunDir)
         self.spec_hash = spec_hash
         self.publisher = publisher
@@ -96,19 +96,61 @@ class RtfCallback(TrainerCallback):
         self.report_evals = report_evals
         self.in_process = in_process  # Ray Train's local mode: it uploads no checkpoint, rtf does
         self.perplexity = perplexity  # exp(eval_loss) means something for next-token prediction only
+        self.stopping = False  # SIGTERM asked for a checkpoint and a stop (in-process runs)
+        # Ray Train's local mode has no preemption watcher (get_preemption_info is always None there)
+        self.preemption_every = 0 if in_process else preemption_check_steps
+        self.preemption_seen = False  # one just-in-time checkpoint per notice: Ray restarts the group after it
+        self.t_step_end = time.time()
+        self.last_save_s: float | None = None  # step end -> committed, of the last checkpoint (rank 0's figure)
 
     # ------------------------------------------------------------------ logging
 
     def on_step_end(self, args, state, control, **kwargs):
+        self.t_step_end = time.time()
+        if self.preemption_every and state.global_step % self.preemption_every == 0:
+            self.check_preemption(state, control)
         if not self.in_process:
             return
         if STOP.is_set():  # Ctrl-C in the driver, which this run shares a process with
             raise StopRequested(f"stopped at step {state.global_step}")
-        if SAVE_AND_STOP.is_set() and not getattr(self, "stopping", False):  # SIGTERM: save this step, then stop
+        if SAVE_AND_STOP.is_set() and not self.stopping:  # SIGTERM: save this step, then stop
             self.stopping = True
             control.should_save = True
             self.publisher.push({"kind": "info", "message": f"SIGTERM: committing a checkpoint at step "
                                  f"{state.global_step}, then stopping"})
+
+    def check_preemption(self, state, control) -> None:
+        """A node of this worker group is being preempted (Ray Train's watcher saw it drained with reason
+        preemption, as the autoscaler does for a spot reclaim): commit a checkpoint at this step if the last
+        one's time fits before the deadline, then train on. Ray Train restarts the group from the latest
+        committed checkpoint when the deadline passes, counted against max_preemption_failures.
+
+        ``ray.train.get_preemption_info`` is a collective (rank 0's view, broadcast), so every rank calls it at
+        the same steps and gets the same answer; the decision, which reads clocks, is rank 0's, broadcast."""
+        import ray.train
+
+        info = ray.train.get_preemption_info()
+        if info is None or self.preemption_seen:
+            return
+        self.preemption_seen = True
+        decision: list[Any] = [None]
+        if self.run.rank == 0:
+            left = info.deadline_ms / 1000 - time.time() if info.deadline_ms else None
+            need = self.last_save_s
+            save = left is None or need is None or need * 1.2 < left
+            nodes = ", ".join(f"{n[:12]} (rank {', '.join(map(str, r))})" for n, r in info.preempted_node_to_ranks.items())
+            when = f"deadline in {left:.0f}s" if left is not None else "no deadline given"
+            took = f"the last checkpoint took {need:.1f}s" if need is not None else "no checkpoint timed yet"
+            decision = [(save, f"preemption notice for node {nodes}, {when}: " + (
+                f"committing a checkpoint at step {state.global_step}, then training on ({took})" if save else
+                f"no checkpoint now: {took}, more than the time left; the restart resumes from the last one"))]
+        if _dist():
+            torch.distributed.broadcast_object_list(decision, src=0)
+        save, message = decision[0]
+        if save:
+            control.should_save = True
+        if self.run.rank == 0:
+            self.publisher.push({"kind": "preemption", "message": message})
 
     def on_train_begin(self, args, state, control, **kwargs):
         from raytune_ft.train.monitor import HardwareMonitor
@@ -210,7 +252,8 @@ class RtfCallback(TrainerCallback):
             self.sync_logs()
             self.publisher.push({"kind": "checkpoint", "step": step, "path": self.run.dir.uri_of(name)})
         barrier()
-        if getattr(self, "stopping", False):  # the checkpoint SIGTERM asked for is committed
+        self.last_save_s = time.time() - self.t_step_end  # HF's save (and an eval at the same step) + commit
+        if self.stopping:  # the checkpoint SIGTERM asked for is committed
             raise StopRequested(f"SIGTERM: checkpoint committed at step {step}")
 
     def sync_logs(self) -> None:
