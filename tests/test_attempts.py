@@ -97,3 +97,29 @@ def test_a_run_in_the_drivers_process_counts_no_attempts():
     assert local.splitlines()[-1] == (
         f"storage unreachable at s3://bkt/runs at http://127.0.0.1:9000 ({STORAGE_ERR}); no restarts left: the "
         "driver waits up to 120s for storage to answer, then starts the run again from the last committed checkpoint")
+
+
+def test_a_preempted_attempt_is_said_as_such_and_uses_no_failure():
+    """Ray Train ends a preempted group at the deadline and restarts it, counting max_preemption_failures: with
+    max_failures 0 that is not 'no restarts left'. Said whether a worker reported an error (its collective
+    broken as the group was stopped) or none did (the node's processes were killed); a later real failure
+    still uses max_failures."""
+    notice = {"kind": "preemption", "message": "preemption notice for node abc (rank 1), deadline in 26s: "
+                                                "committing a checkpoint at step 67, then training on"}
+    broken = {"kind": "worker_failed", "rank": 0, "error": "Default process group has not been initialized"}
+    local, logs = run_events(0, [WORKERS, notice, broken, WORKERS, notice, WORKERS,
+                                 {"kind": "worker_failed", "rank": 0, "error": "CUDA error"}])
+    assert local == logs
+    assert local.splitlines()[1:] == [
+        notice["message"],
+        "node preempted (attempt 1 of 2 ended: Default process group has not been initialized); Ray Train restarts "
+        "the workers from the last committed checkpoint once nodes are free (preemption 1 of unlimited, "
+        "fault_tolerance.max_preemption_failures; max_failures is not used)",
+        "workers restarted (attempt 2 of 2): rank 0 pid 11 node abcdef12, rank 1 pid 12 node abcdef12",
+        notice["message"],
+        "node preempted (attempt 2 of 3 ended: stopped at the preemption's deadline); Ray Train restarts the "
+        "workers from the last committed checkpoint once nodes are free (preemption 2 of unlimited, "
+        "fault_tolerance.max_preemption_failures; max_failures is not used)",
+        "workers restarted (attempt 3 of 3): rank 0 pid 11 node abcdef12, rank 1 pid 12 node abcdef12",
+        "a worker failed (attempt 3 of 3 failed: CUDA error); no restarts left (fault_tolerance.max_failures)",
+    ]
