@@ -208,7 +208,8 @@ def write_manifest(
 ) -> Manifest:
     """Commit the checkpoint at ``ckpt_path``: write its manifest, after its files.
 
-    ``files`` is :func:`file_digests` of the local dir that was uploaded. With ``check`` (the
+    ``files`` is what :func:`~raytune_ft.storage.upload_dir` returned (or :func:`file_digests` of the
+    local dir that was uploaded). With ``check`` (the
     default) every listed file must already be at ``ckpt_path`` with its size, else ManifestError
     and nothing is written: a checkpoint whose upload silently lost a file is never committed.
     """
@@ -252,9 +253,8 @@ def commit_dir(
 
     A manifest already at ``dest_path`` (an earlier attempt's) is deleted first, so an upload that
     stops midway leaves a dir that reads as uncommitted, never old manifest over new files."""
-    files = file_digests(local_dir)
     st.delete_file(fs, st.fs_join(dest_path, MANIFEST))
-    st.upload_dir(local_dir, fs, dest_path)
+    files = st.upload_dir(local_dir, fs, dest_path, exclude=(MANIFEST,))  # hashed while it streams: one read
     return write_manifest(fs, dest_path, step=step, epoch=epoch, files=files, spec_hash=spec_hash, metrics=metrics)
 
 
