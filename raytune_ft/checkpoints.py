@@ -36,7 +36,6 @@ import os
 import posixpath
 import re
 import shutil
-import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
@@ -530,13 +529,122 @@ def resolve(fs: pyarrow.fs.FileSystem, path: str, step: int | None = None) -> st
     return committed[-1].path
 
 
-def download(fs: pyarrow.fs.FileSystem, ckpt_path: str, dest: str) -> Manifest:
-    """Download a committed checkpoint into the local dir ``dest`` (which must not exist or be
-    empty), ready for ``from_pretrained``/``PeftModel.from_pretrained``.
+@dataclass(frozen=True)
+class PullResult:
+    """What :func:`pull` did: the manifest it checked against, and how much an earlier, interrupted pull into
+    the same ``dest`` had left that could be kept (checked by size and sha256 first)."""
 
-    Only the files the manifest lists are fetched, each checked for size and sha256 while it
-    streams; the manifest is copied last. The files land in a hidden sibling dir that is renamed
-    to ``dest`` only when all are good, so ``dest`` never holds a partial checkpoint.
+    manifest: Manifest
+    dest: str
+    reused_files: int = 0  # files kept whole from the interrupted pull
+    reused_bytes: int = 0  # their bytes, plus the prefixes that were continued with a ranged read
+    fetched_bytes: int = 0  # bytes read from storage this time
+
+
+def partial_dir(fs: pyarrow.fs.FileSystem, ckpt_path: str, dest: str) -> str:
+    """The hidden sibling of ``dest`` that a pull of ``ckpt_path`` fills before it is renamed to ``dest``.
+
+    Its name is the same for the same (storage kind, checkpoint path, destination), so a pull that was
+    interrupted (network, Ctrl-C, a killed process) is found again by the next one and continued."""
+    dest = st.local_path(dest)
+    key = hashlib.sha256(f"{fs.type_name}\0{ckpt_path.rstrip('/')}\0{dest}".encode()).hexdigest()[:12]
+    return os.path.join(os.path.dirname(dest), f".{os.path.basename(dest)}.partial-{key}")
+
+
+def _lock_dir(path: str) -> int:
+    """An exclusive lock on the directory ``path`` (its fd, to close when done): two pulls into one ``dest`` would
+    otherwise write the same partial files. The lock moves with the directory when it is renamed and goes
+    away with the process."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        import fcntl
+
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except ImportError:  # pragma: no cover - not POSIX: no lock, as before resumable pulls
+        pass
+    except BlockingIOError:
+        os.close(fd)
+        raise UserError(f"another pull into {os.path.basename(path)} is under way (or its process hangs); "
+                        "wait for it, or stop it") from None
+    return fd
+
+
+class _Damaged(StorageError):
+    """A file that came from storage does not match the manifest."""
+
+
+def _sha256_prefix(path: str, size: int) -> Any:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        left = size
+        while left and (chunk := f.read(min(_CHUNK, left))):
+            h.update(chunk)
+            left -= len(chunk)
+    return h
+
+
+def _fetch(fs: pyarrow.fs.FileSystem, src: str, target: str, start: int, h: Any, limit: int) -> int:
+    """Append ``src`` from byte ``start`` to ``target`` (which holds exactly ``start`` bytes, already in ``h``),
+    hashing as it streams; read at most ``limit`` bytes (storage is not trusted to end where the manifest says).
+    A ranged read on S3 (``open_input_file`` seeks), a plain seek on a local disk."""
+    got = 0
+    with fs.open_input_file(src) as f, open(target, "ab" if start else "wb") as out:
+        if start:
+            f.seek(start)
+        while got < limit and (chunk := f.read(min(_CHUNK, limit - got))):
+            h.update(chunk)
+            out.write(chunk)
+            got += len(chunk)
+    return got
+
+
+def _pull_file(fs: pyarrow.fs.FileSystem, src: str, target: str, entry: dict[str, Any]) -> tuple[int, int]:
+    """Make ``target`` hold the manifest's bytes for ``entry``: ``(bytes reused, bytes fetched)``.
+
+    What a previous attempt left is trusted only as far as it checks: a whole file of the right size whose
+    sha256 matches is kept; a shorter one is continued from its length (its prefix re-hashed, the rest read
+    with a ranged read), and if the whole then does not match, it is fetched again from byte 0; anything
+    longer, or not a file, is dropped."""
+    size, sha = entry["size"], entry["sha256"]
+    have = 0
+    if os.path.isdir(target) and not os.path.islink(target):
+        shutil.rmtree(target)
+    elif os.path.lexists(target):
+        have = os.path.getsize(target) if os.path.isfile(target) and not os.path.islink(target) else -1
+        if have < 0 or have > size:
+            os.remove(target)
+            have = 0
+    h = _sha256_prefix(target, have) if have else hashlib.sha256()
+    if have == size and h.hexdigest() == sha and os.path.isfile(target):
+        return have, 0
+    if have == size:  # complete but other bytes: not trusted, fetched again
+        have, h = 0, hashlib.sha256()
+    fetched = _fetch(fs, src, target, have, h, size - have + 1)
+    reused = have
+    if have and (have + fetched != size or h.hexdigest() != sha):  # the kept prefix was bad: start over once
+        reused, h = 0, hashlib.sha256()
+        fetched += _fetch(fs, src, target, 0, h, size + 1)
+    total = os.path.getsize(target)
+    if total != size or h.hexdigest() != sha:
+        raise _Damaged(
+            f"{entry['path']} in {posixpath.dirname(src)} does not match its manifest ({total} bytes, manifest {size}; "
+            f"sha256 {'ok' if h.hexdigest() == sha else 'differs'}): the stored file was changed "
+            "or damaged (or changed while pulling); refusing it"
+        )
+    return reused, fetched
+
+
+def pull(fs: pyarrow.fs.FileSystem, ckpt_path: str, dest: str) -> PullResult:
+    """Download a committed checkpoint into the local dir ``dest`` (which must not exist or be empty), ready
+    for ``from_pretrained``/``PeftModel.from_pretrained``; resumable.
+
+    Only the files the manifest lists are fetched, each checked for size and sha256 while it streams; the
+    manifest is copied last. The files land in a hidden sibling dir (:func:`partial_dir`) that is renamed to
+    ``dest`` only when all are good, so ``dest`` never holds a partial checkpoint. An interrupted pull leaves
+    that dir behind, and pulling the same checkpoint to the same ``dest`` again continues it: files already
+    complete there are kept when their size and sha256 match, a partly written one is continued from its
+    length, anything else is fetched again. A file in storage that does not match the manifest removes the
+    partial dir (StorageError): nothing there can make this checkpoint pullable.
     """
     manifest = read_manifest(fs, ckpt_path)
     if manifest is None and is_final(ckpt_path):
@@ -552,34 +660,45 @@ def download(fs: pyarrow.fs.FileSystem, ckpt_path: str, dest: str) -> Manifest:
     dest = st.local_path(dest)
     if os.path.exists(dest) and (not os.path.isdir(dest) or os.listdir(dest)):
         raise UserError(f"destination {dest} exists and is not an empty directory")
-    parent = os.path.dirname(dest)
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{os.path.basename(dest)}.partial-{uuid.uuid4().hex[:8]}")
-    os.makedirs(tmp)
+    tmp = partial_dir(fs, ckpt_path, dest)
+    os.makedirs(tmp, exist_ok=True)
+    lock = _lock_dir(tmp)
+    reused_files = reused_bytes = fetched_bytes = 0
     try:
+        wanted = {f["path"] for f in manifest.files}
+        for rel in _local_files(tmp):  # an older manifest's files, our own manifest: not part of this pull
+            if rel not in wanted:
+                os.remove(os.path.join(tmp, *rel.split("/")))
         for f in manifest.files:
             target = os.path.join(tmp, *f["path"].split("/"))
             os.makedirs(os.path.dirname(target), exist_ok=True)
-            h, size = hashlib.sha256(), 0
-            with fs.open_input_stream(st.fs_join(ckpt_path, f["path"])) as src, open(target, "wb") as out:
-                while chunk := src.read(_CHUNK):
-                    h.update(chunk)
-                    size += len(chunk)
-                    out.write(chunk)
-            if size != f["size"] or h.hexdigest() != f["sha256"]:
-                raise StorageError(
-                    f"{f['path']} in {ckpt_path} does not match its manifest ({size} bytes, manifest {f['size']}; "
-                    f"sha256 {'ok' if h.hexdigest() == f['sha256'] else 'differs'}): the stored file was changed "
-                    "or damaged (or changed while pulling); refusing it"
-                )
+            reused, fetched = _pull_file(fs, st.fs_join(ckpt_path, f["path"]), target, f)
+            reused_files += fetched == 0 and reused > 0
+            reused_bytes += reused
+            fetched_bytes += fetched
         st.write_json(_local_fs(), os.path.join(tmp, MANIFEST), manifest.to_dict())
         if os.path.isdir(dest):
             os.rmdir(dest)
         os.rename(tmp, dest)
-    except BaseException:
+    except _Damaged:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return manifest
+    finally:
+        os.close(lock)
+    return PullResult(manifest, dest, reused_files, reused_bytes, fetched_bytes)
+
+
+def download(fs: pyarrow.fs.FileSystem, ckpt_path: str, dest: str) -> Manifest:
+    """:func:`pull`, returning the manifest."""
+    return pull(fs, ckpt_path, dest).manifest
+
+
+def _local_files(root: str) -> list[str]:
+    out = []
+    for dirpath, _, names in os.walk(root):
+        for name in names:
+            out.append(os.path.relpath(os.path.join(dirpath, name), root).replace(os.sep, "/"))
+    return out
 
 
 def _local_fs():
