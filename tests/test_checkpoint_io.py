@@ -37,6 +37,8 @@ class _CountingFile:
         if o.fail_after is not None:
             left = o.fail_after - o.read_bytes
             if left <= 0:
+                if o.once:
+                    o.fail_after = None  # the connection comes back
                 raise OSError("connection reset by peer (injected)")
             n = left if n is None or n < 0 else min(n, left)
         data = self.f.read() if n is None or n < 0 else self.f.read(n)
@@ -56,10 +58,11 @@ class _CountingFile:
 class Flaky:
     """The filesystem ``fs``, counting the bytes read through ``open_input_file``/``open_input_stream`` (the
     files' contents; listings and the manifest's own read count too, they are small) and, with
-    ``fail_after``, raising OSError once that many have been read."""
+    ``fail_after``, raising OSError once that many have been read (every read after that, or with ``once``
+    only that one)."""
 
-    def __init__(self, fs, fail_after: int | None = None) -> None:
-        self.fs, self.fail_after, self.read_bytes = fs, fail_after, 0
+    def __init__(self, fs, fail_after: int | None = None, once: bool = False) -> None:
+        self.fs, self.fail_after, self.once, self.read_bytes = fs, fail_after, once, 0
 
     def open_input_file(self, path):
         return _CountingFile(self.fs.open_input_file(path), self)
@@ -230,3 +233,20 @@ def test_cli_pull_says_what_it_reused(seaweed_fs, tmp_path):
     assert "pulled checkpoint-00000007 (step 7, 3 files" in result.output
     assert "continued an interrupted pull" in result.output and "(1 whole files)" in result.output
     assert verify_local(dest) == []
+
+
+def test_resume_continues_a_download_broken_midway(tmp_path):
+    """The worker's pull of the checkpoint it resumes from: cut off once, it goes on from where it stopped
+    within the same attempt, and fetches each byte once in all."""
+    from raytune_ft.train.recipe import pull_to_resume
+
+    fs = pafs.LocalFileSystem()
+    path, local = committed(fs, str(tmp_path / "storage" / "r"), tmp_path)
+    total = sum(e["size"] for e in ck.file_digests(str(local)))
+
+    flaky = Flaky(fs, fail_after=4_000_000, once=True)
+    got = pull_to_resume(flaky, path, str(tmp_path / "resume" / "checkpoint-00000007"))
+    manifest_bytes = len(st.read_bytes(fs, st.fs_join(path, ck.MANIFEST)))
+    assert got.reused_bytes == 4_000_000 - manifest_bytes and got.fetched_bytes == total - got.reused_bytes
+    assert flaky.read_bytes == total + 2 * manifest_bytes  # the manifest is read by each try, the files once
+    assert verify_local(Path(got.dest)) == []
