@@ -174,7 +174,7 @@ def upload(variant: str, local: Path, fs: Any, dest: str) -> tuple[float, float,
 
 
 _MEMORY_PROBE = r"""
-import json, os, resource, sys, time
+import json, os, sys, time
 sys.path[:0] = [sys.argv[5]]
 variant, local, uri, endpoint = sys.argv[1:5]
 import pyarrow.fs as pafs
@@ -191,7 +191,8 @@ if variant == "baseline":
 else:
     st.upload_dir(local, fs, dest)
 t = time.perf_counter() - t0
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+with open("/proc/self/status") as f:  # VmHWM: this image's peak (ru_maxrss would carry the forking parent's)
+    peak = next(int(x.split()[1]) for x in f if x.startswith("VmHWM:")) * 1024
 print(json.dumps({"base_mb": base / 1e6, "peak_mb": peak / 1e6, "growth_mb": (peak - base) / 1e6, "upload_s": t}))
 """
 
