@@ -551,87 +551,8 @@ def partial_dir(fs: pyarrow.fs.FileSystem, ckpt_path: str, dest: str) -> str:
     return os.path.join(os.path.dirname(dest), f".{os.path.basename(dest)}.partial-{key}")
 
 
-def _lock_dir(path: str) -> int:
-    """An exclusive lock on the directory ``path`` (its fd, to close when done): two pulls into one ``dest`` would
-    otherwise write the same partial files. The lock moves with the directory when it is renamed and goes
-    away with the process."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        import fcntl
-
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except ImportError:  # pragma: no cover - not POSIX: no lock, as before resumable pulls
-        pass
-    except BlockingIOError:
-        os.close(fd)
-        raise UserError(f"another pull into {os.path.basename(path)} is under way (or its process hangs); "
-                        "wait for it, or stop it") from None
-    return fd
-
-
 class _Damaged(StorageError):
     """A file that came from storage does not match the manifest."""
-
-
-def _sha256_prefix(path: str, size: int) -> Any:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        left = size
-        while left and (chunk := f.read(min(_CHUNK, left))):
-            h.update(chunk)
-            left -= len(chunk)
-    return h
-
-
-def _fetch(fs: pyarrow.fs.FileSystem, src: str, target: str, start: int, h: Any, limit: int) -> int:
-    """Append ``src`` from byte ``start`` to ``target`` (which holds exactly ``start`` bytes, already in ``h``),
-    hashing as it streams; read at most ``limit`` bytes (storage is not trusted to end where the manifest says).
-    A ranged read on S3 (``open_input_file`` seeks), a plain seek on a local disk."""
-    got = 0
-    with fs.open_input_file(src) as f, open(target, "ab" if start else "wb") as out:
-        if start:
-            f.seek(start)
-        while got < limit and (chunk := f.read(min(_CHUNK, limit - got))):
-            h.update(chunk)
-            out.write(chunk)
-            got += len(chunk)
-    return got
-
-
-def _pull_file(fs: pyarrow.fs.FileSystem, src: str, target: str, entry: dict[str, Any]) -> tuple[int, int]:
-    """Make ``target`` hold the manifest's bytes for ``entry``: ``(bytes reused, bytes fetched)``.
-
-    What a previous attempt left is trusted only as far as it checks: a whole file of the right size whose
-    sha256 matches is kept; a shorter one is continued from its length (its prefix re-hashed, the rest read
-    with a ranged read), and if the whole then does not match, it is fetched again from byte 0; anything
-    longer, or not a file, is dropped."""
-    size, sha = entry["size"], entry["sha256"]
-    have = 0
-    if os.path.isdir(target) and not os.path.islink(target):
-        shutil.rmtree(target)
-    elif os.path.lexists(target):
-        have = os.path.getsize(target) if os.path.isfile(target) and not os.path.islink(target) else -1
-        if have < 0 or have > size:
-            os.remove(target)
-            have = 0
-    h = _sha256_prefix(target, have) if have else hashlib.sha256()
-    if have == size and h.hexdigest() == sha and os.path.isfile(target):
-        return have, 0
-    if have == size:  # complete but other bytes: not trusted, fetched again
-        have, h = 0, hashlib.sha256()
-    fetched = _fetch(fs, src, target, have, h, size - have + 1)
-    reused = have
-    if have and (have + fetched != size or h.hexdigest() != sha):  # the kept prefix was bad: start over once
-        reused, h = 0, hashlib.sha256()
-        fetched += _fetch(fs, src, target, 0, h, size + 1)
-    total = os.path.getsize(target)
-    if total != size or h.hexdigest() != sha:
-        raise _Damaged(
-            f"{entry['path']} in {posixpath.dirname(src)} does not match its manifest ({total} bytes, manifest {size}; "
-            f"sha256 {'ok' if h.hexdigest() == sha else 'differs'}): the stored file was changed "
-            "or damaged (or changed while pulling); refusing it"
-        )
-    return reused, fetched
 
 
 def pull(fs: pyarrow.fs.FileSystem, ckpt_path: str, dest: str) -> PullResult:
@@ -662,7 +583,7 @@ def pull(fs: pyarrow.fs.FileSystem, ckpt_path: str, dest: str) -> PullResult:
         raise UserError(f"destination {dest} exists and is not an empty directory")
     tmp = partial_dir(fs, ckpt_path, dest)
     os.makedirs(tmp, exist_ok=True)
-    lock = _lock_dir(tmp)
+    lock = st.lock_dir(tmp)  # two pulls into one dest would write the same partial files
     reused_files = reused_bytes = fetched_bytes = 0
     try:
         wanted = {f["path"] for f in manifest.files}
@@ -672,7 +593,14 @@ def pull(fs: pyarrow.fs.FileSystem, ckpt_path: str, dest: str) -> PullResult:
         for f in manifest.files:
             target = os.path.join(tmp, *f["path"].split("/"))
             os.makedirs(os.path.dirname(target), exist_ok=True)
-            reused, fetched = _pull_file(fs, st.fs_join(ckpt_path, f["path"]), target, f)
+            try:
+                reused, fetched = st.fetch_file(fs, st.fs_join(ckpt_path, f["path"]), target, f["size"], f["sha256"])
+            except st.DigestMismatch as e:
+                raise _Damaged(
+                    f"{f['path']} in {ckpt_path} does not match its manifest ({e.size} bytes, manifest {f['size']}; "
+                    f"sha256 {'ok' if e.sha256_ok else 'differs'}): the stored file was changed or damaged (or "
+                    "changed while pulling); refusing it"
+                ) from None
             reused_files += fetched == 0 and reused > 0
             reused_bytes += reused
             fetched_bytes += fetched

@@ -131,8 +131,8 @@ def test_upload_returns_the_digests_a_separate_pass_would(store, tmp_path):
 def test_upload_window_flushes_do_not_change_the_bytes(seaweed_fs, tmp_path, monkeypatch):
     """A window smaller than a file: the flush that bounds pyarrow's buffered parts happens mid-file."""
     fs, run_path, _, _ = seaweed_fs
-    monkeypatch.setattr("raytune_ft.storage.core.UPLOAD_WINDOW_BYTES", 1 << 20)
-    monkeypatch.setattr("raytune_ft.storage.core.UPLOAD_READ_BYTES", 256 << 10)
+    monkeypatch.setattr("raytune_ft.storage.transfer.UPLOAD_WINDOW_BYTES", 1 << 20)
+    monkeypatch.setattr("raytune_ft.storage.transfer.UPLOAD_READ_BYTES", 256 << 10)
     local = make_checkpoint(tmp_path)
     got = st.upload_dir(str(local), fs, st.fs_join(run_path, "w"))
     assert got == ck.file_digests(str(local))
@@ -215,7 +215,7 @@ def test_a_second_pull_into_the_same_dest_is_refused_while_one_is_under_way(tmp_
     fd = os.open(partial, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)  # as a pull under way holds it
-        with pytest.raises(UserError, match="another pull"):
+        with pytest.raises(UserError, match="another download"):
             ck.pull(fs, path, str(dest))
     finally:
         os.close(fd)

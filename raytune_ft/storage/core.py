@@ -25,7 +25,6 @@ pyarrow and boto3 are imported lazily so that importing this module (and the CLI
 
 from __future__ import annotations
 
-import builtins  # this module defines its own `open`
 import dataclasses
 import json
 import os
@@ -535,80 +534,6 @@ def delete_dir(fs: pyarrow.fs.FileSystem, path: str) -> None:
             fs.delete_dir(d)
         except FileNotFoundError:  # no marker object: nothing to delete
             pass
-
-
-# Bounded parallelism of :func:`upload_dir`. Files go up UPLOAD_FILES_AT_ONCE at a time, each read once: the
-# bytes are hashed (sha256) as they are written, so the digests a manifest needs cost no second read of a
-# multi-GB file. Per file, pyarrow (26) does the rest on S3: its output stream cuts the bytes into 10 MiB parts
-# (Arrow's kPartUploadSize: 10,000 parts make its limit of ~98 GB per file; a file under one part goes as one
-# PUT) and, with S3Options.background_writes (on by default), each part is sent from Arrow's I/O thread pool
-# (pyarrow.io_thread_count(), 8 unless changed, shared by all files) while we read the next one. Those
-# background parts are copied and queued without limit, so a disk faster than the network would hold most of
-# a big file in memory: every UPLOAD_WINDOW_BYTES written we flush, which waits for the parts in flight. At
-# most about UPLOAD_FILES_AT_ONCE * (UPLOAD_WINDOW_BYTES + 10 MiB) is buffered.
-UPLOAD_FILES_AT_ONCE = 4
-UPLOAD_WINDOW_BYTES = 64 << 20
-UPLOAD_READ_BYTES = 8 << 20
-
-
-def _hash_copy(src: str, out: Any, window: int | None) -> tuple[int, str]:
-    """Write the file ``src`` to the open stream ``out``, hashing it on the way: ``(size, sha256)``."""
-    import hashlib
-
-    h, size, since_flush = hashlib.sha256(), 0, 0
-    with builtins.open(src, "rb") as f:
-        while chunk := f.read(UPLOAD_READ_BYTES):
-            h.update(chunk)  # releases the GIL: the files' threads hash in parallel
-            out.write(chunk)
-            size += len(chunk)
-            since_flush += len(chunk)
-            if window and since_flush >= window:
-                out.flush()  # S3: waits for the background parts in flight (bounds the memory they hold)
-                since_flush = 0
-    return size, h.hexdigest()
-
-
-def upload_dir(local_dir: str, fs: pyarrow.fs.FileSystem, dest_path: str, *,
-               exclude: tuple[str, ...] = ()) -> list[dict[str, Any]]:
-    """Copy the contents of a local directory to ``dest_path`` on ``fs`` (recursively), each file read once.
-
-    Returns ``[{path, size, sha256}]`` of what was written (relative posix paths, sorted): the same as a
-    separate hashing pass over the local dir would give (:func:`raytune_ft.checkpoints.file_digests`), for
-    one read instead of two. ``exclude``: relative paths not to upload (a manifest, which goes last).
-    """
-    local_dir = local_path(local_dir)
-    if not os.path.isdir(local_dir):
-        raise UserError(f"not a directory: {local_dir}")
-    files = sorted(
-        (os.path.relpath(os.path.join(root, name), local_dir).replace(os.sep, "/"), os.path.join(root, name))
-        for root, _, names in os.walk(local_dir) for name in names
-    )
-    files = [(rel, full) for rel, full in files if rel not in exclude and os.path.isfile(full)]
-    local = is_local_fs(fs)
-    if local:
-        fs.create_dir(dest_path, recursive=True)
-
-    def put(item: tuple[str, str]) -> dict[str, Any]:
-        rel, src = item
-        target = posixpath.join(dest_path, rel)
-        if local:  # the same single pass (pyarrow's copy_files would copy, then a hash pass would read again)
-            os.makedirs(os.path.dirname(target), exist_ok=True)
-            with builtins.open(target, "wb") as out:
-                size, sha = _hash_copy(src, out, None)
-        else:
-            # Object stores: one object per file and no directory markers. pyarrow's copy_files writes a "dir/"
-            # marker object per directory level; SeaweedFS turns those into real directories that outlive the
-            # deletion of their files, so a pruned checkpoint would stay listed as an empty dir.
-            with fs.open_output_stream(target) as out:
-                size, sha = _hash_copy(src, out, UPLOAD_WINDOW_BYTES)
-        return {"path": rel, "size": size, "sha256": sha}
-
-    from concurrent.futures import ThreadPoolExecutor
-
-    files.sort(key=lambda item: -os.path.getsize(item[1]))  # the biggest first: the last to finish is a small one
-    with ThreadPoolExecutor(max_workers=max(1, min(UPLOAD_FILES_AT_ONCE, len(files)))) as pool:
-        done = list(pool.map(put, files))  # re-raises the first failure
-    return sorted(done, key=lambda e: e["path"])
 
 
 def download_dir(fs: pyarrow.fs.FileSystem, src_path: str, local_dir: str) -> None:
