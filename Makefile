@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.rtf-installed
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install demo test test-fast lint bench bench-estimate bench-gpu image clean gpu-wheelhouse gpu-check gpu-check-dry
+.PHONY: install demo test test-fast lint bench bench-estimate bench-checkpoint-io bench-gpu image clean gpu-wheelhouse gpu-check gpu-check-dry
 
 install: $(STAMP)
 
@@ -46,6 +46,10 @@ bench: install
 # rtf plan's time estimate against measured training time on this CPU (bench/estimate_check.py says how)
 bench-estimate: install
 	$(PY) bench/estimate_check.py
+
+# a 1.6 GB full fine-tuning checkpoint to SeaweedFS on 127.0.0.1: upload, training stall, pull and resume (~5 min)
+bench-checkpoint-io: install
+	$(PY) bench/checkpoint_io.py
 
 bench-gpu: install
 	$(PY) bench/gpu.py

@@ -36,7 +36,6 @@ import os
 import posixpath
 import re
 import shutil
-import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
@@ -208,7 +207,8 @@ def write_manifest(
 ) -> Manifest:
     """Commit the checkpoint at ``ckpt_path``: write its manifest, after its files.
 
-    ``files`` is :func:`file_digests` of the local dir that was uploaded. With ``check`` (the
+    ``files`` is what :func:`~raytune_ft.storage.upload_dir` returned (or :func:`file_digests` of the
+    local dir that was uploaded). With ``check`` (the
     default) every listed file must already be at ``ckpt_path`` with its size, else ManifestError
     and nothing is written: a checkpoint whose upload silently lost a file is never committed.
     """
@@ -252,9 +252,8 @@ def commit_dir(
 
     A manifest already at ``dest_path`` (an earlier attempt's) is deleted first, so an upload that
     stops midway leaves a dir that reads as uncommitted, never old manifest over new files."""
-    files = file_digests(local_dir)
     st.delete_file(fs, st.fs_join(dest_path, MANIFEST))
-    st.upload_dir(local_dir, fs, dest_path)
+    files = st.upload_dir(local_dir, fs, dest_path, exclude=(MANIFEST,))  # hashed while it streams: one read
     return write_manifest(fs, dest_path, step=step, epoch=epoch, files=files, spec_hash=spec_hash, metrics=metrics)
 
 
@@ -530,13 +529,43 @@ def resolve(fs: pyarrow.fs.FileSystem, path: str, step: int | None = None) -> st
     return committed[-1].path
 
 
-def download(fs: pyarrow.fs.FileSystem, ckpt_path: str, dest: str) -> Manifest:
-    """Download a committed checkpoint into the local dir ``dest`` (which must not exist or be
-    empty), ready for ``from_pretrained``/``PeftModel.from_pretrained``.
+@dataclass(frozen=True)
+class PullResult:
+    """What :func:`pull` did: the manifest it checked against, and how much an earlier, interrupted pull into
+    the same ``dest`` had left that could be kept (checked by size and sha256 first)."""
 
-    Only the files the manifest lists are fetched, each checked for size and sha256 while it
-    streams; the manifest is copied last. The files land in a hidden sibling dir that is renamed
-    to ``dest`` only when all are good, so ``dest`` never holds a partial checkpoint.
+    manifest: Manifest
+    dest: str
+    reused_files: int = 0  # files kept whole from the interrupted pull
+    reused_bytes: int = 0  # their bytes, plus the prefixes that were continued with a ranged read
+    fetched_bytes: int = 0  # bytes read from storage this time
+
+
+def partial_dir(fs: pyarrow.fs.FileSystem, ckpt_path: str, dest: str) -> str:
+    """The hidden sibling of ``dest`` that a pull of ``ckpt_path`` fills before it is renamed to ``dest``.
+
+    Its name is the same for the same (storage kind, checkpoint path, destination), so a pull that was
+    interrupted (network, Ctrl-C, a killed process) is found again by the next one and continued."""
+    dest = st.local_path(dest)
+    key = hashlib.sha256(f"{fs.type_name}\0{ckpt_path.rstrip('/')}\0{dest}".encode()).hexdigest()[:12]
+    return os.path.join(os.path.dirname(dest), f".{os.path.basename(dest)}.partial-{key}")
+
+
+class _Damaged(StorageError):
+    """A file that came from storage does not match the manifest."""
+
+
+def pull(fs: pyarrow.fs.FileSystem, ckpt_path: str, dest: str) -> PullResult:
+    """Download a committed checkpoint into the local dir ``dest`` (which must not exist or be empty), ready
+    for ``from_pretrained``/``PeftModel.from_pretrained``; resumable.
+
+    Only the files the manifest lists are fetched, each checked for size and sha256 while it streams; the
+    manifest is copied last. The files land in a hidden sibling dir (:func:`partial_dir`) that is renamed to
+    ``dest`` only when all are good, so ``dest`` never holds a partial checkpoint. An interrupted pull leaves
+    that dir behind, and pulling the same checkpoint to the same ``dest`` again continues it: files already
+    complete there are kept when their size and sha256 match, a partly written one is continued from its
+    length, anything else is fetched again. A file in storage that does not match the manifest removes the
+    partial dir (StorageError): nothing there can make this checkpoint pullable.
     """
     manifest = read_manifest(fs, ckpt_path)
     if manifest is None and is_final(ckpt_path):
@@ -552,34 +581,52 @@ def download(fs: pyarrow.fs.FileSystem, ckpt_path: str, dest: str) -> Manifest:
     dest = st.local_path(dest)
     if os.path.exists(dest) and (not os.path.isdir(dest) or os.listdir(dest)):
         raise UserError(f"destination {dest} exists and is not an empty directory")
-    parent = os.path.dirname(dest)
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{os.path.basename(dest)}.partial-{uuid.uuid4().hex[:8]}")
-    os.makedirs(tmp)
+    tmp = partial_dir(fs, ckpt_path, dest)
+    os.makedirs(tmp, exist_ok=True)
+    lock = st.lock_dir(tmp)  # two pulls into one dest would write the same partial files
+    reused_files = reused_bytes = fetched_bytes = 0
     try:
+        wanted = {f["path"] for f in manifest.files}
+        for rel in _local_files(tmp):  # an older manifest's files, our own manifest: not part of this pull
+            if rel not in wanted:
+                os.remove(os.path.join(tmp, *rel.split("/")))
         for f in manifest.files:
             target = os.path.join(tmp, *f["path"].split("/"))
             os.makedirs(os.path.dirname(target), exist_ok=True)
-            h, size = hashlib.sha256(), 0
-            with fs.open_input_stream(st.fs_join(ckpt_path, f["path"])) as src, open(target, "wb") as out:
-                while chunk := src.read(_CHUNK):
-                    h.update(chunk)
-                    size += len(chunk)
-                    out.write(chunk)
-            if size != f["size"] or h.hexdigest() != f["sha256"]:
-                raise StorageError(
-                    f"{f['path']} in {ckpt_path} does not match its manifest ({size} bytes, manifest {f['size']}; "
-                    f"sha256 {'ok' if h.hexdigest() == f['sha256'] else 'differs'}): the stored file was changed "
-                    "or damaged (or changed while pulling); refusing it"
-                )
+            try:
+                reused, fetched = st.fetch_file(fs, st.fs_join(ckpt_path, f["path"]), target, f["size"], f["sha256"])
+            except st.DigestMismatch as e:
+                raise _Damaged(
+                    f"{f['path']} in {ckpt_path} does not match its manifest ({e.size} bytes, manifest {f['size']}; "
+                    f"sha256 {'ok' if e.sha256_ok else 'differs'}): the stored file was changed or damaged (or "
+                    "changed while pulling); refusing it"
+                ) from None
+            reused_files += fetched == 0 and reused > 0
+            reused_bytes += reused
+            fetched_bytes += fetched
         st.write_json(_local_fs(), os.path.join(tmp, MANIFEST), manifest.to_dict())
         if os.path.isdir(dest):
             os.rmdir(dest)
         os.rename(tmp, dest)
-    except BaseException:
+    except _Damaged:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return manifest
+    finally:
+        os.close(lock)
+    return PullResult(manifest, dest, reused_files, reused_bytes, fetched_bytes)
+
+
+def download(fs: pyarrow.fs.FileSystem, ckpt_path: str, dest: str) -> Manifest:
+    """:func:`pull`, returning the manifest."""
+    return pull(fs, ckpt_path, dest).manifest
+
+
+def _local_files(root: str) -> list[str]:
+    out = []
+    for dirpath, _, names in os.walk(root):
+        for name in names:
+            out.append(os.path.relpath(os.path.join(dirpath, name), root).replace(os.sep, "/"))
+    return out
 
 
 def _local_fs():

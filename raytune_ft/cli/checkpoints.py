@@ -139,7 +139,9 @@ def pull_cmd(
     endpoint_url: str | None = _ENDPOINT,
     region: str | None = _REGION,
 ) -> None:
-    """Download a committed checkpoint, or the run's final/, into DEST (sizes and sha256 checked)."""
+    """Download a committed checkpoint, or the run's final/, into DEST (sizes and sha256 checked).
+
+    An interrupted pull is continued by running the same command again: what it left is checked and kept."""
     cfg, fs, path = _open(uri, endpoint_url, region)
     if final and not ck.is_final(path):
         if step is not None:
@@ -147,11 +149,14 @@ def pull_cmd(
         path = st.fs_join(path, rd.FINAL)
     with st.storage_errors(cfg, "read"):
         ckpt = ck.resolve(fs, path, step)
-        manifest = ck.download(fs, ckpt, dest)
+        got = ck.pull(fs, ckpt, dest)
+    manifest = got.manifest
     what = f"{rd.FINAL}/" if ck.is_final(ckpt) else ck.checkpoint_dir_name(manifest.step)
+    reused = (f"; continued an interrupted pull: {human_size(got.reused_bytes)} already here and checked "
+              f"({got.reused_files} whole files), {human_size(got.fetched_bytes)} fetched") if got.reused_bytes else ""
     typer.echo(
         f"pulled {what} (step {manifest.step}, {len(manifest.files)} files, "
-        f"{human_size(manifest.total_size)}) to {st.local_path(dest)}"
+        f"{human_size(manifest.total_size)}) to {st.local_path(dest)}{reused}"
     )
 
 

@@ -3,6 +3,7 @@
 :mod:`~raytune_ft.storage.core`: URIs, settings and credentials, the two clients (pyarrow for Ray Train
 and the checkpoint code, boto3 for the CLI), :func:`open` (a location → filesystem and path), scrubbing
 secrets from text, and small file helpers that work the same on both backends.
+:mod:`~raytune_ft.storage.transfer`: big files up (hashed while they stream) and down (resumable, checked).
 :mod:`~raytune_ft.storage.checks`: failures classified into one-line StorageErrors, and the preflight.
 
 Everything is re-exported here: ``from raytune_ft import storage as st``; ``st.open(...)``.
@@ -51,12 +52,19 @@ from raytune_ft.storage.core import (
     region,
     scrub,
     split_s3,
-    upload_dir,
     with_path,
     write_bytes,
     write_json,
 )
 from raytune_ft.storage.core import rebuild_s3 as _rebuild_s3  # noqa: F401 - pickles written before the split
+from raytune_ft.storage.transfer import (
+    UPLOAD_FILES_AT_ONCE,
+    UPLOAD_WINDOW_BYTES,
+    DigestMismatch,
+    fetch_file,
+    lock_dir,
+    upload_dir,
+)
 
 __all__ = [
     "CONNECT_TIMEOUT_S",
@@ -64,11 +72,14 @@ __all__ = [
     "DEFAULT_REGION",
     "DEFAULT_SECRET_KEY_ENV",
     "DEFAULT_SESSION_TOKEN_ENV",
+    "DigestMismatch",
     "FileStat",
     "MAX_ATTEMPTS",
     "PREFLIGHT_MARKER",
     "REQUEST_TIMEOUT_S",
     "StorageConfig",
+    "UPLOAD_FILES_AT_ONCE",
+    "UPLOAD_WINDOW_BYTES",
     "boto3_client",
     "classify_boto_error",
     "classify_pyarrow_error",
@@ -81,6 +92,7 @@ __all__ = [
     "endpoint_url",
     "env_names",
     "exists",
+    "fetch_file",
     "fs_join",
     "is_local_fs",
     "is_s3",
@@ -88,6 +100,7 @@ __all__ = [
     "list_dirs",
     "list_files",
     "local_path",
+    "lock_dir",
     "open",
     "preflight",
     "preflight_status",

@@ -25,7 +25,6 @@ pyarrow and boto3 are imported lazily so that importing this module (and the CLI
 
 from __future__ import annotations
 
-import builtins  # this module defines its own `open`
 import dataclasses
 import json
 import os
@@ -534,35 +533,6 @@ def delete_dir(fs: pyarrow.fs.FileSystem, path: str) -> None:
         try:
             fs.delete_dir(d)
         except FileNotFoundError:  # no marker object: nothing to delete
-            pass
-
-
-def upload_dir(local_dir: str, fs: pyarrow.fs.FileSystem, dest_path: str) -> None:
-    """Copy the contents of a local directory to ``dest_path`` on ``fs`` (recursively)."""
-    import pyarrow.fs as pafs
-
-    local_dir = local_path(local_dir)
-    if not os.path.isdir(local_dir):
-        raise UserError(f"not a directory: {local_dir}")
-    if is_local_fs(fs):
-        fs.create_dir(dest_path, recursive=True)
-        pafs.copy_files(local_dir, dest_path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
-        return
-    # Object stores: one object per file and no directory markers. pyarrow's copy_files writes a "dir/"
-    # marker object per directory level; SeaweedFS turns those into real directories that outlive the
-    # deletion of their files, so a pruned checkpoint would stay listed as an empty dir.
-    files = [os.path.join(root, name) for root, _, names in os.walk(local_dir) for name in names]
-
-    def put(src: str) -> None:
-        rel = os.path.relpath(src, local_dir).replace(os.sep, "/")
-        with builtins.open(src, "rb") as f, fs.open_output_stream(posixpath.join(dest_path, rel)) as out:
-            while chunk := f.read(8 << 20):
-                out.write(chunk)
-
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(max_workers=min(8, len(files) or 1)) as pool:
-        for _ in pool.map(put, files):  # re-raises the first failure
             pass
 
 

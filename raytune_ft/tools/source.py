@@ -447,10 +447,14 @@ def _materialize(fs, path: str, uri: str, *, verified: bool) -> str:
             pass
     parent = os.path.dirname(dest)
     os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".partial-{uuid.uuid4().hex[:8]}")
+    # verified: a fixed name, so that ck.download's partial dir for it is found again and an interrupted copy
+    # continues (a kill between its rename and ours leaves a whole copy there: dropped)
+    tmp = os.path.join(parent, ".pull" if verified else f".partial-{uuid.uuid4().hex[:8]}")
+    if verified:
+        shutil.rmtree(tmp, ignore_errors=True)
     try:
         if verified:
-            ck.download(fs, path, tmp)  # only the manifest's files, each checked by size and sha256
+            ck.download(fs, path, tmp)  # only the manifest's files, each checked by size and sha256; resumable
         else:
             st.download_dir(fs, path, tmp)
         if os.path.exists(dest):

@@ -261,15 +261,20 @@ class RtfCallback(TrainerCallback):
         step = state.global_step
         local = os.path.join(args.output_dir, rd.hf_checkpoint_name(step))
         os.makedirs(local, exist_ok=True)
-        digests = ck.file_digests(local)
-        all_digests = gather(digests)
         metrics = {k: v for k, v in self.last_metrics.items() if k in ("loss", "eval_loss", "perplexity",
                                                                           "learning_rate", "epoch")}
         metrics["step"] = step
         name = rd.checkpoint_name(step)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(local), checkpoint_dir_name=name)
-        if self.in_process:  # the gap: Ray Train's local mode keeps the checkpoint where it is
-            st.upload_dir(local, self.run.dir.fs, self.run.dir.join(name))
+        # Synchronous: training waits for this rank's files to be in storage. (Asynchronous upload would pass
+        # checkpoint_upload_mode=ASYNC here and move the gather + manifest below into the upload's completion.)
+        upload = _HashingUpload()
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(local), checkpoint_dir_name=name,
+                         checkpoint_upload_fn=upload)
+        if self.in_process:  # the gap: Ray Train's local mode keeps the checkpoint where it is (and calls no upload fn)
+            upload.digests = st.upload_dir(local, self.run.dir.fs, self.run.dir.join(name), exclude=(ck.MANIFEST,))
+        if upload.digests is None:
+            raise RuntimeError(f"checkpoint {name}: Ray Train reported it without calling rtf's upload")
+        all_digests = gather(upload.digests)  # after every rank's upload: each rank's files, hashed as they streamed
         barrier()
         if self.run.rank == 0:
             path = self.run.dir.join(name)
@@ -300,6 +305,25 @@ class RtfCallback(TrainerCallback):
         tb_dir = os.path.join(self.work_dir, rd.TENSORBOARD)
         if os.path.isdir(tb_dir):
             st.upload_dir(tb_dir, self.run.dir.fs, self.run.dir.tensorboard_dir)
+
+
+class _HashingUpload:
+    """Ray Train's ``checkpoint_upload_fn``: this rank's checkpoint files go to where Ray Train would put them
+    (``{experiment}/{checkpoint_dir_name}``, on its storage filesystem), each file read once and hashed while
+    it streams (:func:`raytune_ft.storage.upload_dir`), so the manifest's digests cost no second read. The gap it
+    fills: Ray's default upload (pyarrow ``copy_files``) says nothing about what it copied."""
+
+    def __init__(self) -> None:
+        self.digests: list[dict[str, Any]] | None = None
+
+    def __call__(self, checkpoint: Any, checkpoint_dir_name: str) -> Any:
+        import ray.train
+
+        storage = ray.train.get_context().get_storage()
+        fs = storage.storage_filesystem
+        dest = storage.build_checkpoint_path_from_name(checkpoint_dir_name)
+        self.digests = st.upload_dir(checkpoint.path, fs, dest, exclude=(ck.MANIFEST,))  # Ray retries: the last wins
+        return ray.train.Checkpoint(dest, filesystem=fs)
 
 
 def _plain(v: Any) -> Any:

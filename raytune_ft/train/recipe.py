@@ -192,6 +192,25 @@ def find_resume_point(run: RunContext, explicit: str | None) -> ck.CheckpointInf
     return ck.latest_committed(run.dir.fs, run.dir.path)
 
 
+PULL_ATTEMPTS = 3
+
+
+def pull_to_resume(fs: Any, path: str, dest: str) -> ck.PullResult:
+    """Download the checkpoint to resume from (every file checked by size and sha256 as it streams). A download
+    cut off midway (a connection lost after pyarrow's own retries of each request: an OSError) is continued
+    where it stopped, up to PULL_ATTEMPTS times, instead of failing the attempt and making a restarted worker
+    group fetch all of it again. Across attempts nothing is kept: ``dest`` is in the attempt's work dir."""
+    for attempt in range(1, PULL_ATTEMPTS + 1):
+        try:
+            return ck.pull(fs, path, dest)
+        except OSError as e:  # a file that does not match its manifest is a StorageError: not retried
+            if attempt == PULL_ATTEMPTS:
+                raise
+            log.warning("download of %s broken (%s); continuing it (try %d of %d)", path,
+                        st.scrub(str(e).splitlines()[0] if str(e) else type(e).__name__), attempt + 1, PULL_ATTEMPTS)
+    raise AssertionError("unreachable")
+
+
 def restore_metrics(run: RunContext, work: str, upto_step: int | None) -> None:
     """Carry the run's metrics.jsonl on (rank 0), dropping lines logged after the resume point."""
     data = st.read_bytes(run.dir.fs, run.dir.metrics_file)
@@ -300,7 +319,7 @@ def _run(spec: JobSpec, run: RunContext, work: str, publisher: Publisher, config
     if resume is not None:
         fs = st.open(config.resume_from, storage=spec.storage)[0] if config.resume_from else run.dir.fs
         local_resume = os.path.join(work, "resume", resume.name)
-        ck.download(fs, resume.path, local_resume)
+        pull_to_resume(fs, resume.path, local_resume)
         info(f"resuming from {config.resume_from or run.dir.uri_of(resume.name)} at step {resume.step}")
     if run.rank == 0:
         restore_metrics(run, work, resume.step if resume else None)
