@@ -317,6 +317,13 @@ def follow_job(cluster: Cluster, job_id: str, *, out=None, run_uri: str | None =
             if ended:
                 time.sleep(1.0)  # the stream ended early (a network blip): reconnect, skip what was shown
             f.reconnect()  # (a quiet stream of a job that has ended: read it to its end once more)
+        # The stream can end before the last lines reached it (seen when a node of the job went away mid-run:
+        # everything after that point was missing, the summary too). The job has ended, so its whole log is
+        # final: read it once more and show what the stream did not.
+        with cluster.calls(f"job {job_id}"):
+            whole = cluster.client.get_job_logs(job_id)
+        f.reconnect()
+        f.feed(whole)
         if f.partial:
             f.feed("\n")
     except KeyboardInterrupt:
