@@ -16,7 +16,7 @@ from typing import Any
 
 from raytune_ft import storage as st
 from raytune_ft.errors import UserError
-from raytune_ft.launch.progress import NAMESPACE, board_name, make_board_class
+from raytune_ft.launch.progress import board_name, open_board
 from raytune_ft.launch.trainer import RunResult, build_trainer
 from raytune_ft.plan import Plan, make_plan
 from raytune_ft.rundir import FINAL, SPEC, RunDir
@@ -399,8 +399,7 @@ def _fit_once(spec: JobSpec, worker: WorkerConfig, emit: EventHandler, *,
     else:
         import ray
 
-        board = make_board_class().options(name=worker.progress_board, namespace=NAMESPACE,
-                                           get_if_exists=True).remote()
+        board = open_board(worker.progress_board)
 
         def since(seen: int) -> list[dict[str, Any]]:
             return ray.get(board.since.remote(seen), timeout=10)

@@ -17,7 +17,7 @@ from raytune_ft.rundir import FINAL
 from raytune_ft.train.progress import EVENT_PREFIX, NAMESPACE, board_name
 
 __all__ = ["EVENT_PREFIX", "NAMESPACE", "Renderer", "attempt_of", "board_name", "fmt_duration", "make_board_class",
-           "print_summary", "relay", "retry_message"]
+           "open_board", "print_summary", "relay", "retry_message"]
 
 def make_board_class():
     import ray
@@ -36,6 +36,19 @@ def make_board_class():
     return ProgressBoard
 
 
+def open_board(name: str) -> Any:
+    """The progress board named ``name``, made on this process's node (the driver's) if it does not exist.
+    Pinned there: left to Ray, it can land on a worker node, and when that node goes (a preemption) Ray restarts
+    it elsewhere empty, so the driver, which reads it by index, saw nothing more of the run (its restart, the
+    rest of training, the summary). Its own node going takes the driver with it anyway."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return make_board_class().options(name=name, namespace=NAMESPACE, get_if_exists=True,
+                                      scheduling_strategy=here).remote()
+
+
 @contextlib.contextmanager
 def relay(name: str, emit: Callable[[dict[str, Any]], None], poll_s: float = 0.5) -> Iterator[None]:
     """While the block runs, a progress board named ``name`` whose events a background thread passes to
@@ -43,7 +56,7 @@ def relay(name: str, emit: Callable[[dict[str, Any]], None], poll_s: float = 0.5
     Tune in this thread, which must keep the main thread for Ctrl-C.)"""
     import ray
 
-    board = make_board_class().options(name=name, namespace=NAMESPACE, get_if_exists=True).remote()
+    board = open_board(name)
     stop = threading.Event()
 
     def pump() -> None:
