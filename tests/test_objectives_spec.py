@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from raytune_ft.errors import SpecError
-from raytune_ft.spec import load_spec, spec_from_dict
+from raytune_ft.spec import load_spec, spec_from_dict, to_yaml
 from tests.specs import base_doc
 
 
@@ -134,3 +134,10 @@ def test_sft_specs_dump_and_hash_as_before_and_objectives_round_trip():
     reg = spec_from_dict(doc_for("regression", "scored", head={"depth": 3}))
     again = spec_from_dict(dump_spec(reg))
     assert again == reg and spec_hash(again) == spec_hash(reg) != spec_hash(sft)
+    # every objective's spec, as a run stores it (dumped whole, defaults named), reads back the same: `rtf eval`,
+    # `generate` and `score` read the stored one (ORPO's stored spec was refused for naming DPO's default loss)
+    for objective, fmt, extra in (("reward", "preference", {}), ("dpo", "preference", {"dpo": {"beta": 0.2}}),
+                                  ("orpo", "preference", {"dpo": {"beta": 0.2}}), ("orpo", "preference", {})):
+        spec = spec_from_dict(doc_for(objective, fmt, **extra))
+        stored = yaml.safe_load(to_yaml(spec))
+        assert spec_from_dict(stored) == spec, objective

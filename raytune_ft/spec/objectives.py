@@ -90,8 +90,10 @@ def check_method(objective: str, method_type: str, head: HeadSpec | None, dpo: D
                          "(set objective: regression or remove method.head)")
     if dpo is not None and objective not in ("dpo", "orpo"):
         raise ValueError(f"method.dpo is for objective dpo or orpo; method.objective is {objective}")
-    if objective == "orpo" and "loss_type" in dpo_set:
-        raise ValueError("method.dpo.loss_type chooses DPO's loss; ORPO has one loss (drop loss_type)")
+    # the default (sigmoid) is accepted: a run's stored spec, dumped whole, names it, and it means nothing to ORPO
+    if objective == "orpo" and dpo is not None and "loss_type" in dpo_set and dpo.loss_type != "sigmoid":
+        raise ValueError(f"method.dpo.loss_type {dpo.loss_type} chooses DPO's loss; ORPO has one loss "
+                         "(drop loss_type)")
 
 
 def check_job(objective: str, formats: dict[str, str], packing: bool, init: bool, metric_for_best: str,
