@@ -59,6 +59,18 @@ def history(trainer, key):
     return [r[key] for r in trainer.state.log_history if key in r]
 
 
+def eval_saved(trainer, spec, tmp_path, name="final"):
+    """`rtf eval` on what the trainer saves (the adapter or model and the run's spec) against the eval file."""
+    from raytune_ft.spec import to_yaml
+    from raytune_ft.tools.evaluate import evaluate, render
+
+    out = tmp_path / name
+    trainer.save_model(str(out))
+    (out / rd.SPEC).write_text(to_yaml(spec))
+    result = evaluate(str(out), str(tmp_path / "eval.jsonl"), write=False)
+    return result, render(result)
+
+
 def test_regression_head_learns_and_reloads(tiny, tmp_path):
     spec = objective_spec(tiny, tmp_path, "regression", "scored", scored_rows(96, seed=1), scored_rows(24, seed=2),
                           method={"head": {"depth": 2, "width": 32, "dropout": 0.0}}, max_steps=16, eval_steps=8)
@@ -181,6 +193,15 @@ def test_dpo_under_lora_raises_the_margin_against_the_base_as_reference(tiny, tm
     assert torch.allclose(ref, base(input_ids=ids).logits, atol=1e-6)
     assert not torch.allclose(tuned, ref, atol=1e-3)
 
+    # rtf eval on the saved adapter: TRL's evaluation against the same reference, as the last one in training
+    result, text = eval_saved(trainer, spec, tmp_path)
+    assert result["objective"] == "dpo" and result["examples"] == 16
+    assert result["rewards/margins"] == pytest.approx(margin[-1], rel=1e-4, abs=1e-6)
+    assert result["rewards/accuracies"] == pytest.approx(history(trainer, "eval_rewards/accuracies")[-1])
+    assert f"rewards/margins: {result['rewards/margins']:.6g}" in text and "perplexity" not in text
+    print(f"dpo (LoRA): eval_rewards/margins {margin}, accuracies {history(trainer, 'eval_rewards/accuracies')}, "
+          f"logps/chosen {chosen[0]:.3f} -> {chosen[-1]:.3f}")
+
 
 def test_orpo_raises_the_margin(tiny, tmp_path):
     spec = objective_spec(tiny, tmp_path, "orpo", "preference", preference_rows(64, seed=1),
@@ -192,6 +213,10 @@ def test_orpo_raises_the_margin(tiny, tmp_path):
     assert history(trainer, "eval_rewards/accuracies")[-1] > 0.9
     losses = history(trainer, "loss")
     assert losses[-1] < losses[0], losses
+    result, _ = eval_saved(trainer, spec, tmp_path)
+    assert result["objective"] == "orpo" and result["rewards/margins"] == pytest.approx(margin[-1], rel=1e-4, abs=1e-6)
+    print(f"orpo (LoRA): eval_rewards/margins {margin}, accuracies {history(trainer, 'eval_rewards/accuracies')}, "
+          f"loss {losses[0]:.3f} -> {losses[-1]:.3f}")
 
 
 def test_dpo_full_finetuning_keeps_a_frozen_reference_copy(tiny, tmp_path):
@@ -208,3 +233,6 @@ def test_dpo_full_finetuning_keeps_a_frozen_reference_copy(tiny, tmp_path):
     assert not torch.equal(trainer.model.state_dict()["model.layers.0.self_attn.q_proj.weight"],
                            start["model.layers.0.self_attn.q_proj.weight"])
     assert history(trainer, "eval_rewards/margins")[-1] > 0
+    # rtf eval on the saved full model measures it against the model it started from (the reference training used)
+    result, _ = eval_saved(trainer, spec, tmp_path)
+    assert result["rewards/margins"] == pytest.approx(history(trainer, "eval_rewards/margins")[-1], rel=1e-4, abs=1e-6)

@@ -79,11 +79,12 @@ def eval_cmd(
     batch_size: int = typer.Option(8, "--batch-size", min=1, metavar="N", help="Examples per forward pass."),
     include_base: bool = typer.Option(False, "--include-base", help="Also evaluate the base model."),
     out: str | None = typer.Option(None, "--out", metavar="PATH", help="Where to write eval_results.json (default: next to the model)."),
-    data_format: str | None = typer.Option(None, "--format", metavar="alpaca|chat|text", help="Format of --data (default: the run's)."),
+    data_format: str | None = typer.Option(None, "--format", metavar="alpaca|chat|text|scored|preference", help="Format of --data (default: the run's)."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
     trust: bool = TrustOpt,
 ) -> None:
-    """Token-weighted loss and perplexity on the run's eval data (or --data), as training scores them."""
+    """The objective's metrics on the run's eval data (or --data), as training scores them: token-weighted loss
+    and perplexity (sft, dpo, orpo), mse/mae/r2 (regression), pairwise accuracy and margin (reward)."""
     from raytune_ft.tools.evaluate import evaluate, render
 
     result = evaluate(_source(source, trust), data, batch_size=batch_size, include_base=include_base, out=out, data_format=data_format)

@@ -45,7 +45,8 @@ def evaluate(
     dtype: str | None = None,
     write: bool = True,
 ) -> dict[str, Any]:
-    """Loss and perplexity of ``source`` on its run's eval data or on ``data_path``.
+    """Loss and perplexity of ``source`` on its run's eval data or on ``data_path`` (an SFT run); a regression,
+    reward, DPO or ORPO run gets its objective's metrics instead, as training's evaluation reports them.
 
     Returns ``{"source", "model", "data", "format", "examples", "tokens", "loss", "perplexity", ...}``
     and, with ``include_base``, ``"base": {"loss", "perplexity"}`` (or ``{"error": why}``). Writes the
@@ -57,9 +58,8 @@ def evaluate(
     src = source if isinstance(source, Source) else resolve_source(source)
     objective = src.spec.method.objective if src.spec is not None else "sft"
     if objective in ("dpo", "orpo"):
-        raise UserError(f"rtf eval measures token loss; a {objective} run's reward accuracies and margins are "
-                        f"logged at each evaluation in its {rd.METRICS} (eval_rewards/accuracies, "
-                        "eval_rewards/margins)", hint="rtf generate SOURCE shows what it writes")
+        return _evaluate_preference(src, data_path, batch_size, started, out=out, data_format=data_format,
+                                    dtype=dtype, write=write)
     if objective in ("regression", "reward"):
         return _evaluate_head(src, data_path, batch_size, started, out=out, data_format=data_format, dtype=dtype,
                               write=write)
@@ -111,6 +111,63 @@ def _evaluate_head(src: Source, data_path: str | None, batch_size: int, started:
                               **head_metrics(scorer, examples, batch_size,
                                              src.spec.data.max_seq_length if src.spec is not None else None)}
     result["notes"] = list(src.notes) + list(scorer.loaded.notes)
+    result["runtime_s"] = round(time.time() - started, 3)
+    result["time"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    if write:
+        result["written"] = _write(src, result, out)
+    return result
+
+
+def _evaluate_preference(src: Source, data_path: str | None, batch_size: int, started: float, *, out: str | None,
+                         data_format: str | None, dtype: str | None, write: bool) -> dict[str, Any]:
+    """A DPO or ORPO run: the evaluation of the TRL trainer it trained with, on its eval data, so the figures are
+    training's ``eval_rewards/*``. DPO's reference is the one training used: the base with the adapter disabled
+    (LoRA), or the starting model (full fine-tuning; it must be on this machine)."""
+    import tempfile
+
+    from raytune_ft.train import objectives as ob
+    from raytune_ft.train.recipe import training_arguments
+
+    spec = src.spec
+    objective = spec.method.objective
+    loaded = load_model(src, dtype=dtype)
+    examples, described, fmt = eval_examples(src, loaded.tokenizer, data_path, data_format)
+    _, eval_ds, _ = ob.prepare_datasets(spec, loaded.tokenizer, [], examples)
+    ref = None
+    if objective == "dpo" and not src.is_adapter:
+        ref, why = load_base_for_full(src, dtype=loaded.dtype, device=loaded.device)
+        if ref is None:
+            raise UserError(f"a DPO run's rewards are measured against its reference, the model it started from: "
+                            f"{why}", hint="download the base model first, or evaluate the run on this machine's cache")
+        ref.eval().requires_grad_(False)
+    cls, extra = ob.argument_class(spec)
+    with tempfile.TemporaryDirectory(prefix="rtf-eval-") as tmp:
+        args = training_arguments(spec, tmp, None, use_cpu=loaded.device.type == "cpu", cls=cls, **extra)
+        args.per_device_eval_batch_size = batch_size
+        args.report_to = []
+        common = dict(model=loaded.model, args=args, train_dataset=eval_ds, eval_dataset=eval_ds,  # (TRL needs one)
+                      processing_class=loaded.tokenizer)
+        if objective == "dpo":
+            from trl import DPOTrainer
+
+            trainer = DPOTrainer(ref_model=ref, **common)
+            peft_model = trainer.accelerator.unwrap_model(trainer.model)
+            if "ref" in getattr(peft_model, "peft_config", {}):
+                # given a PeftModel, TRL copies its adapter as the reference ("ref"): right for training on from a
+                # pretrained adapter, but training's reference was the base with the adapter disabled, which is
+                # what TRL uses when there is no "ref" adapter
+                peft_model.delete_adapter("ref")
+        else:
+            from trl.experimental.orpo import ORPOTrainer
+
+            trainer = ORPOTrainer(**common)
+        metrics = trainer.evaluate()
+    keep = {k.removeprefix("eval_"): float(v) for k, v in metrics.items()
+            if k.startswith(("eval_rewards/", "eval_logps/", "eval_nll_loss", "eval_log_odds"))}
+    keep[f"{objective}_loss"] = float(metrics["eval_loss"])
+    result: dict[str, Any] = {"source": src.origin, "model": src.describe(), "step": src.step, "data": described,
+                              "format": fmt, "objective": objective, "examples": len(examples), **keep}
+    result["notes"] = list(src.notes) + list(loaded.notes)
     result["runtime_s"] = round(time.time() - started, 3)
     result["time"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     if write:
@@ -298,10 +355,12 @@ def _finite(obj: Any) -> Any:
 
 def render(result: dict[str, Any]) -> str:
     """A small table: model (and base) loss and perplexity, tokens, where the results went."""
-    if "loss" not in result:  # a regression or reward run: its own metrics
+    if "loss" not in result:  # a regression, reward, DPO or ORPO run: its own metrics
         lines = [f"{result['model']}", f"data: {', '.join(result['data'])} ({result['format']}, "
                  f"{result['examples']} examples)"]
         lines += [f"{k}: {result[k]:.6g}" for k in ("mse", "mae", "r2", "accuracy", "margin") if k in result]
+        lines += [f"{k}: {v:.6g}" for k, v in result.items()  # dpo, orpo: TRL's evaluation, as in training's log
+                  if k.startswith(("rewards/", "logps/", "nll_loss", "log_odds")) or k in ("dpo_loss", "orpo_loss")]
         lines += [f"note: {x}" for x in result.get("notes") or []]
         return "\n".join(lines + ([f"wrote {result['written']}"] if result.get("written") else []))
     rows = [("model", "loss", "perplexity", "tokens")]
