@@ -1,5 +1,6 @@
-"""One end-to-end run of a non-SFT objective on a real local Ray (`rtf submit`, the recipe, Ray Train workers,
-committed checkpoints), then `rtf score` on its final/: the regression head trained under LoRA."""
+"""One end-to-end run of a non-SFT objective on a real local Ray (`rtf submit`, the recipe, 2 Ray Train workers
+under DeepSpeed ZeRO-2, committed checkpoints), then `rtf score` on its final/: the regression head trained
+under LoRA."""
 
 from __future__ import annotations
 
@@ -30,12 +31,15 @@ def test_regression_run_end_to_end_then_score(ray_local, tiny, tmp_path, capsys)
     doc = spec_doc("reg-e2e", model_dir, train, evals, tmp_path / "runs",
                    method={"type": "lora", "objective": "regression", "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
                            "head": {"depth": 2, "width": 32, "dropout": 0.0}},
+                   compute={"num_workers": 2, "cpus_per_worker": 1}, deepspeed={"stage": 2},
                    training={"max_steps": 16, "per_device_train_batch_size": 16, "learning_rate": 1e-2,
                              "save_steps": 8, "eval_steps": 8})
     doc["data"]["train"]["format"] = doc["data"]["eval"]["format"] = "scored"
     code, out = cli(["submit", str(write_spec(tmp_path / "reg.yaml", doc))], capsys)
     assert code == 0, out
     assert "objective regression" in out and "labels: n 96" in out
+    assert ("distributed: 2 worker(s), DeepSpeed ZeRO-2 over gloo; global batch 32 = 16 per worker × 1 accumulation "
+            "× 2 workers") in out, out
     assert "checkpoint committed: step 8" in out and "checkpoint committed: step 16" in out
     run = tmp_path / "runs" / "reg-e2e"
     final = run / "final"
