@@ -199,6 +199,14 @@ def test_dpo_under_lora_raises_the_margin_against_the_base_as_reference(tiny, tm
     assert result["rewards/margins"] == pytest.approx(margin[-1], rel=1e-4, abs=1e-6)
     assert result["rewards/accuracies"] == pytest.approx(history(trainer, "eval_rewards/accuracies")[-1])
     assert f"rewards/margins: {result['rewards/margins']:.6g}" in text and "perplexity" not in text
+    # rtf generate on it: the prompt as training formatted preference prompts, the adapter's and the base's answers
+    from raytune_ft.tools.generate import generate
+
+    info: dict = {}
+    gen = generate(str(tmp_path / "final"), ["Is the value fine?"], max_new_tokens=6, temperature=0,
+                   compare_base=True, info=info)
+    assert info["format"] == "preference" and gen[0]["new_tokens"] >= 1, (info, gen)
+    assert gen[0]["formatted_prompt"].startswith("Is the value fine?") and gen[0]["base_completion"] is not None
     print(f"dpo (LoRA): eval_rewards/margins {margin}, accuracies {history(trainer, 'eval_rewards/accuracies')}, "
           f"logps/chosen {chosen[0]:.3f} -> {chosen[-1]:.3f}")
 
