@@ -217,26 +217,33 @@ class Follow:
 SECRET = "rtf-secret-" + secrets.token_urlsafe(24)
 
 
+MN_STEPS, MN_SAVE = 60, 5
+
+
 @pytest.fixture(scope="module")
 def trained(cluster, tiny, tmp_path_factory):
     """One real job: 2 LoRA workers spread over the 2 nodes, with a forwarded secret. Rank 1's process is
-    killed (SIGKILL) as soon as the workers are up, so Ray Train restarts the worker group once
-    (``max_failures: 1``) and the job runs to success on the second group."""
+    killed (SIGKILL) once the first checkpoint is committed, so Ray Train restarts the worker group once
+    (``max_failures: 1``), the new group resumes from the latest committed checkpoint, and the job runs to
+    success."""
     train, _, model_dir = tiny
     tmp = tmp_path_factory.mktemp("mnjob")
     doc = spec_doc("mn-lora", model_dir, train, None, tmp / "runs",
                    compute={"num_workers": 2, "cpus_per_worker": 1, "placement": "strict_spread"},
-                   training={"max_steps": 4, "save_steps": 2}, fault_tolerance={"max_failures": 1},
+                   training={"max_steps": MN_STEPS, "save_steps": MN_SAVE, "logging_steps": 1},
+                   fault_tolerance={"max_failures": 1},
                    env={"RTF_TEST_SECRET": None, "RTF_ENV_DIGESTS": "RTF_TEST_SECRET", "RTF_TEST_LITERAL": "plain"})
     spec = write_spec(tmp / "mn.yaml", doc)
     t0 = time.time()
     f = Follow(["submit", str(spec), "--address", cluster.url, "--follow"], cluster.env(RTF_TEST_SECRET=SECRET), tmp)
     rank1 = f.wait_for(r"workers: rank 0 pid \d+ node \S+, rank 1 pid (\d+)", 200).group(1)
-    os.kill(int(rank1), signal.SIGKILL)  # a real worker process dies during setup, before any checkpoint
+    f.wait_for(f"checkpoint committed: step {MN_SAVE}\\b", 120)
+    os.kill(int(rank1), signal.SIGKILL)  # a real worker process dies mid-run, after a committed checkpoint
+    killed_at = re.findall(rf"\] (\d+)/{MN_STEPS}  loss", f.text)
     code = f.finish(300)
     job_id = re.search(r"job: (rtf-mn-lora-\S+) submitted", f.text)
     return {"code": code, "out": f.text, "job": job_id and job_id.group(1), "run": tmp / "runs" / "mn-lora",
-            "seconds": time.time() - t0}
+            "seconds": time.time() - t0, "killed_at": int(killed_at[-1]) if killed_at else 0}
 
 
 # --------------------------------------------------------------------------- authentication
@@ -281,15 +288,30 @@ def test_submit_follow_trains_on_both_nodes(cluster, trained):
     assert "secrets: RTF_TEST_SECRET forwarded sealed" in out
     # the live progress, as in local mode, parsed from the driver's RTF_EVENT lines
     assert "storage preflight:" in out and "workers: rank 0 pid" in out
-    assert re.search(r"\] 4/4  loss \d", out) and "checkpoint committed: step 2" in out
+    assert re.search(rf"\] \d+/{MN_STEPS}  loss \d", out) and f"checkpoint committed: step {MN_SAVE} " in out
     assert "RTF_EVENT" not in out and "final train loss" in out and f"job {trained['job']} SUCCEEDED" in out
     # the restarted group's line says so: "workers restarted (attempt 2 of 2): rank 0 pid ..."
     groups = re.findall(r"workers(?: restarted \(attempt \d+ of \d+\))?: rank 0 pid (\d+) node \S+, rank 1 pid (\d+)",
                         out)
     assert len(groups) == 2 and not set(groups[0]) & set(groups[1]), groups  # the worker group was restarted
+    assert "workers restarted (attempt 2 of 2)" in out and "no restarts left" not in out
+    # the new group resumed from a committed checkpoint, and the steps after it that the first group had
+    # trained logged the same losses again: the resume was exact (the losses of a run that started over would
+    # repeat from step 1)
+    resumed = int(re.search(r"resuming from \S+checkpoint-\d+ at step (\d+)", out).group(1))
+    assert resumed >= MN_SAVE and resumed % MN_SAVE == 0, out[-5000:]
+    losses: dict[int, list[str]] = {}
+    for step, loss in re.findall(rf"\] (\d+)/{MN_STEPS}  loss (\S+)", out):
+        losses.setdefault(int(step), []).append(loss)
+    twice = {st: v for st, v in losses.items() if len(v) > 1}
+    assert not [st for st in twice if st <= resumed], "a step before the resume was trained again"
+    assert all(len(set(v)) == 1 for v in twice.values()), twice
+    steps = [json.loads(x)["step"] for x in (trained["run"] / "metrics.jsonl").read_text().splitlines()
+             if "loss" in json.loads(x)]
+    assert steps == list(range(1, MN_STEPS + 1)), steps  # each step once in the run's metrics
 
     results = json.loads((trained["run"] / "final" / "final_results.json").read_text())
-    assert results["steps"] == 4
+    assert results["steps"] == MN_STEPS
     workers = sorted(results["workers"], key=lambda w: w["rank"])
     assert [w["rank"] for w in workers] == [0, 1]
     assert {w["node_id"] for w in workers} == cluster.node_ids()  # one worker on each of the two nodes
@@ -299,7 +321,8 @@ def test_submit_follow_trains_on_both_nodes(cluster, trained):
     # rtf was shipped (py_modules) and unpacked on both nodes, not taken from an install there
     for d in cluster.temp_dirs:
         assert list(Path(d).glob("session_*/runtime_resources/py_modules_files/*/raytune_ft/launch/ray_jobs.py")), d
-    print(f"two-node job: {trained['seconds']:.0f}s")
+    print(f"two-node job: {trained['seconds']:.0f}s; rank 1 killed near step {trained['killed_at']}, resumed from "
+          f"{resumed}, {len(twice)} steps trained twice with equal losses")
 
 
 @pytest.mark.timeout(120)
@@ -323,7 +346,7 @@ def test_secret_value_appears_nowhere_but_the_workers(cluster, trained):
     assert "TrainController" in actors_http and SECRET not in actors_http
     # rtf logs, run where the secret is not set (so nothing could be masked)
     code, logs = cluster.rtf("logs", job, "--address", cluster.url)
-    assert code == 0 and "checkpoint committed: step 4" in logs and SECRET not in logs
+    assert code == 0 and f"checkpoint committed: step {MN_STEPS}" in logs and SECRET not in logs
     assert SECRET not in trained["out"]
     # no file of the run, nor of either node's Ray temp dir (logs, unpacked bundle), holds it
     needle = SECRET.encode()
@@ -352,7 +375,7 @@ def test_logs_show_each_worker_line_once_after_a_restart(cluster, trained):
     assert len(re.findall(r"^workers(?: restarted \(attempt \d+ of \d+\))?: rank 0 pid", logs, re.M)) == 2, \
         logs[-4000:]  # both groups' workers (the second one marked as restarted)
     printed = re.findall(r"^\(RayTrainWorker pid=\d+[^)]*\) \{'(?:loss|train_runtime)'.*$", logs, re.M)
-    assert len(printed) >= 5, logs[-4000:]  # steps 1-4 and the summary, from the second group at least
+    assert len(printed) >= 5, logs[-4000:]  # the second group's steps and the summary at least
     repeated = {line: n for line, n in Counter(printed).items() if n > 1}
     assert not repeated, repeated
     # and rank 0 printed them alone: one process per worker group (HF prints on each node's first process)
@@ -397,7 +420,7 @@ def test_detach_status_logs_jobs_stop_keeps_the_checkpoint(cluster, trained, tin
     assert code == 0, out
     rows = {ln.split()[0]: ln.split() for ln in out.splitlines()[1:]}
     assert rows[job][1:3] == ["mn-long", "RUNNING"] and re.match(r"\d+/2000", rows[job][-1])
-    assert rows[trained["job"]][1:3] == ["mn-lora", "SUCCEEDED"] and rows[trained["job"]][-1] == "4/4"
+    assert rows[trained["job"]][1:3] == ["mn-lora", "SUCCEEDED"] and rows[trained["job"]][-1] == f"{MN_STEPS}/{MN_STEPS}"
     code, out = cluster.rtf("logs", "mn-long", "--address", cluster.url, env=env)  # a run name: its newest job
     assert code == 0 and "checkpoint committed: step 3 →" in out and "RTF_EVENT" not in out
     assert "model: pretrained ***;" in out and shown not in out  # masked in logs, as in --follow
@@ -515,7 +538,13 @@ def test_a_preempted_node_gets_a_checkpoint_before_it_goes_and_the_run_resumes(c
     # the node goes (as the cloud takes it), and a replacement joins
     import psutil
 
-    for proc in [p for p in cluster.processes() if any(worker_dir in a for a in (p.cmdline() or []))]:
+    def cmdline(p) -> list[str]:  # a process may end between the listing and this read
+        try:
+            return p.cmdline() or []
+        except psutil.Error:
+            return []
+
+    for proc in [p for p in cluster.processes() if any(worker_dir in a for a in cmdline(p))]:
         try:
             proc.kill()
         except psutil.NoSuchProcess:
