@@ -6,6 +6,7 @@ its block-diagonal mask: same logits, same gradients, same Trainer loss. No timi
 from __future__ import annotations
 
 import copy
+from functools import partial
 
 import pytest
 import torch
@@ -177,7 +178,8 @@ def test_auto_picks_it_for_packed_rows_on_cpu_only():
 
 
 def test_trainer_step_same_loss_and_weights(tmp_path):
-    """One real HF Trainer step on packed rows (rtf's collator): the same loss and the same updated weights."""
+    """Two real HF Trainer steps on packed rows, as rtf's recipe collates them: rows under sdpa, the batch flattened
+    into one row under rtf_packed_sdpa (no padding left). The same losses and the same updated weights."""
     from transformers import Trainer, TrainingArguments
 
     ex = _examples((5, 1, 9, 1, 3, 24, 7, 11, 1, 2, 1, 1, 6, 4, 1), seed=3)
@@ -189,7 +191,8 @@ def test_trainer_step_same_loss_and_weights(tmp_path):
                                  logging_steps=1, save_strategy="no", remove_unused_columns=False,
                                  disable_tqdm=True, seed=1)
         tr = Trainer(model=model, args=args, train_dataset=rows,
-                     data_collator=lambda b: collate_packed(b, pad_token_id=0))
+                     data_collator=partial(collate_packed, pad_token_id=0,
+                                           flatten=model.config._attn_implementation == NAME))
         tr.train()
         losses = [h["loss"] for h in tr.state.log_history if "loss" in h]
         results.append((losses, {n: p.detach().clone() for n, p in model.named_parameters()}))

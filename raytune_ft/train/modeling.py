@@ -36,7 +36,8 @@ def flex_available() -> bool:
 
 
 def choose_attention(requested: str, *, cuda: bool, model_class: Any = None, packed: bool = False) -> tuple[str, str]:
-    """(implementation, why). ``auto``: flash_attention_2 when importable on a GPU, else sdpa, else eager.
+    """(implementation, why). ``auto``: flash_attention_2 when importable on a GPU, else sdpa (rtf_packed_sdpa
+    for packed rows on CPU, below), else eager.
     ``flex_attention`` only when the spec asks for it (a GPU, torch >= 2.5).
 
     Why auto does not pick flex_attention for packed rows, although it skips the blocks between examples
@@ -47,8 +48,9 @@ def choose_attention(requested: str, *, cuda: bool, model_class: Any = None, pac
 
     ``auto`` on CPU for packed rows of a model class known to pass ``position_ids`` to its attention:
     ``rtf_packed_sdpa`` (:mod:`raytune_ft.train.attention`), SDPA run per example, so a packed row costs the sum of
-    its examples' squared lengths instead of a masked row length squared (bench/packed_attention.py: 1.1x the
-    forward+backward of ``sdpa`` on rows of 256, 2x on rows of 2048). Only on CPU: on a GPU flash-attention's
+    its examples' squared lengths instead of a masked row length squared (bench/packed_attention.py, one thread: the
+    forward+backward of a packed batch 1.03-1.12x faster than ``sdpa`` on rows of 256, 1.3x on rows of 1024,
+    2.0x on rows of 2048). Only on CPU: on a GPU flash-attention's
     varlen kernel already does this, and the per-example loop was not measured there."""
     flash = importlib.util.find_spec("flash_attn") is not None
     sdpa_ok = model_class is None or getattr(model_class, "_supports_sdpa", True)
