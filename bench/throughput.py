@@ -57,6 +57,7 @@ VARIANTS = {
     "c": "rtf local, no packing",
     "d": "c with Ray workers at nice 0",  # optional (--variants): RAY_worker_niceness=0, Ray's default is 15
     "e": "a's script as a Ray Train worker",  # optional: bench/_ray_baseline.py (Ray's environment, not rtf)
+    "f": "b with attention auto (CPU: per-example SDPA)",  # optional: model.attn_implementation auto, not sdpa
 }
 DEFAULT_VARIANTS = "abc"
 
@@ -100,10 +101,12 @@ def run_baseline(fx: dict[str, Any], out: Path, threads: int, in_ray: bool = Fal
     }
 
 
-def run_rtf(fx: dict[str, Any], out: Path, threads: int, packing: bool, niceness: int | None = None) -> dict[str, Any]:
+def run_rtf(fx: dict[str, Any], out: Path, threads: int, packing: bool, niceness: int | None = None,
+            attn: str = "sdpa") -> dict[str, Any]:
     name = "tp-packed" if packing else "tp-padded"
     doc = C.rtf_spec(name, {**fx, "train": fx["train_subset"]}, str(out / "storage"), packing=packing,
                      epochs=1.0, logging_steps=1, eval_data=False)
+    doc["model"]["attn_implementation"] = attn
     doc["compute"]["cpus_per_worker"] = threads
     spec = C.write_yaml(out / "spec.yaml", doc)
     env = C.bench_env(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
@@ -229,6 +232,7 @@ def padded_positions(fx: dict[str, Any], batch: int) -> dict[str, Any]:
     order_b = sampler_batches(len(len_b), batch)
     per = {name: [max(lens[i] for i in b) * len(b) for b in o]
            for name, lens, o in (("a", len_a, order), ("c", len_c, order), ("b", len_b, order_b))}
+    per["f"] = [sum(len_b[i] for i in b) for b in order_b]  # the batch flattened into one row: no padding
     return {"positions": per, "real": {"a": sum(len_a), "b": sum(len_b), "c": sum(len_c)}}
 
 
@@ -245,6 +249,8 @@ def layouts(fx: dict[str, Any], examples: int = 32, reps: int = 2, threads: int 
                  the mask built from position_ids is a dense [Σ, Σ] block diagonal: attention over the batch
       rows       collate_packed (rtf's default since 3b75b87): [8, longest row], position_ids per row,
                  pad tail as its own block: per-row masks
+      per-example  the rows, and the flattened row, under rtf_packed_sdpa (what attention auto runs for
+                 packed rows on CPU): SDPA per example, no mask
 
     The summed loss over all examples must agree between layouts (same work, no cross-example attention)."""
     import torch
@@ -252,6 +258,7 @@ def layouts(fx: dict[str, Any], examples: int = 32, reps: int = 2, threads: int 
 
     from raytune_ft.data.packing import PaddedCollator, collate_packed, pack_examples
     from raytune_ft.data.pipeline import build_datasets
+    from raytune_ft.train.attention import register
 
     old_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -269,9 +276,14 @@ def layouts(fx: dict[str, Any], examples: int = 32, reps: int = 2, threads: int 
             "padded [8, longest]": [padded(b) for b in chunks(ex)],
             "packed, flattened [1, sum] (flash-attn layout; rtf before 3b75b87)":
                 [collate_packed(b, tok.pad_token_id, flatten=True) for b in chunks(rows)],
-            "packed rows [8, longest row] (rtf's collate_packed now)":
+            "packed rows [8, longest row] (rtf's collate_packed), sdpa":
                 [collate_packed(b, tok.pad_token_id) for b in chunks(rows)],
         }
+        batches["packed rows, per-example SDPA (rtf_packed_sdpa: auto on CPU)"] = batches[
+            "packed rows [8, longest row] (rtf's collate_packed), sdpa"]
+        batches["packed, flattened [1, sum], per-example SDPA (rtf_packed_sdpa)"] = batches[
+            "packed, flattened [1, sum] (flash-attn layout; rtf before 3b75b87)"]
+        impl = {k: register() if "per-example" in k else "sdpa" for k in batches}
         real = sum(len(e["input_ids"]) for e in ex)
 
         def one_pass(bs):
@@ -290,6 +302,7 @@ def layouts(fx: dict[str, Any], examples: int = 32, reps: int = 2, threads: int 
         res: dict[str, Any] = {k: {"cpu_s": [], "wall_s": []} for k in batches}
         for _ in range(reps):
             for k, bs in batches.items():
+                model.set_attn_implementation(impl[k])
                 cpu, wall, loss_sum = one_pass(bs)
                 res[k]["cpu_s"].append(cpu)
                 res[k]["wall_s"].append(wall)
@@ -337,7 +350,8 @@ def bench(examples: int = 256, reps: int = 2, threads: int = 1, work: Path | Non
                 if v in ("a", "e"):
                     r = run_baseline(fx, out, threads, in_ray=(v == "e"))
                 else:
-                    r = run_rtf(fx, out, threads, packing=(v == "b"), niceness=0 if v == "d" else None)
+                    r = run_rtf(fx, out, threads, packing=v in ("b", "f"), niceness=0 if v == "d" else None,
+                                attn="auto" if v == "f" else "sdpa")
                 r = summarize(r)
                 r.update(eval_loss(r["final"], fx["eval"]))
                 runs[v].append(r)
@@ -350,10 +364,12 @@ def bench(examples: int = 256, reps: int = 2, threads: int = 1, work: Path | Non
             for r in rs:
                 if v in ("a", "e"):
                     r["padding_check"] = {"measured": r["padded_tokens"], "reproduced": sum(per)}
-                elif v == "b":
+                elif v in ("b", "f"):
                     r["padding_fraction"] = 1 - pos["real"]["b"] / sum(per)
                     r["padding_how"] = ("exact: packed rows padded to the longest row of each batch (rtf's "
-                                        "collate_packed), HF's sampler batches reproduced over rtf's row order")
+                                        "collate_packed), HF's sampler batches reproduced over rtf's row order"
+                                        if v == "b" else "none: rtf_packed_sdpa's batches are flattened into "
+                                        "one row (collate_packed(flatten=True))")
                 else:
                     r["padding_fraction"] = 1 - pos["real"]["c"] / sum(per)
                     r["padding_how"] = ("exact: HF's sampler batches (same seed and size as a's, reproduced) "

@@ -1,8 +1,9 @@
 """Packed rows and the attention kernels (issue 14, item 4): flex_attention for packed rows when the spec asks
 for it on a GPU (``auto`` keeps SDPA: measured faster in a real run, see modeling.choose_attention), and every
-backend sees the same example boundaries. On CPU (no flex backward)
-the choice stays SDPA; what can be shown here is that the masks/positions each backend is given are the same:
-packed = unpacked loss under sdpa, eager and flex_attention alike, and a row without boundaries differs."""
+backend sees the same example boundaries. On CPU (no flex backward) auto runs SDPA per example
+(rtf_packed_sdpa, tests/test_packed_attention.py); what can be shown here is that the masks/positions each
+backend is given are the same: packed = unpacked loss under sdpa, eager, flex_attention and rtf_packed_sdpa
+alike, and a row without boundaries differs."""
 
 from __future__ import annotations
 
@@ -100,10 +101,13 @@ def eager_compile(monkeypatch):
     monkeypatch.setattr(tmu, "create_block_mask", lambda *a, **k: create_block_mask(*a, **{**k, "_compile": False}))
 
 
-@pytest.mark.parametrize("impl", ["sdpa", "eager", "flex_attention"])
+@pytest.mark.parametrize("impl", ["sdpa", "eager", "flex_attention", "rtf_packed_sdpa"])
 def test_packed_rows_equal_unpacked_under_each_backend(impl, eager_compile):
     """The collator's position_ids are the whole story: each backend derives the same block-diagonal causal
     mask from them (SDPA/eager a dense mask, flex a BlockMask), so packed = unpacked."""
+    from raytune_ft.train.attention import register
+
+    register()
     model = _model()
     ex = _examples()
     padded = [PaddedCollator(0)(ex[i:i + 3]) for i in range(0, len(ex), 3)]
@@ -120,7 +124,9 @@ def test_packed_rows_equal_unpacked_under_each_backend(impl, eager_compile):
     assert abs(wrong - ref) > 1e-4
 
 
-def test_build_model_on_cpu_keeps_sdpa_for_packed_rows(tmp_path, no_flash):
+def test_build_model_on_cpu_runs_packed_rows_per_example(tmp_path, no_flash):
+    """auto on CPU with packing: rtf_packed_sdpa (SDPA per example, tests/test_packed_attention.py), and the
+    line rtf submit prints says so."""
     from transformers import PreTrainedTokenizerFast
 
     from raytune_ft.data.quickstart import build_quickstart_data  # noqa: F401  (the module is importable)
@@ -137,5 +143,10 @@ def test_build_model_on_cpu_keeps_sdpa_for_packed_rows(tmp_path, no_flash):
         "data": {"train": {"path": "x.jsonl"}, "max_seq_length": 32, "packing": True},
         "training": {"max_steps": 1, "precision": "fp32"}, "storage": {"path": str(tmp_path / "runs")},
     })
-    _, chosen = modeling.build_model(spec, tok, device=torch.device("cpu"), seed=0)
+    model, chosen = modeling.build_model(spec, tok, device=torch.device("cpu"), seed=0)
+    assert chosen["attention"] == "rtf_packed_sdpa (auto: no GPU, packed rows: PyTorch SDPA run per example, " \
+                                  "not over a masked row)"
+    assert model.config._attn_implementation == "rtf_packed_sdpa"
+    unpacked = spec.model_copy(update={"data": spec.data.model_copy(update={"packing": False})})
+    _, chosen = modeling.build_model(unpacked, tok, device=torch.device("cpu"), seed=0)
     assert chosen["attention"].startswith("sdpa (auto: no GPU")

@@ -12,7 +12,8 @@ equals the unpacked loss.
 The model must see the boundaries. :func:`collate_packed` returns no ``attention_mask``, and transformers'
 mask builders (sdpa, eager, flex) then derive per-example causal masks from ``position_ids`` (row by row, so
 packed rows stay rows unless flash-attention's varlen kernel can take one flattened row); flash-attention
-reads them too. They only do so when no KV cache is passed: call the model with ``use_cache=False``
+reads them too, and so does rtf's ``rtf_packed_sdpa`` (:mod:`raytune_ft.train.attention`, attention ``auto``
+on CPU), which runs SDPA per example instead of over a masked row. They only do so when no KV cache is passed: call the model with ``use_cache=False``
 (``Trainer`` sets ``model.config.use_cache = args.use_cache``, False by default). With a cache, the
 examples of a row silently attend to each other.
 """
@@ -73,7 +74,8 @@ def collate_packed(batch: Sequence[Row], pad_token_id: int = 0, flatten: bool = 
 
     Default: keep rows as rows, ``[B, longest row]``, right-padded with ``pad_token_id``; the pad tail gets
     labels -100 and its own ``position_ids`` from 0, so it is a separate block no real token attends to.
-    SDPA/eager then mask each row block-diagonally: attention costs ``B·L²``, as for padded batches.
+    SDPA/eager then mask each row block-diagonally: attention costs ``B·L²``, as for padded batches
+    (``rtf_packed_sdpa``: the sum of the examples' squared lengths).
     ``flatten=True`` concatenates the batch into one row ``[1, Σ]``: right for flash-attention, whose varlen
     kernel reads the boundaries from ``position_ids`` and wastes nothing, but with SDPA/eager it would
     compute a masked ``Σ×Σ`` attention (the benchmark measured packing losing all its gain that way).

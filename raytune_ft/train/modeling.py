@@ -36,14 +36,22 @@ def flex_available() -> bool:
 
 
 def choose_attention(requested: str, *, cuda: bool, model_class: Any = None, packed: bool = False) -> tuple[str, str]:
-    """(implementation, why). ``auto``: flash_attention_2 when importable on a GPU, else sdpa, else eager.
+    """(implementation, why). ``auto``: flash_attention_2 when importable on a GPU, else sdpa (rtf_packed_sdpa
+    for packed rows on CPU, below), else eager.
     ``flex_attention`` only when the spec asks for it (a GPU, torch >= 2.5).
 
     Why auto does not pick flex_attention for packed rows, although it skips the blocks between examples
     that SDPA's dense mask cannot: measured on an H200 (2026-11-28, bench/RESULTS.md), rtf's LoRA run on
     packed rows of 1024 trained at 16,480 tokens/s with flex_attention and 29,681 with SDPA, at the same
     loss; the isolated forward+backward was 1.06x SDPA, so the cost is in building the BlockMask and the
-    compiled kernels each step. Longer rows may turn this around; ask for flex_attention to try it."""
+    compiled kernels each step. Longer rows may turn this around; ask for flex_attention to try it.
+
+    ``auto`` on CPU for packed rows of a model class known to pass ``position_ids`` to its attention:
+    ``rtf_packed_sdpa`` (:mod:`raytune_ft.train.attention`), SDPA run per example, so a packed row costs the sum of
+    its examples' squared lengths instead of a masked row length squared (bench/packed_attention.py, one thread: the
+    forward+backward of a packed batch 1.03-1.12x faster than ``sdpa`` on rows of 256, 1.3x on rows of 1024,
+    2.0x on rows of 2048). Only on CPU: on a GPU flash-attention's
+    varlen kernel already does this, and the per-example loop was not measured there."""
     flash = importlib.util.find_spec("flash_attn") is not None
     sdpa_ok = model_class is None or getattr(model_class, "_supports_sdpa", True)
     flex_ok = model_class is None or getattr(model_class, "_supports_flex_attn", False)
@@ -66,10 +74,20 @@ def choose_attention(requested: str, *, cuda: bool, model_class: Any = None, pac
         return requested, "asked for in the spec"
     if cuda and flash:
         return "flash_attention_2", "auto: flash-attn is installed and a GPU is present"
+    if sdpa_ok and packed and not cuda and _passes_position_ids(model_class):
+        from raytune_ft.train.attention import NAME
+
+        return NAME, "auto: no GPU, packed rows: PyTorch SDPA run per example, not over a masked row"
     if sdpa_ok:
         why = "no GPU" if not cuda else "flash-attn is not installed"
         return "sdpa", f"auto: {why}, PyTorch SDPA is available"
     return "eager", "auto: this model class supports neither flash-attn nor SDPA"
+
+
+def _passes_position_ids(model_class: Any) -> bool:
+    from raytune_ft.train.attention import MODEL_TYPES
+
+    return getattr(getattr(model_class, "config_class", None), "model_type", None) in MODEL_TYPES
 
 
 def load_dtype(spec: JobSpec) -> torch.dtype:
@@ -141,6 +159,9 @@ def build_model(spec: JobSpec, tokenizer: Any, *, device: torch.device, seed: in
     cuda = device.type == "cuda"
     dtype = load_dtype(spec)
     chosen: dict[str, str] = {"dtype": str(dtype).replace("torch.", "")}
+    from raytune_ft.train.attention import register
+
+    register()  # rtf_packed_sdpa is one of transformers' attention implementations from here on
     if m.init is not None:
         config = build_config(spec, tokenizer)
         attn, why = choose_attention(m.attn_implementation, cuda=cuda, packed=spec.data.packing,

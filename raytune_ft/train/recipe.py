@@ -32,6 +32,7 @@ from raytune_ft import storage as st
 from raytune_ft.rundir import RunDir
 from raytune_ft.spec import spec_hash, to_yaml
 from raytune_ft.spec.models import JobSpec
+from raytune_ft.train.attention import NAME as PACKED_SDPA
 from raytune_ft.train.callbacks import (
     AtMaxSteps,
     PrintOnRankZero,
@@ -347,8 +348,11 @@ def _run(spec: JobSpec, run: RunContext, work: str, publisher: Publisher, config
         es = spec.training.early_stopping
         callbacks.append(EarlyStoppingCallback(es.patience, es.threshold))
 
-    if spec.data.packing:  # rows stay rows except for flash-attention's varlen kernel (see data/packing.py)
-        flatten = getattr(model.config, "_attn_implementation", None) == "flash_attention_2"
+    if spec.data.packing:
+        # rows stay rows (SDPA/eager mask each row), except for the kernels that attend per example whatever the
+        # row: flash-attention's varlen and rtf_packed_sdpa take the batch as one row, with no padding at all
+        # (bench/RESULTS.md §1: 1.06x the forward+backward of the same batch as rows under rtf_packed_sdpa)
+        flatten = getattr(model.config, "_attn_implementation", None) in ("flash_attention_2", PACKED_SDPA)
         collator = partial(collate_packed, pad_token_id=tokenizer.pad_token_id, flatten=flatten)
     else:
         collator = PaddedCollator(tokenizer.pad_token_id)
