@@ -1,12 +1,14 @@
-"""Every objective on 2 real Ray Train workers with DeepSpeed ZeRO-2 (gloo on CPU), interrupted and resumed:
+"""Every objective on 2 real Ray Train workers with DeepSpeed ZeRO-2 (and DPO, ORPO under ZeRO-3; gloo on CPU),
+interrupted and resumed:
 run A trains 4 steps and saves at step 2 and 4; run B is a new trainer that resumes from A's step-2 checkpoint
 (what a run interrupted after it finds) and trains to step 4. B must end at A's parameters (within 1e-4, fp32)
 and log A's losses for steps 3-4. The objective's own state goes through the checkpoint: the regression and
-reward heads, TRL's DPO (with its frozen reference copy under full fine-tuning) and ORPO trainers.
+reward heads, TRL's DPO (with its frozen reference copy under full fine-tuning) and ORPO trainers. The full
+reward model A saves loads as transformers' `AutoModelForSequenceClassification` and scores as in memory.
 
-One worker group runs all five cases, built from the recipe's own pieces (the objective's datasets, model,
+One worker group runs all seven cases, built from the recipe's own pieces (the objective's datasets, model,
 head, TrainingArguments with rtf's DeepSpeed config, and trainer) as `recipe._run` does, because a worker group
-costs about 30 s to start on a 2-core machine and ten `rtf submit`s would cost five minutes of CI. The whole
+costs about 30 s to start on a 2-core machine and fourteen `rtf submit`s would cost seven minutes of CI. The whole
 `rtf submit` path under ZeRO-2 on 2 workers (committed checkpoints, manifests, the final head) is run by
 tests/test_objectives_ray.py (regression) and tests/test_train_ray.py (sft, ZeRO-2 and -3 against DDP)."""
 
@@ -80,8 +82,17 @@ def _train(spec, out: str, resume: str | None):
 
 
 def _params(trainer) -> dict:
+    """The model's full parameters on every rank (under ZeRO-3 gathered from the ranks' partitions)."""
+    import contextlib
+
     model = trainer.accelerator.unwrap_model(trainer.model_wrapped)
-    return {k: v.detach().clone() for k, v in model.named_parameters()}
+    gather = contextlib.nullcontext()
+    if any(hasattr(p, "ds_id") for p in model.parameters()):
+        import deepspeed
+
+        gather = deepspeed.zero.GatheredParameters(list(model.parameters()))
+    with gather:
+        return {k: v.detach().clone() for k, v in model.named_parameters()}
 
 
 def _each_objective(config: dict) -> None:
@@ -98,6 +109,12 @@ def _each_objective(config: dict) -> None:
         root = Path(config["root"]) / name
         a, init = _train(spec, str(root / "a"), None)
         pa, la = _params(a), a.logged
+        saved = None
+        if spec.method.objective == "reward":  # its final model, as `rtf submit` saves a full fine-tune's
+            a.save_model(str(root / "final"))
+            model = a.accelerator.unwrap_model(a.model_wrapped).eval()
+            with torch.no_grad():
+                saved = model(input_ids=torch.tensor([config["probe"]])).logits[0].tolist()
         del a
         b, _ = _train(spec, str(root / "b"), str(root / "a" / f"checkpoint-{SAVE}"))
         pb, lb = _params(b), b.logged
@@ -111,35 +128,40 @@ def _each_objective(config: dict) -> None:
                 "moved": max(float((pa[k] - init[k]).abs().max()) for k in trained) if trained else 0.0,
                 "losses_a": la, "losses_b": lb,
                 "zero_files": sorted(p.name for p in (root / "a" / f"checkpoint-{SAVE}").rglob("*zero_pp_rank*")),
+                "in_memory_score": saved,
             }
         torch.distributed.barrier()
     if rank == 0:
         Path(config["root"], "results.json").write_text(json.dumps(results))
 
 
-CASES = {  # objective: (method, data format, training overrides)
-    "sft": ({"type": "full"}, "alpaca", {}),
-    "regression": ({"type": "lora", "head": {"depth": 2, "width": 32, "dropout": 0.0}}, "scored", {}),
-    "reward": ({"type": "full"}, "preference", {}),
-    "dpo": ({"type": "full", "dpo": {"beta": 0.5}}, "preference", {}),  # a frozen reference copy
-    "orpo": ({"type": "lora", "dpo": {"beta": 0.5}}, "preference", {}),
+CASES = {  # name: (objective, method, data format, ZeRO stage)
+    "sft": ("sft", {"type": "full"}, "alpaca", 2),
+    "regression": ("regression", {"type": "lora", "head": {"depth": 2, "width": 32, "dropout": 0.0}}, "scored", 2),
+    "reward": ("reward", {"type": "full"}, "preference", 2),
+    "dpo": ("dpo", {"type": "full", "dpo": {"beta": 0.5}}, "preference", 2),  # a frozen reference copy
+    "orpo": ("orpo", {"type": "lora", "dpo": {"beta": 0.5}}, "preference", 2),
+    # ZeRO-3 partitions the parameters (the heads' objectives refuse it): DPO's reference becomes TRL's own
+    # DeepSpeed engine
+    "dpo-zero3": ("dpo", {"type": "full", "dpo": {"beta": 0.5}}, "preference", 3),
+    "orpo-zero3": ("orpo", {"type": "lora", "dpo": {"beta": 0.5}}, "preference", 3),
 }
 
 
-def case_doc(objective: str, tiny, tmp_path: Path) -> dict:
+def case_doc(name: str, tiny, tmp_path: Path) -> dict:
     sft_train, _, model_dir = tiny
-    method, fmt, training = CASES[objective]
+    objective, method, fmt, stage = CASES[name]
     if fmt == "alpaca":
         train = sft_train
     else:
         rows = scored_rows(32, seed=1) if fmt == "scored" else preference_rows(32, seed=1)
         train = write_jsonl(tmp_path / "data" / f"{objective}.jsonl", rows)
     lora = {"r": 4, "alpha": 8, "dropout": 0.0} if method["type"] == "lora" else None
-    doc = spec_doc(f"z2-{objective}", model_dir, train, None, tmp_path / "runs",
+    doc = spec_doc(f"z-{name}", model_dir, train, None, tmp_path / "runs",
                    method={"lora": lora, **method, "objective": objective},
-                   compute={"num_workers": 2, "cpus_per_worker": 1}, deepspeed={"stage": 2},
+                   compute={"num_workers": 2, "cpus_per_worker": 1}, deepspeed={"stage": stage},
                    training={"max_steps": MAX_STEPS, "save_steps": SAVE, "per_device_train_batch_size": 4,
-                             "learning_rate": 1e-3, "lr_scheduler_type": "cosine", "warmup_steps": 1, **training})
+                             "learning_rate": 1e-3, "lr_scheduler_type": "cosine", "warmup_steps": 1})
     doc["data"]["train"]["format"] = fmt
     return doc
 
@@ -159,7 +181,8 @@ def test_every_objective_resumes_under_zero2_on_two_workers_to_the_same_paramete
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers need not import tests/
     try:
-        TorchTrainer(_each_objective, train_loop_config={"cases": cases, "root": str(tmp_path / "out")},
+        probe = [1, 17, 42, 99, 5]
+        TorchTrainer(_each_objective, train_loop_config={"cases": cases, "root": str(tmp_path / "out"), "probe": probe},
                      scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
                      run_config=RunConfig(storage_path=str(tmp_path / "ray"), name="zero2")).fit()
     finally:
@@ -171,6 +194,8 @@ def test_every_objective_resumes_under_zero2_on_two_workers_to_the_same_paramete
         # both ranks' ZeRO-2 optimizer partitions are in the checkpoint B resumed from
         assert any("zero_pp_rank_0" in f for f in r["zero_files"]) and any("zero_pp_rank_1" in f for f in
                                                                           r["zero_files"]), (name, r["zero_files"])
+        if CASES[name][3] == 3:  # the parameters themselves were partitioned over the two ranks
+            assert any(f.startswith("zero_pp_rank_1") and "model_states" in f for f in r["zero_files"]), r["zero_files"]
         assert r["trained"] and r["moved"] > 1e-4, (name, r)  # training moved the parameters compared below
         assert r["max_abs_diff"] <= 1e-4, (name, r)
         la, lb = r["losses_a"], r["losses_b"]
@@ -185,3 +210,13 @@ def test_every_objective_resumes_under_zero2_on_two_workers_to_the_same_paramete
     assert any("score" in k for k in results["regression"]["trained"])
     assert any("score" in k for k in results["reward"]["trained"])
     assert any("lora_" in k for k in results["orpo"]["trained"])
+    # a full fine-tune's reward model loads as transformers' sequence classifier with one label, scoring as in memory
+    from transformers import AutoModelForSequenceClassification
+
+    rm = AutoModelForSequenceClassification.from_pretrained(tmp_path / "out" / "reward" / "final").eval()
+    assert rm.config.num_labels == 1
+    import torch
+
+    with torch.no_grad():
+        again = rm(input_ids=torch.tensor([probe])).logits[0].tolist()
+    assert again == pytest.approx(results["reward"]["in_memory_score"], abs=1e-5)
