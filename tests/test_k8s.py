@@ -427,6 +427,15 @@ def test_pods_get_shared_memory_and_a_grace_period():
     assert worker["terminationGracePeriodSeconds"] == 300
     assert {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "3Gi"}} in worker["volumes"]
     assert k8s.shm_size(k8s.kube_settings(spec_with()), "6000Mi") == "1500Mi"
+    # the worker container drains its Ray node as preempted before the kubelet's SIGTERM, with the grace period
+    # less Ray's stop time as the deadline; the head (whose loss ends the run anyway) has no hook
+    hook = worker["containers"][0]["lifecycle"]["preStop"]["exec"]["command"]
+    assert hook == ["python", "-m", "raytune_ft.launch.drain", "--deadline", "280"]
+    default = main_doc(spec_with())
+    assert group_of(default)["template"]["spec"]["containers"][0]["lifecycle"]["preStop"]["exec"]["command"][-1] == "100"
+    assert "lifecycle" not in default["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    short = main_doc(spec_with(cluster__kubernetes={"termination_grace_seconds": 25}))
+    assert "lifecycle" not in group_of(short)["template"]["spec"]["containers"][0]  # no checkpoint would fit
 
 
 @pytest.mark.parametrize("name", ["Quickstart", "my_run.v2", "7b-lora", "x" * 63, "a" * 47, "-", "Ünïcode"])

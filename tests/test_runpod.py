@@ -281,6 +281,64 @@ def test_bootstrap_forms_a_two_node_cluster_and_runs_the_job(pods, tmp_path):
     assert pods.leftovers() == [], "Ray processes outlived the bootstrap"
 
 
+DRAIN_JOB = r'''
+import json, time, ray
+ray.init()
+rank1 = next(n["NodeID"] for n in ray.nodes() if n["Alive"] and "node_rank_1" in n["Resources"])
+print("RTF_JOB_READY", flush=True)
+t0 = time.time()
+while time.time() - t0 < 60:
+    drained = ray._private.state.state.get_draining_nodes()  # what Ray Train's preemption watcher polls
+    if rank1 in drained:
+        alive = any(n["NodeID"] == rank1 and n["Alive"] for n in ray.nodes())
+        print("RTF_DRAINED " + json.dumps({"deadline_in_s": (drained[rank1] - time.time() * 1000) / 1000,
+                                           "alive": alive}), flush=True)
+        break
+    time.sleep(0.3)
+'''
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(150)
+def test_a_worker_pods_sigterm_drains_its_node_as_preempted_before_ray_stops(pods, tmp_path):
+    """A RunPod stop (or any SIGTERM) of a worker pod's bootstrap: before stopping Ray it drains its node with
+    reason preemption and RTF_TERM_GRACE as the deadline, which is what Ray Train's preemption watcher reads (a
+    training run then commits a just-in-time checkpoint: tests/test_multinode.py's last test), then exits 143
+    once the deadline has passed."""
+    token = secrets.token_hex(24)
+    gcs, dash, client, agent0, agent1 = _free_ports(5)
+    (tmp_path / "job.py").write_text(DRAIN_JOB)
+    common = dict(RAY_AUTH_TOKEN=token, RTF_HEAD_ADDRESS="127.0.0.1", RTF_NODE_IP="127.0.0.1",
+                  RTF_RAY_PORT=gcs, RTF_NUM_NODES=2, RTF_NUM_CPUS=1, RTF_JOIN_TIMEOUT=60, RTF_LEAVE_TIMEOUT=30)
+    worker = pods.start("rank1", pods.env(
+        **common, RTF_NODE_RANK=1, RTF_RAY_TEMP_DIR=pods.temp_dir(), RTF_TERM_GRACE=8,
+        RTF_RAY_RESOURCES=json.dumps({"node_rank_1": 1}),
+        RTF_RAY_START_ARGS=f"--dashboard-agent-listen-port {agent1}"))
+    head = pods.start("rank0", pods.env(
+        **common, RTF_NODE_RANK=0, RTF_RAY_TEMP_DIR=pods.temp_dir(), RTF_DASHBOARD_PORT=dash,
+        RTF_RAY_RESOURCES=json.dumps({"node_rank_0": 1}),
+        RTF_RAY_START_ARGS=f"--ray-client-server-port {client} --dashboard-agent-listen-port {agent0}"),
+        sys.executable, str(tmp_path / "job.py"))
+    deadline = time.time() + 100
+    while "RTF_JOB_READY" not in pods.output():
+        assert time.time() < deadline and head.poll() is None, pods.output()[-6000:]
+        time.sleep(0.5)
+    worker.send_signal(signal.SIGTERM)  # the container's stop: its PID 1, the bootstrap
+    worker_rc = _wait(worker, 60, pods)
+    head_rc = _wait(head, 60, pods)
+    out = pods.output()
+    assert worker_rc == 143 and head_rc == 0, out[-6000:]
+    lines = [ln for ln in out.splitlines() if ln.startswith("RTF_DRAINED ")]
+    assert len(lines) == 1, out[-6000:]
+    seen = json.loads(lines[0].split(" ", 1)[1])
+    assert seen["alive"] and 0 < seen["deadline_in_s"] <= 8, seen  # drained, with Ray still up on it
+    assert "draining this node (reason preemption, deadline 8s) before Ray stops" in out
+    assert re.search(r"\[rtf-drain\] drained node [0-9a-f]{12} \(reason preemption, deadline in 8s\)", out), out[-4000:]
+    assert token not in out
+    time.sleep(0.5)
+    assert pods.leftovers() == [], "Ray processes outlived the bootstrap"
+
+
 @pytest.mark.ray
 @pytest.mark.timeout(240)
 def test_bootstrap_exit_code_missing_node_and_wrong_token(pods):

@@ -33,8 +33,10 @@
 #   RTF_HEAD_LOST_TIMEOUT       seconds a worker waits for a vanished head (default 120)
 #   RTF_LEAVE_TIMEOUT           seconds rank 0 waits for the others to leave (default 60)
 #   RTF_TERM_GRACE              on SIGTERM/SIGINT, seconds rank 0 gives the job (sent the same signal)
-#                               to stop before Ray is stopped (default 90; keep it under the platform's
-#                               stop grace period)
+#                               to stop before Ray is stopped; on ranks > 0, the deadline of the drain
+#                               (reason preemption) that lets a training run checkpoint and move off
+#                               this node before Ray is stopped (default 90; keep it under the platform's
+#                               stop grace period, less RTF_STOP_TIMEOUT)
 #   RTF_WORKDIR                 working directory for the job (default: the current one; when it
 #                               is not writable, $HOME/rtf-work with a warning)
 #   RTF_PYTHON                  the Python with Ray installed (default: python)
@@ -179,9 +181,31 @@ stop_ray() {
   RAY_PID=""
 }
 
+# A worker node's stop (rank > 0): drain it as preempted, with the grace period as the deadline, and keep Ray up
+# until then. A training run on it gets Ray Train's preemption notice, commits a just-in-time checkpoint if one
+# fits, and restarts on the nodes left (or a replacement) when the deadline passes; without the drain Ray sees a
+# node vanish, and the run restarts from its last periodic checkpoint, counted as a failure.
+drain_self() {
+  local args=(--deadline "$TERM_GRACE" --address "$ADDR" --message "pod stop (SIGTERM to the rtf bootstrap)")
+  [[ -n ${RTF_RAY_TEMP_DIR:-} ]] && args+=(--temp-dir "$RTF_RAY_TEMP_DIR")
+  [[ -n $NODE_IP ]] && args+=(--node-ip "$NODE_IP")
+  log "draining this node (reason preemption, deadline ${TERM_GRACE}s) before Ray stops"
+  "$PY" -m raytune_ft.launch.drain "${args[@]}" --no-wait || {
+    log "WARNING: the drain failed (above); stopping Ray now"
+    return
+  }
+  local waited=0
+  while kill -0 "$RAY_PID" 2>/dev/null && ((waited < TERM_GRACE)); do
+    sleep 1
+    waited=$((waited + 1))
+  done
+}
+
 on_signal() {
   log "received $1; shutting down"
-  if [[ -n $JOB_PID ]] && kill -0 "$JOB_PID" 2>/dev/null; then
+  if ((RANK > 0)) && [[ -n $RAY_PID ]] && kill -0 "$RAY_PID" 2>/dev/null && ((TERM_GRACE > 0)); then
+    drain_self
+  elif [[ -n $JOB_PID ]] && kill -0 "$JOB_PID" 2>/dev/null; then
     # A pod stop or eviction: the job gets the signal and up to RTF_TERM_GRACE seconds, with Ray still
     # up, to record its stop (and checkpoint) before Ray goes.
     kill -TERM "$JOB_PID" 2>/dev/null

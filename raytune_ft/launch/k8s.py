@@ -44,7 +44,10 @@ Choices, so nobody has to rediscover them:
 * **Long runs.** Every pod mounts a memory-backed ``/dev/shm`` (``kubernetes.shm_size``; default a quarter
   of the pod's memory within [1Gi, 64Gi]: the 64 MiB Kubernetes default breaks NCCL) and gets
   ``terminationGracePeriodSeconds = kubernetes.termination_grace_seconds`` (default 120) between SIGTERM
-  and SIGKILL, time for a checkpoint on eviction or a spot reclaim.
+  and SIGKILL, time for a checkpoint on eviction or a spot reclaim. Worker pods get a ``preStop`` hook
+  (``python -m raytune_ft.launch.drain --deadline <grace - 20>``): an evicted pod's Ray node is drained as
+  preempted first, so the run gets Ray Train's preemption notice, commits a just-in-time checkpoint and
+  restarts elsewhere counted as a preemption, not a failure.
 * **Deterministic.** Same spec, same bytes: no timestamps, sorted env, names derived from the spec.
 """
 
@@ -205,6 +208,12 @@ def _env(spec: JobSpec, secret: str) -> list[dict[str, Any]]:
     return env
 
 
+# A worker pod's preStop drain: its deadline is the grace period less the time Ray needs to stop after SIGTERM;
+# with under PRESTOP_MIN_DEADLINE_S left no checkpoint would fit, and no hook is written
+PRESTOP_STOP_MARGIN_S = 20
+PRESTOP_MIN_DEADLINE_S = 10
+
+
 def _container(name: str, image: str, env: list, resources: dict, ports: list | None) -> dict[str, Any]:
     c: dict[str, Any] = {"name": name, "image": image}
     if ports:
@@ -272,6 +281,12 @@ def cluster_spec(spec: JobSpec, name: str, configmap: str) -> dict[str, Any]:
     if lay["gpus"]:
         w_res["nvidia.com/gpu"] = lay["gpus"]
     worker = _container("ray-worker", image, env, {"requests": dict(w_res), "limits": dict(w_res)}, None)
+    deadline = kube.termination_grace_seconds - PRESTOP_STOP_MARGIN_S
+    if deadline >= PRESTOP_MIN_DEADLINE_S:
+        # before the kubelet's SIGTERM: drain this Ray node as preempted and wait out the deadline, so a training
+        # run commits a just-in-time checkpoint and moves off the node (raytune_ft/launch/drain.py)
+        worker["lifecycle"] = {"preStop": {"exec": {"command": [
+            "python", "-m", "raytune_ft.launch.drain", "--deadline", str(deadline)]}}}
 
     worker_params: dict[str, str] = {"num-gpus": str(lay["gpus"])}
     if spec.compute.accelerator_type:
