@@ -298,6 +298,18 @@ while time.time() - t0 < 60:
 '''
 
 
+def test_the_drain_fails_in_seconds_with_its_reason():
+    """The preStop hook's and the bootstrap's drain, without a reachable GCS or with a bad deadline: a one-line
+    reason and exit 1 or 2 at once (a pod's grace period is short), never a traceback."""
+    run = [sys.executable, "-m", "raytune_ft.launch.drain"]
+    p = subprocess.run([*run, "--deadline", "5", "--address", f"127.0.0.1:{_free_ports(1)[0]}", "--no-wait"],
+                       capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert p.returncode == 1 and "[rtf-drain] could not drain this node: the Ray GCS at 127.0.0.1:" in p.stderr
+    assert "not reachable" in p.stderr and "Traceback" not in p.stderr
+    p = subprocess.run([*run, "--deadline", "0"], capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert p.returncode == 2 and "--deadline must be at least 1 second" in p.stderr
+
+
 @pytest.mark.ray
 @pytest.mark.timeout(150)
 def test_a_worker_pods_sigterm_drains_its_node_as_preempted_before_ray_stops(pods, tmp_path):

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -88,6 +89,11 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     try:
         address = resolve_address(a.address, a.temp_dir)
+        host, _, port = address.rpartition(":")
+        try:  # fail in seconds, not after the GCS client's 40 s of retries: the grace period is short
+            socket.create_connection((host.strip("[]"), int(port)), timeout=3).close()
+        except (OSError, ValueError) as e:
+            raise ConnectionError(f"the Ray GCS at {address} is not reachable ({e})") from None
         node = this_node(address, a.temp_dir, a.node_ip)
         drain(address, node, a.deadline, a.message)
     except (LookupError, RuntimeError, ConnectionError, OSError, subprocess.TimeoutExpired) as e:
