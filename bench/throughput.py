@@ -9,6 +9,11 @@ linear, fp32, SDPA attention, ``--threads`` torch threads, each in its own proce
   b  ``rtf submit`` with ``data.packing: true``
   c  ``rtf submit`` with ``data.packing: false``
 
+Optional (``--variants``): d (c at nice 0), e (a as a Ray Train worker), f (b with attention ``auto``: on CPU
+per-example SDPA over flattened rows), g (f at a's work per optimizer step: ``training.tokens_per_step`` set to
+the packed rows a's batches fill, so g takes a's number of optimizer steps and its eval loss compares at equal
+work, issue 17 item 6).
+
 Throughput (identical for all three): non-pad input tokens / wall seconds, between the ``on_log`` of the
 first optimizer step and the ``on_log`` of the last one, with ``logging_steps: 1``; tokens are HF's
 ``num_input_tokens_seen`` in ``non_padding`` mode (attention-mask sum when there is a mask, else
@@ -41,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import sys
 import tempfile
@@ -58,6 +64,9 @@ VARIANTS = {
     "d": "c with Ray workers at nice 0",  # optional (--variants): RAY_worker_niceness=0, Ray's default is 15
     "e": "a's script as a Ray Train worker",  # optional: bench/_ray_baseline.py (Ray's environment, not rtf)
     "f": "b with attention auto (CPU: per-example SDPA)",  # optional: model.attn_implementation auto, not sdpa
+    # optional: f at a's work per optimizer step (issue 17 item 6): training.tokens_per_step = rows × max_seq_length,
+    # the rows a step of a's examples fill when packed, so g takes a's number of optimizer steps for the same data
+    "g": "f at a's tokens per optimizer step (training.tokens_per_step)",
 }
 DEFAULT_VARIANTS = "abc"
 
@@ -102,11 +111,14 @@ def run_baseline(fx: dict[str, Any], out: Path, threads: int, in_ray: bool = Fal
 
 
 def run_rtf(fx: dict[str, Any], out: Path, threads: int, packing: bool, niceness: int | None = None,
-            attn: str = "sdpa") -> dict[str, Any]:
+            attn: str = "sdpa", rows_per_step: int | None = None) -> dict[str, Any]:
     name = "tp-packed" if packing else "tp-padded"
     doc = C.rtf_spec(name, {**fx, "train": fx["train_subset"]}, str(out / "storage"), packing=packing,
                      epochs=1.0, logging_steps=1, eval_data=False)
     doc["model"]["attn_implementation"] = attn
+    if rows_per_step:  # the work per optimizer step set in tokens, one micro-batch of that many rows
+        doc["training"].pop("gradient_accumulation_steps", None)  # tokens_per_step sets it (1 here)
+        doc["training"].update(per_device_train_batch_size=rows_per_step, tokens_per_step=rows_per_step * C.MAX_SEQ_LEN)
     doc["compute"]["cpus_per_worker"] = threads
     spec = C.write_yaml(out / "spec.yaml", doc)
     env = C.bench_env(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
@@ -236,6 +248,20 @@ def padded_positions(fx: dict[str, Any], batch: int) -> dict[str, Any]:
     return {"positions": per, "real": {"a": sum(len_a), "b": sum(len_b), "c": sum(len_c)}}
 
 
+def equal_work_rows(fx: dict[str, Any], batch: int) -> int:
+    """Packed rows per optimizer step that give a's work per step: the packed rows of the data over a's
+    number of optimizer steps (one epoch of ``batch`` examples per step), rounded."""
+    from transformers import AutoTokenizer
+
+    from raytune_ft.data.pipeline import build_datasets
+
+    tok = AutoTokenizer.from_pretrained(fx["model"])
+    n = sum(1 for x in Path(fx["train_subset"]).read_text().splitlines() if x.strip())
+    rows, _, _ = build_datasets({"train": [{"path": fx["train_subset"], "format": "alpaca"}],
+                                 "max_seq_length": C.MAX_SEQ_LEN, "packing": True}, tok, seed=42)
+    return max(1, round(len(rows) / math.ceil(n / batch)))
+
+
 # --------------------------------------------------------------------------- where packing's time goes
 
 
@@ -341,6 +367,10 @@ def bench(examples: int = 256, reps: int = 2, threads: int = 1, work: Path | Non
         if "a" not in variants:
             raise ValueError("variant a (the baseline) is needed: every ratio is against it")
         runs: dict[str, list[dict[str, Any]]] = {k: [] for k in VARIANTS if k in variants}
+        rows_per_step = equal_work_rows(fx, C.BATCH) if "g" in runs else None
+        if rows_per_step:
+            log(f"  throughput g: {rows_per_step} packed rows per optimizer step (training.tokens_per_step "
+                f"{rows_per_step * C.MAX_SEQ_LEN:,}) match a's {C.BATCH} examples per step")
         for rep in range(reps):
             for v in runs:
                 out = work / f"{v}{rep}"
@@ -350,8 +380,9 @@ def bench(examples: int = 256, reps: int = 2, threads: int = 1, work: Path | Non
                 if v in ("a", "e"):
                     r = run_baseline(fx, out, threads, in_ray=(v == "e"))
                 else:
-                    r = run_rtf(fx, out, threads, packing=v in ("b", "f"), niceness=0 if v == "d" else None,
-                                attn="auto" if v == "f" else "sdpa")
+                    r = run_rtf(fx, out, threads, packing=v in ("b", "f", "g"), niceness=0 if v == "d" else None,
+                                attn="auto" if v in ("f", "g") else "sdpa",
+                                rows_per_step=rows_per_step if v == "g" else None)
                 r = summarize(r)
                 r.update(eval_loss(r["final"], fx["eval"]))
                 runs[v].append(r)
@@ -360,11 +391,11 @@ def bench(examples: int = 256, reps: int = 2, threads: int = 1, work: Path | Non
                     f"eval loss {r['eval_loss']:.4f}, {time.time() - t:.0f}s wall")
         pos = padded_positions(fx, C.BATCH)
         for v, rs in runs.items():
-            per = pos["positions"][{"d": "c", "e": "a"}.get(v, v)]
+            per = pos["positions"][{"d": "c", "e": "a", "g": "f"}.get(v, v)]
             for r in rs:
                 if v in ("a", "e"):
                     r["padding_check"] = {"measured": r["padded_tokens"], "reproduced": sum(per)}
-                elif v in ("b", "f"):
+                elif v in ("b", "f", "g"):
                     r["padding_fraction"] = 1 - pos["real"]["b"] / sum(per)
                     r["padding_how"] = ("exact: packed rows padded to the longest row of each batch (rtf's "
                                         "collate_packed), HF's sampler batches reproduced over rtf's row order"
@@ -374,8 +405,12 @@ def bench(examples: int = 256, reps: int = 2, threads: int = 1, work: Path | Non
                     r["padding_fraction"] = 1 - pos["real"]["c"] / sum(per)
                     r["padding_how"] = ("exact: HF's sampler batches (same seed and size as a's, reproduced) "
                                         "over rtf's example order")
-                # window = steps 2..N: every batch but the first
-                r["positions_per_s"] = sum(per[1:]) / r["window_s"] if len(per) == r["steps"] else None
+                # window = steps 2..N: every batch but the first (g's batches are not f's: every position is a
+                # token, flattened, so its positions are its tokens)
+                if v == "g":
+                    r["positions_per_s"] = r["tokens_per_s"]
+                else:
+                    r["positions_per_s"] = sum(per[1:]) / r["window_s"] if len(per) == r["steps"] else None
         result = {"config": {"examples": examples, "reps": reps, "threads": threads, "batch": C.BATCH,
                              "max_seq_length": C.MAX_SEQ_LEN, "epochs": 1, "params": fx["params"],
                              "lr": 1e-3, "logging_steps": 1},
