@@ -285,6 +285,16 @@ DRAIN_JOB = r'''
 import json, time, ray
 ray.init()
 rank1 = next(n["NodeID"] for n in ray.nodes() if n["Alive"] and "node_rank_1" in n["Resources"])
+
+
+@ray.remote(num_cpus=0, resources={"node_rank_1": 1})
+class Worker:  # work on rank 1: Ray lets a drained node with nothing on it go at once
+    def ping(self):
+        return ray.get_runtime_context().get_node_id()
+
+
+w = Worker.remote()
+assert ray.get(w.ping.remote()) == rank1
 print("RTF_JOB_READY", flush=True)
 t0 = time.time()
 while time.time() - t0 < 60:

@@ -36,21 +36,25 @@ def log(msg: str) -> None:
 
 
 def this_node(address: str, temp_dir: str | None, node_ip: str | None) -> str:
-    """The hex id of the alive Ray node this process runs on: the one with this temp dir (when given) and this
-    IP (given, or the address Ray would pick for this machine). Raises ``LookupError`` saying what it saw."""
+    """The hex id of the alive Ray node this process runs on: the one with this temp dir (when given, and unique
+    among the nodes), else the one at this IP (given, or the address Ray picks for this machine). Raises
+    ``LookupError`` saying what it saw."""
     from ray._raylet import GcsClient
 
-    if not node_ip:
-        from ray._private.services import get_node_ip_address
-
-        node_ip = get_node_ip_address()
     nodes = [n for n in GcsClient(address=address).get_all_node_info(timeout=10).values() if n.state == 0]
-    found = [n for n in nodes if n.node_manager_address == node_ip
-             and (not temp_dir or os.path.realpath(n.temp_dir) == os.path.realpath(temp_dir))]
+    found = nodes
+    if temp_dir:
+        found = [n for n in nodes if os.path.realpath(n.temp_dir) == os.path.realpath(temp_dir)]
+    if len(found) != 1:  # no temp dir given, or several nodes share it (every pod's /tmp/ray): the IP decides
+        if not node_ip:
+            from ray._private.services import get_node_ip_address
+
+            node_ip = get_node_ip_address()
+        found = [n for n in found if n.node_manager_address == node_ip]
     if len(found) != 1:
         seen = ", ".join(f"{n.node_manager_address} ({n.temp_dir})" for n in nodes) or "none"
-        raise LookupError(f"{len(found)} alive Ray nodes match IP {node_ip}"
-                          + (f" and temp dir {temp_dir}" if temp_dir else "") + f"; alive nodes: {seen}")
+        raise LookupError(f"{len(found)} alive Ray nodes match " + (f"temp dir {temp_dir} and " if temp_dir else "")
+                          + f"IP {node_ip}; alive nodes: {seen}")
     return found[0].node_id.hex()
 
 
