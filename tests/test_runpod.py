@@ -243,18 +243,16 @@ def _wait(p: subprocess.Popen, timeout: float, pods: Pods) -> int:
         pytest.fail(f"bootstrap did not finish within {timeout:.0f}s\n{pods.output()[-6000:]}")
 
 
-@pytest.mark.ray
-@pytest.mark.timeout(150)
-def test_bootstrap_forms_a_two_node_cluster_and_runs_the_job(pods, tmp_path):
-    token = secrets.token_hex(24)
+def two_pods(pods: Pods, tmp_path: Path, job: str, token: str, rank1: dict | None = None,
+             **common_extra) -> tuple[subprocess.Popen, subprocess.Popen]:
+    """(rank 1, rank 0): two bootstrap pods on 127.0.0.1 forming a cluster, rank 0 running ``job`` (Python
+    source). Each node has a resource naming its rank. The worker starts first: it must wait for the head."""
     gcs, dash, client, agent0, agent1 = _free_ports(5)
-    (tmp_path / "job.py").write_text(JOB)
+    (tmp_path / "job.py").write_text(job)
     common = dict(RAY_AUTH_TOKEN=token, RTF_HEAD_ADDRESS="127.0.0.1", RTF_NODE_IP="127.0.0.1",
-                  RTF_RAY_PORT=gcs, RTF_NUM_NODES=2, RTF_NUM_CPUS=1, RTF_JOIN_TIMEOUT=60)
-    t0 = time.time()
-    # the worker first: it must wait for a head that is not up yet
+                  RTF_RAY_PORT=gcs, RTF_NUM_NODES=2, RTF_NUM_CPUS=1, RTF_JOIN_TIMEOUT=60, **common_extra)
     worker = pods.start("rank1", pods.env(
-        **common, RTF_NODE_RANK=1, RTF_RAY_TEMP_DIR=pods.temp_dir(),
+        **common, RTF_NODE_RANK=1, RTF_RAY_TEMP_DIR=pods.temp_dir(), **(rank1 or {}),
         RTF_RAY_RESOURCES=json.dumps({"node_rank_1": 1}),
         RTF_RAY_START_ARGS=f"--dashboard-agent-listen-port {agent1}"))
     time.sleep(2)
@@ -263,6 +261,15 @@ def test_bootstrap_forms_a_two_node_cluster_and_runs_the_job(pods, tmp_path):
         RTF_RAY_RESOURCES=json.dumps({"node_rank_0": 1}),
         RTF_RAY_START_ARGS=f"--ray-client-server-port {client} --dashboard-agent-listen-port {agent0}"),
         sys.executable, str(tmp_path / "job.py"))
+    return worker, head
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(150)
+def test_bootstrap_forms_a_two_node_cluster_and_runs_the_job(pods, tmp_path):
+    token = secrets.token_hex(24)
+    t0 = time.time()
+    worker, head = two_pods(pods, tmp_path, JOB, token)
 
     head_rc = _wait(head, 110, pods)
     worker_rc = _wait(worker, 40, pods)
@@ -328,19 +335,7 @@ def test_a_worker_pods_sigterm_drains_its_node_as_preempted_before_ray_stops(pod
     training run then commits a just-in-time checkpoint: tests/test_multinode.py's last test), then exits 143
     once the deadline has passed."""
     token = secrets.token_hex(24)
-    gcs, dash, client, agent0, agent1 = _free_ports(5)
-    (tmp_path / "job.py").write_text(DRAIN_JOB)
-    common = dict(RAY_AUTH_TOKEN=token, RTF_HEAD_ADDRESS="127.0.0.1", RTF_NODE_IP="127.0.0.1",
-                  RTF_RAY_PORT=gcs, RTF_NUM_NODES=2, RTF_NUM_CPUS=1, RTF_JOIN_TIMEOUT=60, RTF_LEAVE_TIMEOUT=30)
-    worker = pods.start("rank1", pods.env(
-        **common, RTF_NODE_RANK=1, RTF_RAY_TEMP_DIR=pods.temp_dir(), RTF_TERM_GRACE=8,
-        RTF_RAY_RESOURCES=json.dumps({"node_rank_1": 1}),
-        RTF_RAY_START_ARGS=f"--dashboard-agent-listen-port {agent1}"))
-    head = pods.start("rank0", pods.env(
-        **common, RTF_NODE_RANK=0, RTF_RAY_TEMP_DIR=pods.temp_dir(), RTF_DASHBOARD_PORT=dash,
-        RTF_RAY_RESOURCES=json.dumps({"node_rank_0": 1}),
-        RTF_RAY_START_ARGS=f"--ray-client-server-port {client} --dashboard-agent-listen-port {agent0}"),
-        sys.executable, str(tmp_path / "job.py"))
+    worker, head = two_pods(pods, tmp_path, DRAIN_JOB, token, RTF_LEAVE_TIMEOUT=30, rank1={"RTF_TERM_GRACE": 8})
     deadline = time.time() + 100
     while "RTF_JOB_READY" not in pods.output():
         assert time.time() < deadline and head.poll() is None, pods.output()[-6000:]
