@@ -67,7 +67,7 @@ def test_a_stale_address_file_does_not_stop_local_mode(tiny, tmp_path):
     code, out, address_file = local_run(tiny_spec("stale", tiny, tmp_path), dead, tmp_path, absent=("datasets", "trl"))
     assert code == 0, out[-4000:]
     # one worker: trained in the rtf process itself (Ray Train's local mode), no Ray started, none joined
-    assert "mode: local embedded Ray (no --address" in out and "ray: 1 worker, trained in this process" in out
+    assert "mode: local, on this machine (no --address" in out and "ray: 1 worker, trained in this process" in out
     assert "[ray sessions: []]" in out and "ray: started a new embedded Ray" not in out
     assert f"ray: not the Ray head at {dead} recorded in {address_file} (running or stale)" in out
     assert "num_cpus and num_gpus must not be provided" not in out and "Traceback" not in out

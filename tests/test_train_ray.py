@@ -32,7 +32,7 @@ def test_lora_run_end_to_end(ray_local, tiny, tmp_path, capsys):
     spec_path = write_spec(tmp_path / "lora.yaml", spec_doc("lora-e2e", model_dir, train, evals, tmp_path / "runs"))
     code, out = submit([str(spec_path)], capsys)
     assert code == 0, out
-    assert "mode: local embedded Ray (no --address" in out
+    assert "mode: local, on this machine (no --address" in out
     assert "attention sdpa (auto: no GPU" in out
     assert "checkpoint committed: step 3" in out and "checkpoint committed: step 6" in out
     run = tmp_path / "runs" / "lora-e2e"

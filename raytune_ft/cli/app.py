@@ -166,7 +166,7 @@ def submit(
         help="Forward the spec's secrets to a plain http:// address on another machine, where the Ray auth token "
              "(the key to them) crosses the network unencrypted. Without it such a submit is refused."),
 ) -> None:
-    """Run a spec: locally on an embedded Ray, or on a cluster when an address is given."""
+    """Run a spec: on this machine (one worker in this process, more on an embedded Ray), or on a cluster when an address is given."""
     from raytune_ft.launch import submit as do_submit
 
     spec = load(spec_path, overrides)

@@ -44,5 +44,5 @@ def submit(spec: JobSpec, *, address: str | None = None, fresh: bool = False, re
 
     if resume_from:
         resume_from = check_resume_from(spec, resume_from)
-    print(f"mode: local embedded Ray ({why})", file=out)
+    print(f"mode: local, on this machine ({why})", file=out)  # the next line says: in this process or a Ray of its own
     return run_local(absolutize(spec), fresh=fresh, resume_from=resume_from, out=out)
