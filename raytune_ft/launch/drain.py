@@ -15,8 +15,8 @@ Used by the bootstrap (``bootstrap.sh``, ranks > 0, on SIGTERM) and by the worke
     python -m raytune_ft.launch.drain --deadline 60 [--address HOST:PORT] [--temp-dir DIR] [--node-ip IP]
                                       [--no-wait]
 
-Exit codes: 0 drained (and, unless ``--no-wait``, the deadline passed or Ray on this node stopped); 1 the node was
-not found or the drain was refused; 2 bad arguments.
+Exit codes: 0 drained (and, unless ``--no-wait``, the deadline has passed); 1 the node was not found, the GCS was
+unreachable or the drain was refused; 2 bad arguments.
 """
 
 from __future__ import annotations

@@ -316,13 +316,13 @@ def _run(spec: JobSpec, run: RunContext, work: str, publisher: Publisher, config
     # models, whose unrouted experts may go without in a step
     args.ddp_find_unused_parameters = True if has_experts(model) else False
     if run.world_size > 1 or config.plan.deepspeed:  # how the workers share the work, and the batch that makes
-        ds = (config.plan.deepspeed or {}).get("zero_optimization", {}).get("stage") if config.plan.deepspeed else None
+        ds = config.plan.deepspeed
+        stage = (ds or {}).get("zero_optimization", {}).get("stage")
+        strategy = "DDP" if not ds else f"DeepSpeed ZeRO-{stage}" if stage is not None else "DeepSpeed (deepspeed.config)"
         per, acc = args.per_device_train_batch_size, args.gradient_accumulation_steps
-        info(f"distributed: {run.world_size} worker(s), "
-             + (f"DeepSpeed ZeRO-{ds}" if ds is not None else "DeepSpeed (deepspeed.config)" if config.plan.deepspeed
-                else "DDP")
-             + f" over {'gloo' if device.type == 'cpu' else 'nccl'}; global batch {per * acc * run.world_size} "
-             f"= {per} per worker × {acc} accumulation × {run.world_size} workers")
+        info(f"distributed: {run.world_size} worker(s), {strategy} over {'gloo' if device.type == 'cpu' else 'nccl'}; "
+             f"global batch {per * acc * run.world_size} = {per} per worker × {acc} accumulation × {run.world_size} "
+             "workers")
     resume = find_resume_point(run, config.resume_from)
     local_resume = None
     if resume is not None:
