@@ -17,9 +17,10 @@ rtf runs go through bench/_probe.py (the CLI path in-process, every progress eve
 
 ``--sweep N`` then runs the 4-trial sweep (learning rate × LoRA rank, FIFO, each trial ``--steps`` steps with
 an evaluation at the end, 2 trials at a time, each 1 worker of 1 CPU), before and after, alternated N times:
-``rtf submit`` in a fresh process, its wall time, and trials per hour = 4 / wall. A sweep's trials always
-have a worker group (Tune runs them): what changed for them is the embedded Ray (nice 0, the 0.25 s health
-check, so a finished trial's workers are let go sooner) and the fused AdamW.
+``rtf submit`` in a fresh process, its wall time, and trials per hour = 4 / wall. ``before``: a worker group
+per trial (``RTF_IN_PROCESS=0``, Ray's workers at nice 15, a 2 s health check, ``adamw_torch``); ``after``:
+rtf's defaults, where each one-worker trial trains in its Tune trial's process and Tune reuses those
+processes (the training stack imported once per concurrent trial), on the faster embedded Ray, fused AdamW.
 
     python bench/startup.py [--reps 3] [--steps 10] [--sweep 1] [--json out.json]
 """

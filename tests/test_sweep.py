@@ -46,6 +46,19 @@ def tune_progress(sweep_dir, trial):
         return list(csv.DictReader(f))
 
 
+def tune_pids(sweep_dir, trial) -> set[int]:
+    """The processes Tune got the trial's results from (its trial actors): Tune stamps every result with it."""
+    lines = (sweep_dir / "tune" / trial / "result.json").read_text().splitlines()
+    return {json.loads(x)["pid"] for x in lines if x.strip()}
+
+
+def trained_in(run_dir) -> int:
+    """The pid of the process that trained the run (its one worker), from its final results."""
+    workers = json.loads((run_dir / "final" / "final_results.json").read_text())["workers"]
+    assert len(workers) == 1
+    return workers[0]["pid"]
+
+
 def all_cpus_free(ray, timeout=60.0) -> bool:
     """No trial left anything behind: every CPU of the session's Ray is free again (a stopped trial's
     workers' placement group would hold one)."""
@@ -159,6 +172,11 @@ def test_asha_sweep_stops_poor_trials_early_and_writes_results_and_best_spec(ray
     assert f"best: {best_row['trial']} (eval_loss {float(best_row['eval_loss']):.4f})" in out
     assert f"outputs: {sweep / best_row['trial'] / 'final'}" in out
 
+    # each one-worker trial trained in its Tune trial's own process (no worker group), and said so
+    assert "per trial, trained in the trial's own process" in out
+    for r in completed:
+        assert tune_pids(sweep, r["trial"]) == {trained_in(sweep / r["trial"])}, r["trial"]
+
     # the table again, later, from results.csv
     with pytest.raises(SystemExit) as ei:
         main(["sweep", "results", "sw", "--storage", str(tmp_path / "runs")])
@@ -174,7 +192,11 @@ def test_interrupted_sweep_continues_without_rerunning_finished_trials(ray_local
     """Two trials at once, a short one (4 steps) and a long one (LONG steps). Ctrl-C (a real SIGINT to this process,
     caught by Ray Tune as it would be in `rtf submit`) once the short trial finished and the long one committed
     a checkpoint. Resubmitting restores the Tune experiment: the finished trial is not run again (its files
-    are untouched, Tune got no new result from it) and the long one resumes from its committed checkpoint."""
+    are untouched, Tune got no new result from it) and the long one resumes from its committed checkpoint.
+
+    With RTF_IN_PROCESS=0: each trial's worker is a worker group of its own, as on a cluster (the test above
+    covers trials trained in their trial actors)."""
+    monkeypatch.setenv("RTF_IN_PROCESS", "0")
     train, evals, model_dir = tiny
     # long enough that it is still training when Tune stops it: at 24 steps it once finished first (a full run)
     LONG = 64
@@ -236,5 +258,8 @@ def test_interrupted_sweep_continues_without_rerunning_finished_trials(ray_local
     final = json.loads((long / "final" / "final_results.json").read_text())
     assert final["steps"] == LONG and final["resumed_from_step"] in range(8, LONG, 8)
     assert [r["step"] for r in metrics(long) if "loss" in r] == list(range(1, LONG + 1))  # one line per step, no repeats
+    assert "trained in the trial's own process" not in out
+    for trial in (short, long):  # by a worker of Ray Train's, not by the trial actor Tune got the results from
+        assert trained_in(trial) not in tune_pids(sweep, trial.name), trial.name
     assert load_spec(sweep / "best.yaml").training.max_steps == int(min(res.values(), key=lambda r: float(r["eval_loss"]))["steps"])
     print(f"\ninterrupted + resumed sweep took {took:.0f}s (resumed from step {final['resumed_from_step']})")

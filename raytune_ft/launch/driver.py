@@ -268,7 +268,8 @@ def run(spec: JobSpec, *, fresh: bool = False, resume_from: str | None = None,
     storage answers, within ``fault_tolerance.max_failures`` and a bounded wait.
 
     A spec with a ``tune:`` section is a sweep: :func:`raytune_ft.sweep.tune.run_sweep` runs it (one whole run
-    of the spec per Ray Tune trial) and returns the best trial's result."""
+    of the spec per Ray Tune trial) and returns the best trial's result; ``in_process`` then means each trial
+    trains in its Tune trial's process (:func:`raytune_ft.launch.local.trials_in_process`)."""
     if spec.tune is not None:
         if resume_from:
             raise UserError("--resume-from names one run's checkpoint; a sweep resumes its own trials: "
@@ -276,7 +277,7 @@ def run(spec: JobSpec, *, fresh: bool = False, resume_from: str | None = None,
         from raytune_ft.sweep.tune import run_sweep
 
         RunDir.of(spec).clear_stopped()
-        return run_sweep(spec, fresh=fresh, on_event=on_event)
+        return run_sweep(spec, fresh=fresh, on_event=on_event, in_process=in_process)
     plan = plan or make_plan(spec)
     emit = on_event or (lambda e: None)
     run_dir = RunDir.of(spec)

@@ -86,6 +86,21 @@ def choose_in_process(spec: JobSpec, owned: bool) -> tuple[bool, str]:
     return False, ""
 
 
+def trials_in_process(spec: JobSpec) -> tuple[bool, str]:
+    """Whether a local sweep's trials each train in their Tune trial actor (Ray Train's local mode there) rather
+    than in a worker group of their own, and the reason said with it. Yes for one worker without DeepSpeed, on
+    a Ray of our own or the one this process runs (a trial's failure is its actor's, never this process's).
+    Tune reuses its trial actors, so the training stack is imported once per concurrent trial, and no Train
+    controller, helper actors or worker group start per trial. What it gives up: Ray Train's restart of a
+    failed trial (``fault_tolerance.max_failures``); resubmitting the sweep resumes such a trial from its last
+    checkpoint. ``RTF_IN_PROCESS=0`` keeps a worker group per trial."""
+    if spec.tune is None or spec.compute.num_workers != 1 or spec.deepspeed is not None:
+        return False, ""
+    if os.environ.get(IN_PROCESS_ENV, "").strip() == "0":
+        return False, ""
+    return True, f"{IN_PROCESS_ENV}=0 starts a worker group per trial"
+
+
 @contextlib.contextmanager
 def training_output(spec: JobSpec) -> Iterator[str]:
     """For a run in this process: what a worker process would write to its log (library warnings, progress
@@ -157,6 +172,7 @@ def run_local(spec: JobSpec, *, fresh: bool = False, resume_from: str | None = N
     running = ray.is_initialized()  # a caller (a notebook, a test session) may have started Ray already
     in_process, why = choose_in_process(spec, owned=not running)
     owned = not running and not in_process  # a Ray of our own, for a worker group (an in-process run needs none)
+    trials, trials_why = trials_in_process(spec)  # a sweep: Ray runs Tune, and each trial trains in its actor
     other = recorded_head() if not running else None
     added: dict[str, str] = {}
     if owned:
@@ -172,7 +188,9 @@ def run_local(spec: JobSpec, *, fresh: bool = False, resume_from: str | None = N
     else:
         what = "started a new embedded Ray" if owned else "reusing the Ray this process already runs"
         print(f"ray: {what} in {time.time() - t0:.1f}s with {ray.cluster_resources().get('CPU', 0):g} CPU(s); "
-              f"{plan.num_workers} worker(s) × {plan.resources_per_worker}", file=out)
+              f"{plan.num_workers} worker(s) × {plan.resources_per_worker}"
+              + (" per trial, trained in the trial's own process (Ray Train's local mode: no worker group per "
+                 f"trial; {trials_why})" if trials else ""), file=out)
     if other:
         print(f"ray: not the Ray head at {other[0]} recorded in {other[1]} (running or stale); to run on a "
               "running head, submit to its dashboard: --address http://HEAD:8265", file=out)
@@ -191,7 +209,7 @@ def run_local(spec: JobSpec, *, fresh: bool = False, resume_from: str | None = N
             if log_path:
                 print(f"training output (library warnings and logs): {log_path}", file=out)
             result = run(spec, fresh=fresh, resume_from=resume_from, on_event=renderer.handle, plan=plan,
-                         settled=True, in_process=in_process)
+                         settled=True, in_process=in_process or trials)
     except KeyboardInterrupt as e:
         renderer.close()
         if SAVE_AND_STOP.is_set() and isinstance(e, StopRequested):

@@ -58,7 +58,7 @@ from raytune_ft.sweep.results import (
     render_table,
     write_results,
 )
-from raytune_ft.train.config import WorkerConfig
+from raytune_ft.train.config import IN_PROCESS_REPORTS, WorkerConfig
 from raytune_ft.train.progress import Publisher, board_name
 
 DIVERGED = 1e30  # what Tune sees for a NaN/inf loss, so schedulers and ranking treat it as the worst
@@ -87,9 +87,16 @@ def trial_spec(base: dict, values: dict[str, Any], name: str) -> JobSpec:
     return validate_document(doc, label=f"(trial {name})")
 
 
-def _run_trial(config: dict[str, Any], base: dict | None = None, metric: str = "eval_loss") -> None:
+def _run_trial(config: dict[str, Any], base: dict | None = None, metric: str = "eval_loss",
+               in_process: bool = False) -> None:
     """One Tune trial (Tune's function trainable, by this name in its experiment state): a whole run of the
-    spec with this trial's values, through the same TorchTrainer as a plain run."""
+    spec with this trial's values, through the same TorchTrainer as a plain run.
+
+    ``in_process`` (a local sweep of one-worker trials, :func:`raytune_ft.launch.local.trials_in_process`): the
+    trial trains in this trial actor's own process, in Ray Train's local mode, when Tune gave the trial its worker's resources
+    (:func:`trial_resources`; a sweep first started with worker groups keeps their resources when resumed).
+    No Train controller, helper actors or worker group start per trial, and Tune reuses its trial actors, so
+    the training stack is imported once per concurrent trial rather than once per trial."""
     assert base is not None
     name = trial_name(tune.get_context().get_trial_id())
     spec = trial_spec(base, config, name)
@@ -106,9 +113,39 @@ def _run_trial(config: dict[str, Any], base: dict | None = None, metric: str = "
             tune.report(result)
         return
     run_dir.write_spec(to_yaml(spec))
-    worker = WorkerConfig(make_plan(spec), report_evals=True)
-    callbacks = [ReportToTune(metric)]
-    build_trainer(spec, worker, callbacks=callbacks).fit()
+    plan = make_plan(spec)
+    in_process = in_process and _holds(tune.get_context().get_trial_resources(), trial_resources(plan, True))
+    worker = WorkerConfig(plan, report_evals=True, in_process=in_process)
+    if not in_process:
+        build_trainer(spec, worker, callbacks=[ReportToTune(metric)]).fit()
+        return
+
+    def forward(metrics: dict[str, Any], checkpoint: bool) -> None:  # what ReportToTune does for a worker group
+        result = to_tune_result(metrics, metric, checkpoint)
+        if result is not None:
+            tune.report(result)  # Tune may stop the trial here (an ASHA rung): this thread then ends (SystemExit)
+
+    IN_PROCESS_REPORTS.append(forward)
+    try:
+        build_trainer(spec, worker).fit()
+    finally:
+        IN_PROCESS_REPORTS.remove(forward)
+
+
+def trial_resources(plan: Any, in_process: bool) -> dict[str, float]:
+    """What Tune reserves for one trial's actor: its worker's resources when the trial trains in it, otherwise
+    only some memory (the worker group's placement group holds the workers' CPUs and GPUs)."""
+    if not in_process:
+        return {"CPU": 0, "memory": TRIAL_DRIVER_MEMORY}
+    out = {**plan.resources_per_worker, "memory": TRIAL_DRIVER_MEMORY}
+    if plan.accelerator_type:  # as Ray Train asks for it: a sliver of the node's accelerator_type:<T> resource
+        out[f"accelerator_type:{plan.accelerator_type}"] = 0.001
+    return out
+
+
+def _holds(pgf: Any, need: dict[str, float]) -> bool:
+    have = getattr(pgf, "required_resources", None) or {}
+    return all(have.get(k, 0) >= v for k, v in need.items() if k != "memory" and v > 0)
 
 
 def to_tune_result(metrics: dict[str, Any], metric: str, has_checkpoint: bool) -> dict[str, Any] | None:
@@ -439,9 +476,10 @@ def collect_results(spec: JobSpec, fs: Any, tune_path: str) -> SweepResults:
 # --------------------------------------------------------------------------- the sweep driver
 
 
-def run_sweep(spec: JobSpec, *, fresh: bool = False, on_event: Callable[[dict[str, Any]], None] | None = None
-              ) -> RunResult:
-    """Run (or continue) the sweep on the Ray cluster this process is connected to.
+def run_sweep(spec: JobSpec, *, fresh: bool = False, on_event: Callable[[dict[str, Any]], None] | None = None,
+              in_process: bool = False) -> RunResult:
+    """Run (or continue) the sweep on the Ray cluster this process is connected to; ``in_process``: each trial
+    trains in its trial actor (see :func:`_run_trial`), not in a worker group.
 
     Returns the driver's ``RunResult`` for the best trial (its run dir and final results). A sweep stopped
     by Ctrl-C writes what it has and raises KeyboardInterrupt: resubmitting continues it."""
@@ -453,7 +491,7 @@ def run_sweep(spec: JobSpec, *, fresh: bool = False, on_event: Callable[[dict[st
         if aside:
             emit({"kind": "info", "message": f"--fresh: the previous sweep was moved aside to {aside}"})
     restore = _check_identity(spec, sweep)
-    tuner = _tuner(spec, sweep, restore, emit)
+    tuner = _tuner(spec, sweep, restore, emit, in_process)
     # Tune's new output engine prints its experiment table and a TensorBoard hint even at verbose=0; the
     # legacy engine is silent at verbose=0, and the SweepEvents callback reports the sweep instead
     air_output = os.environ.get("RAY_AIR_NEW_OUTPUT")
@@ -505,12 +543,14 @@ def _check_identity(spec: JobSpec, sweep: RunDir) -> bool:
     return restore
 
 
-def _tuner(spec: JobSpec, sweep: RunDir, restore: bool, emit: Callable[[dict[str, Any]], None]):
+def _tuner(spec: JobSpec, sweep: RunDir, restore: bool, emit: Callable[[dict[str, Any]], None],
+           in_process: bool = False):
     """Tune's Tuner for the sweep: restored from its experiment state, or new."""
     t = spec.tune
     assert t is not None
-    trainable = tune.with_resources(tune.with_parameters(_run_trial, base=trial_base(spec), metric=t.metric),
-                                    {"cpu": 0, "memory": TRIAL_DRIVER_MEMORY})
+    trainable = tune.with_resources(
+        tune.with_parameters(_run_trial, base=trial_base(spec), metric=t.metric, in_process=in_process),
+        trial_resources(make_plan(spec), in_process))
     if restore:
         tuner = tune.Tuner.restore(sweep.tune_dir, trainable, resume_unfinished=True, resume_errored=True,
                                    storage_filesystem=sweep.fs)
@@ -529,6 +569,7 @@ def _tuner(spec: JobSpec, sweep: RunDir, restore: bool, emit: Callable[[dict[str
             search_alg=search_algorithm(spec, concurrency), num_samples=t.num_samples or 1,
             max_concurrent_trials=concurrency if t.search == "optuna" else None,
             trial_name_creator=tune_trial_name, trial_dirname_creator=tune_trial_name,
+            reuse_actors=True,  # a trial actor that trained in process has the training stack imported
         ),
         run_config=tune.RunConfig(
             name=TUNE_DIR, storage_path=sweep.path, storage_filesystem=sweep.fs, verbose=0,
@@ -537,7 +578,8 @@ def _tuner(spec: JobSpec, sweep: RunDir, restore: bool, emit: Callable[[dict[str
         ),
     )
     emit({"kind": "info", "message": f"sweep {spec.name}: {_describe(spec)}; up to {concurrency} trial(s) "
-          f"at once, each {spec.compute.num_workers} worker(s); in {sweep.uri}"})
+          f"at once, each {spec.compute.num_workers} worker(s)"
+          f"{' trained in its trial process' if in_process else ''}; in {sweep.uri}"})
     return tuner
 
 

@@ -25,7 +25,7 @@ from transformers.trainer_callback import PrinterCallback
 from raytune_ft import checkpoints as ck
 from raytune_ft import rundir as rd
 from raytune_ft import storage as st
-from raytune_ft.train.config import SAVE_AND_STOP, STOP, StopRequested
+from raytune_ft.train.config import SAVE_AND_STOP, STOP, StopRequested, tell_in_process
 
 log = logging.getLogger("raytune_ft")
 
@@ -250,8 +250,12 @@ class RtfCallback(TrainerCallback):
                 and not isinstance(v, bool)}  # an objective's own metrics (eval_r2, eval_accuracy...) too
         if self.perplexity:
             ours["perplexity"] = math.exp(min(ev, 50.0)) if math.isfinite(ev) else ev
-        ray.train.report({"step": state.global_step, "max_steps": state.max_steps, "epoch": state.epoch, **ours,
-                          "eval_loss": ev})
+        report = {"step": state.global_step, "max_steps": state.max_steps, "epoch": state.epoch, **ours,
+                  "eval_loss": ev}
+        if self.in_process:  # to a sweep trial's listener, if any (train.config.IN_PROCESS_REPORTS)
+            tell_in_process(report)
+        else:
+            ray.train.report(report)
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -268,10 +272,12 @@ class RtfCallback(TrainerCallback):
         # Synchronous: training waits for this rank's files to be in storage. (Asynchronous upload would pass
         # checkpoint_upload_mode=ASYNC here and move the gather + manifest below into the upload's completion.)
         upload = _HashingUpload()
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(local), checkpoint_dir_name=name,
-                         checkpoint_upload_fn=upload)
-        if self.in_process:  # the gap: Ray Train's local mode keeps the checkpoint where it is (and calls no upload fn)
+        if self.in_process:  # the gap: Ray Train's local mode keeps a reported checkpoint where it is (and calls
+            # no upload fn), so rtf uploads it; the report itself goes to a listener after the commit, below
             upload.digests = st.upload_dir(local, self.run.dir.fs, self.run.dir.join(name), exclude=(ck.MANIFEST,))
+        else:
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(local),
+                             checkpoint_dir_name=name, checkpoint_upload_fn=upload)
         if upload.digests is None:
             raise RuntimeError(f"checkpoint {name}: Ray Train reported it without calling rtf's upload")
         all_digests = gather(upload.digests)  # after every rank's upload: each rank's files, hashed as they streamed
@@ -292,6 +298,8 @@ class RtfCallback(TrainerCallback):
             self.publisher.push({"kind": "checkpoint", "step": step, "path": self.run.dir.uri_of(name)})
         barrier()
         self.last_save_s = time.time() - self.t_step_end  # HF's save (and an eval at the same step) + commit
+        if self.in_process:  # after the commit: a sweep may stop its trial at this report
+            tell_in_process(metrics, checkpoint=True)
         if self.stopping:  # the checkpoint SIGTERM asked for is committed
             raise StopRequested(f"SIGTERM: checkpoint committed at step {step}")
 

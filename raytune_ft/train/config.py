@@ -5,7 +5,9 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from raytune_ft.plan import Plan
 from raytune_ft.spec import spec_from_dict
@@ -52,3 +54,18 @@ is committed whole or not at all)."""
 SAVE_AND_STOP = threading.Event()
 """Set by the driver on SIGTERM (a Kubernetes eviction, a RunPod stop, ``kill``): an in-process run commits a
 checkpoint at the next step boundary, then stops, so that a resubmission loses at most one step."""
+
+
+IN_PROCESS_REPORTS: list[Callable[[dict[str, Any], bool], None]] = []
+"""Where an in-process run's reports go (the metrics, and whether a checkpoint came with them), once each is
+done (its checkpoint committed); a worker's go to ``ray.train.report``. The gap this fills: Ray Train's local
+mode keeps only the last report and runs no Train callbacks, and inside a Ray Tune trial ``ray.train``'s API
+refuses to run at all, so a sweep trial that trains in its own process (no worker group) forwards its reports
+to Tune through a listener here instead of :class:`raytune_ft.sweep.tune.ReportToTune`. A plain in-process run
+has none."""
+
+
+def tell_in_process(metrics: dict[str, Any], checkpoint: bool = False) -> None:
+    """Hand one report of an in-process run to :data:`IN_PROCESS_REPORTS`."""
+    for listener in list(IN_PROCESS_REPORTS):
+        listener(metrics, checkpoint)

@@ -41,7 +41,7 @@ from raytune_ft.train.callbacks import (
     barrier,
     gather,
 )
-from raytune_ft.train.config import WORKER_ENV, WorkerConfig
+from raytune_ft.train.config import WORKER_ENV, WorkerConfig, tell_in_process
 from raytune_ft.train.env import apply_env, env_report
 from raytune_ft.train.modeling import apply_method, build_model, count_parameters, hf_token
 from raytune_ft.train.progress import Publisher
@@ -59,7 +59,9 @@ class RunContext:
     dir: RunDir
 
 
-def _context(spec: JobSpec) -> RunContext:
+def _context(spec: JobSpec, in_process: bool = False) -> RunContext:
+    if in_process:  # Ray Train's local mode: one worker, this process (ray.train's API refuses a Tune trial's)
+        return RunContext(spec, 0, 1, 0, RunDir.of(spec))
     import ray.train
 
     ctx = ray.train.get_context()
@@ -240,7 +242,7 @@ def train_loop(config: WorkerConfig) -> None:
     else:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
     apply_env(spec)  # first: literal env values, and forwarded secrets (Ray Jobs: sealed)
-    run = _context(spec)
+    run = _context(spec, config.in_process)
     work = tempfile.mkdtemp(prefix=f"rtf-{spec.name}-r{run.rank}-")
     publisher = Publisher(config.progress_board if run.rank == 0 else None)
     try:
@@ -427,10 +429,14 @@ def _run(spec: JobSpec, run: RunContext, work: str, publisher: Publisher, config
         publisher.push({"kind": "done", "summary": summary, "final": run.dir.final_uri})
     barrier()
     sft_eval = "eval_loss" in eval_metrics and spec.method.objective == "sft"
-    ray.train.report({"step": trainer.state.global_step, "loss": _last_train_loss(trainer.state.log_history),
-                      **({"eval_loss": eval_metrics["eval_loss"]} if "eval_loss" in eval_metrics else {}),
-                      **({"perplexity": math.exp(min(eval_metrics["eval_loss"], 50))} if sft_eval else {}),
-                      **ob.eval_summary(spec, eval_metrics), "done": True})
+    last = {"step": trainer.state.global_step, "loss": _last_train_loss(trainer.state.log_history),
+            **({"eval_loss": eval_metrics["eval_loss"]} if "eval_loss" in eval_metrics else {}),
+            **({"perplexity": math.exp(min(eval_metrics["eval_loss"], 50))} if sft_eval else {}),
+            **ob.eval_summary(spec, eval_metrics), "done": True}
+    if config.in_process:
+        tell_in_process(last)
+    else:
+        ray.train.report(last)
     if tb is not None:
         tb.close()
 
