@@ -26,7 +26,17 @@ pull broken at half its bytes (a wrapper raises OSError there, as a cut connecti
 second pull, whose time and fetched bytes are reported against the full pull; and "resume from S3": a full
 pull plus loading the weights (safetensors) and the optimizer state (``torch.load(weights_only=True)``).
 
+``--stall`` measures only the training stall per checkpoint, synchronous against asynchronous upload
+(``storage.upload``), alternated ``--reps`` times on the same model, with real training steps of it (AdamW,
+a batch of 1 x ``--tokens``): ``sync``: save, then the upload and manifest while training waits (the stall is
+upload + manifest); ``async``: save, then the upload and manifest in a background thread (what Ray Train's
+upload thread runs for rtf: ``st.upload_dir``, the digests, the manifest) while training steps go on until it
+is done; its stall is the hand-off plus how much longer those steps took than the same number of steps
+without an upload (median step time measured just before, in the same rep). The save itself is the same in
+both and reported apart. The store runs on the same machine, so its CPU use slows those steps too.
+
     python bench/checkpoint_io.py [--reps 2] [--hidden 768] [--layers 12] [--json out.json]
+    python bench/checkpoint_io.py --stall [--reps 3] [--tokens 64] [--json out.json]
 """
 
 from __future__ import annotations
@@ -154,6 +164,61 @@ def dir_bytes(d: Path) -> int:
     return sum(p.stat().st_size for p in d.rglob("*") if p.is_file())
 
 
+def train_step(model: Any, opt: Any, ids: Any) -> float:
+    t0 = time.perf_counter()
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return time.perf_counter() - t0
+
+
+def stall(model: Any, opt: Any, fs: Any, root: str, local: Path, reps: int, tokens: int) -> list[dict[str, Any]]:
+    """Training stall per checkpoint: synchronous upload against asynchronous (see the module's doc)."""
+    import torch
+
+    from raytune_ft import checkpoints as ck
+    from raytune_ft import storage as st
+
+    ids = torch.randint(0, model.config.vocab_size, (1, tokens))
+    train_step(model, opt, ids)  # warm
+    rows = []
+    for rep in range(reps):
+        for mode in (("sync", "async") if rep % 2 == 0 else ("async", "sync")):
+            step_s = C.median([train_step(model, opt, ids) for _ in range(5)])  # no upload running
+            t_save = save(model, opt, local)
+            dest = st.fs_join(root, f"stall-{mode}-{rep}", ck.checkpoint_dir_name(1))
+
+            def commit(dest: str = dest) -> None:
+                files = st.upload_dir(str(local), fs, dest, exclude=(ck.MANIFEST,))
+                ck.write_manifest(fs, dest, step=1, epoch=1.0, files=files, spec_hash="bench")
+
+            t0 = time.perf_counter()
+            if mode == "sync":
+                commit()
+                upload_s = time.perf_counter() - t0
+                r: dict[str, Any] = {"mode": mode, "save_s": t_save, "upload_s": upload_s, "stall_s": upload_s, "steps": 0}
+            else:
+                worker = threading.Thread(target=commit)
+                worker.start()
+                handoff = time.perf_counter() - t0
+                n, t_steps = 0, time.perf_counter()
+                while worker.is_alive():
+                    train_step(model, opt, ids)
+                    n += 1
+                worker.join()
+                took = time.perf_counter() - t_steps
+                upload_s = time.perf_counter() - t0
+                r = {"mode": mode, "save_s": t_save, "upload_s": upload_s, "steps": n, "steps_s": took,
+                     "stall_s": handoff + max(0.0, took - n * step_s), "handoff_s": handoff}
+            r["step_s"] = step_s
+            rows.append(r)
+            print(f"rep {rep} {mode:5s}: step {step_s:.2f} s, save {t_save:.1f} s, upload+manifest {upload_s:.1f} s, "
+                  + (f"{r['steps']} steps meanwhile in {r['steps_s']:.1f} s, " if mode == "async" else "")
+                  + f"stall {r['stall_s']:.2f} s", flush=True)
+            st.delete_dir(fs, st.fs_join(root, f"stall-{mode}-{rep}"))
+    return rows
+
+
 def upload(variant: str, local: Path, fs: Any, dest: str) -> tuple[float, float, float]:
     """(upload seconds, manifest seconds, peak RSS growth MB) of one variant."""
     import pyarrow.fs as pafs
@@ -215,6 +280,8 @@ def main() -> int:
     ap.add_argument("--hidden", type=int, default=768)
     ap.add_argument("--layers", type=int, default=12)
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--stall", action="store_true", help="only the training stall, sync against async upload")
+    ap.add_argument("--tokens", type=int, default=64, help="--stall: tokens in a training step's batch")
     args = ap.parse_args()
 
     import pyarrow.fs as pafs
@@ -241,6 +308,23 @@ def main() -> int:
         fs, root = st.pyarrow_filesystem(st.StorageConfig(f"s3://{bucket}/bench", endpoint_url=server.endpoint_url))
         local = work / "local" / "checkpoint-1"
         save(model, opt, local)  # untimed: the first save also pays for imports and first allocations
+        if args.stall:
+            size = dir_bytes(local)
+            rows = stall(model, opt, fs, root, local, args.reps, args.tokens)
+            out["stall"] = {"bytes": size, "params": n_params, "rows": rows}
+            sync = [r for r in rows if r["mode"] == "sync"]
+            asyn = [r for r in rows if r["mode"] == "async"]
+            up = C.median([r["upload_s"] for r in sync])
+            a_stall = C.median([r["stall_s"] for r in asyn])
+            print(f"\ncheckpoint {size / MB:.0f} MB; medians of {args.reps}")
+            print(C.fmt_table(["mode", "save s", "upload+manifest s", "stall s", "stall / sync upload"], [
+                ["sync", C.median([r["save_s"] for r in sync]), up, C.median([r["stall_s"] for r in sync]), 1.0],
+                ["async", C.median([r["save_s"] for r in asyn]), C.median([r["upload_s"] for r in asyn]), a_stall,
+                 a_stall / up]]))
+            out["summary"] = {"async_stall_over_sync_upload": a_stall / up}
+            if args.json:
+                args.json.write_text(json.dumps(out, indent=2))
+            return 0
 
         # ---------------------------------------------------------------- upload and stall
         rows: dict[str, list[dict[str, float]]] = {"baseline": [], "streaming": []}

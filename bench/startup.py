@@ -22,7 +22,7 @@ per trial (``RTF_IN_PROCESS=0``, Ray's workers at nice 15, a 2 s health check, `
 rtf's defaults, where each one-worker trial trains in its Tune trial's process and Tune reuses those
 processes (the training stack imported once per concurrent trial), on the faster embedded Ray, fused AdamW.
 
-    python bench/startup.py [--reps 3] [--steps 10] [--sweep 1] [--json out.json]
+    python bench/startup.py [--reps 3] [--steps 10] [--sweep 1] [--json out.json]   (--reps 0: the sweep only)
 """
 
 from __future__ import annotations
@@ -91,6 +91,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="rtf-bench-startup-"))
     fx = dict(C.build_fixture(work / "fixture"))
     runs: dict[str, list[dict[str, float]]] = {"hf": [], "rtf before": [], "rtf after": []}
+    out: dict[str, Any] = {"machine": C.machine_info(), "steps": a.steps, "reps": a.reps}
     for rep in range(a.reps):
         runs["hf"].append(hf_run(fx, work / f"hf{rep}", a.steps))
         runs["rtf before"].append(rtf_run(fx, work, f"before{rep}", a.steps, before=True))
@@ -98,17 +99,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"rep {rep + 1}/{a.reps}: " + ", ".join(
             f"{k} first step {v[-1]['submit_to_first_step']:.1f}s exit +{v[-1]['last_step_to_exit']:.1f}s"
             for k, v in runs.items()), flush=True)
-    med = {k: {m: C.median([r[m] for r in v if m in r]) for m in v[0]} for k, v in runs.items()}
-    hf = med["hf"]
-    rows = [[k, f"{m['submit_to_first_step']:.1f}", f"{m['submit_to_first_step'] / hf['submit_to_first_step']:.2f}",
-             f"{m['last_step_to_exit']:.1f}", f"{m['total']:.1f}", f"{m['total'] / hf['total']:.2f}"]
-            for k, m in med.items()]
-    print(C.fmt_table(["variant", "start → first step s", "× hf", "last step → exit s", "total s", "× hf"], rows))
-    phases = ["cli_start", "driver_prep", "ray_start", "worker_group", "data_prep", "model_load",
-              "trainer_setup", "first_step"]
-    print(C.fmt_table(["phase", "rtf before", "rtf after"],
-                      [[p, f"{med['rtf before'].get(p, 0):.2f}", f"{med['rtf after'].get(p, 0):.2f}"] for p in phases]))
-    out = {"machine": C.machine_info(), "steps": a.steps, "reps": a.reps, "runs": runs, "median": med}
+    if a.reps:  # --reps 0: the sweep only
+        med = {k: {m: C.median([r[m] for r in v if m in r]) for m in v[0]} for k, v in runs.items()}
+        hf = med["hf"]
+        rows = [[k, f"{m['submit_to_first_step']:.1f}",
+                 f"{m['submit_to_first_step'] / hf['submit_to_first_step']:.2f}",
+                 f"{m['last_step_to_exit']:.1f}", f"{m['total']:.1f}", f"{m['total'] / hf['total']:.2f}"]
+                for k, m in med.items()]
+        print(C.fmt_table(["variant", "start → first step s", "× hf", "last step → exit s", "total s", "× hf"], rows))
+        phases = ["cli_start", "driver_prep", "ray_start", "worker_group", "data_prep", "model_load",
+                  "trainer_setup", "first_step"]
+        print(C.fmt_table(["phase", "rtf before", "rtf after"],
+                          [[p, f"{med['rtf before'].get(p, 0):.2f}", f"{med['rtf after'].get(p, 0):.2f}"]
+                           for p in phases]))
+        out.update(runs=runs, median=med)
     if a.sweep:
         sweeps: dict[str, list[dict[str, float]]] = {"rtf before": [], "rtf after": []}
         for rep in range(a.sweep):

@@ -16,13 +16,12 @@ Pruning rule (:func:`prune`):
 * committed checkpoints: the newest ``keep_last`` (at least 2) are kept, plus the best one by
   ``best_metric``/``mode`` when a metric is given; the other committed ones are deleted;
 * incomplete checkpoints newer than the newest committed one are never deleted: they may be
-  uploading right now (the newest one almost surely is; with asynchronous uploads more than one
-  may be in flight). With no committed checkpoint at all, every incomplete one counts as newer;
+  uploading right now (``storage.upload: async`` marks them so: *uploading*). With no committed
+  checkpoint at all, every incomplete one counts as newer;
 * incomplete checkpoints older than the newest committed one are deleted: their writer has moved
   on, so they are debris of an interrupted upload.
 
-A deletion removes the manifest first, so a half-deleted checkpoint reads as incomplete, never as
-committed.
+A deletion removes the manifest first, so a half-deleted checkpoint reads as incomplete, never committed.
 
 A run's ``final/`` is committed the same way (:func:`commit_dir`: same manifest, written last, its
 ``step`` the run's last step) and pulled the same way (:func:`resolve` takes ``{run}/final``).
@@ -30,6 +29,7 @@ A run's ``final/`` is committed the same way (:func:`commit_dir`: same manifest,
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import os
@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any
 from raytune_ft import rundir as rd
 from raytune_ft import storage as st
 from raytune_ft.errors import StorageError, UserError
-from raytune_ft.rundir import MANIFEST, parse_step
+from raytune_ft.rundir import MANIFEST, RANK_DIGESTS, UPLOADING, parse_step
 
 if TYPE_CHECKING:  # pragma: no cover
     import pyarrow.fs
@@ -322,10 +322,11 @@ class CheckpointInfo:
     metrics: dict[str, Any] = field(default_factory=dict)
     manifest: Manifest | None = None
     best: bool = False
+    uploading: bool = False  # an asynchronous upload's marker and no manifest yet: in flight (or cut short)
 
     @property
     def status(self) -> str:
-        return "committed" if self.committed else "incomplete"
+        return "committed" if self.committed else "uploading" if self.uploading else "incomplete"
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -376,7 +377,9 @@ def inspect_checkpoint(fs: pyarrow.fs.FileSystem, ckpt_path: str, *, deep: bool 
         info.reason = f"bad manifest: {str(exc).split(': ', 1)[-1]}"
         return info
     if manifest is None:
-        info.reason = "no manifest (upload unfinished or interrupted)"
+        info.uploading = UPLOADING in listing
+        info.reason = _upload_state(fs, ckpt_path, listing) if info.uploading else \
+            "no manifest (upload unfinished or interrupted)"
         return info
     info.manifest = manifest
     info.metrics = dict(manifest.metrics)
@@ -390,6 +393,18 @@ def inspect_checkpoint(fs: pyarrow.fs.FileSystem, ckpt_path: str, *, deep: bool 
         return info
     info.committed = True
     return info
+
+
+def _upload_state(fs: pyarrow.fs.FileSystem, ckpt_path: str, listing: dict[str, Any]) -> str:
+    """What an asynchronous upload's marker (rank 0's JSON: when it began, how many ranks) and files say."""
+    marker = None
+    with contextlib.suppress(OSError, ValueError):
+        marker = st.read_json(fs, posixpath.join(ckpt_path, UPLOADING))
+    ranks, started = (marker.get("world_size"), marker.get("started")) if isinstance(marker, dict) else (None, None)
+    done = sum(1 for r in range(len(listing)) if RANK_DIGESTS.format(rank=r) in listing)
+    since = f" since {datetime.fromtimestamp(started, timezone.utc):%H:%M:%S} UTC" if isinstance(started, float) else ""
+    return (f"asynchronous upload in flight{since}, {done} of {ranks if isinstance(ranks, int) else '?'} rank(s) "
+            "done, no manifest yet (if the run has stopped, it was cut short)")
 
 
 def _metric_value(info: CheckpointInfo, metric: str) -> float | None:

@@ -41,6 +41,12 @@ TRAINER_STATE = "trainer_state.json"
 HEAD_WEIGHTS = "head.safetensors"  # regression/reward: the head's weights beside the adapter or model (final/)
 HEAD_CONFIG = "head.json"  # ... and what rebuilds it: objective, MLP shape, label scale
 MANIFEST = "rtf_checkpoint.json"
+# An asynchronous upload (storage.upload: async) has no collective to gather every rank's digests at its end:
+# rank 0 marks the checkpoint as uploading, each rank writes its files' digests beside them when its upload
+# is done, and rank 0 commits (these files deleted, then the manifest written) once every rank's are in.
+BOOKKEEPING = ".rtf-"  # what such files' names begin with; never part of a committed checkpoint
+UPLOADING = ".rtf-uploading.json"
+RANK_DIGESTS = ".rtf-rank-{rank:05d}.json"
 CHECKPOINT_PREFIX = "checkpoint-"
 STEP_DIGITS = 8
 CHECKPOINT_RE = re.compile(rf"{CHECKPOINT_PREFIX}(\d+)")  # fullmatch: `$` alone accepts a trailing newline

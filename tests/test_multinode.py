@@ -532,6 +532,9 @@ def test_a_preempted_node_gets_a_checkpoint_before_it_goes_and_the_run_resumes(c
     assert worker_node.startswith(m.group(1)) and 0 < int(m.group(3)) <= 30
     jit = int(m.group(4))
     f.wait_for(f"checkpoint committed: step {jit}\\b", 30)
+    # it trains on: a step after the just-in-time one is logged before the node goes, so that the restart
+    # trains that step again (and the test can compare its two losses)
+    f.wait_for(rf"\] {jit + 1}/{max_steps}  loss ", 30)
     assert time.time() < t_drain + 30, "the just-in-time checkpoint came after the deadline"
     print(f"preemption: checkpoint at step {jit} committed {time.time() - t_drain:.0f}s after the drain")
     assert jit < max_steps, f.text[-3000:]

@@ -84,7 +84,7 @@ def list_cmd(
     endpoint_url: str | None = _ENDPOINT,
     region: str | None = _REGION,
 ) -> None:
-    """Show each checkpoint: step, time, size, key metrics, committed/incomplete, best."""
+    """Show each checkpoint: step, time, size, key metrics, committed/uploading/incomplete, best."""
     from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
@@ -118,14 +118,18 @@ def list_cmd(
     table.add_column("best", justify="center")
     for i in infos:
         when = i.time.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S") if i.time else "-"
-        status = "[green]committed[/green]" if i.committed else f"[red]incomplete[/red]: {escape(str(i.reason))}"
+        status = ("[green]committed[/green]" if i.committed else
+                  f"[yellow]uploading[/yellow]: {escape(str(i.reason))}" if i.uploading else
+                  f"[red]incomplete[/red]: {escape(str(i.reason))}")
         table.add_row(
             str(i.step), when, human_size(i.size), escape(_key_metrics(i.metrics, metric)), status,
             "best" if i.best else ""
         )
     console.print(table)
     n_ok = sum(i.committed for i in infos)
-    console.print(f"{n_ok} committed, {len(infos) - n_ok} incomplete")
+    n_up = sum(i.uploading for i in infos)
+    console.print(f"{n_ok} committed, " + (f"{n_up} uploading, " if n_up else "")
+                  + f"{len(infos) - n_ok - n_up} incomplete")
 
 
 @app.command("pull")

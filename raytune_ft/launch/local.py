@@ -165,9 +165,7 @@ def run_local(spec: JobSpec, *, fresh: bool = False, resume_from: str | None = N
         print(f"data: {skipped} bad row(s) will be skipped (data.on_bad_row: skip)", file=out)
     import ray
 
-    c = spec.compute
-    need = c.num_workers * c.cpus_per_worker
-    cpus = max(os.cpu_count() or 1, int(need + 0.999))
+    cpus = max(os.cpu_count() or 1, int(spec.compute.num_workers * spec.compute.cpus_per_worker + 0.999))
     t0 = time.time()
     running = ray.is_initialized()  # a caller (a notebook, a test session) may have started Ray already
     in_process, why = choose_in_process(spec, owned=not running)

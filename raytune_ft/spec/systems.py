@@ -185,6 +185,14 @@ class StorageSpec(Section):
     secret_key_env: str = "AWS_SECRET_ACCESS_KEY"
     session_token_env: str = "AWS_SESSION_TOKEN"
     keep_checkpoints: int = Field(3, ge=2)
+    upload: Literal["auto", "sync", "async"] = Field(
+        "auto", description="How a checkpoint reaches storage: async trains on while it uploads (at most one "
+        "upload in flight per worker, the manifest still written last); sync waits for it. auto: async to an "
+        "object store (s3://), sync to a local path. A run in the rtf process (one local worker) always waits.")
+
+    @property
+    def async_upload(self) -> bool:
+        return self.upload == "async" or (self.upload == "auto" and self.path.startswith("s3://"))
 
     @field_validator("access_key_env", "secret_key_env", "session_token_env")
     @classmethod

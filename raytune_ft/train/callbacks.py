@@ -3,7 +3,9 @@
 - every logging step: throughput, ETA and memory are added to HF's logs; rank 0 appends them to
   ``metrics.jsonl``, writes TensorBoard scalars and pushes a progress event;
 - every save: each rank's checkpoint files are reported to Ray Train (which uploads them into
-  ``{run}/checkpoint-NNNNNNNN``), then rank 0 writes the manifest — last — and prunes old ones;
+  ``{run}/checkpoint-NNNNNNNN``), then rank 0 writes the manifest — last — and prunes old ones; with
+  ``storage.upload`` async (the default to an object store) training goes on meanwhile, and the next save
+  first waits for this one (one upload in flight per worker);
 - every evaluation, with ``report_evals`` (sweep trials): the eval metrics are reported to Ray Train
   at once, without a checkpoint, so Ray Tune's scheduler sees each one as it happens.
 """
@@ -15,6 +17,7 @@ import logging
 import math
 import os
 import resource
+import threading
 import time
 from typing import Any
 
@@ -87,7 +90,8 @@ class PrintOnRankZero(PrinterCallback):
 class RtfCallback(TrainerCallback):
     def __init__(self, *, run: Any, spec_hash: str, publisher: Any, work_dir: str, tb_writer: Any = None,
                  tokens_per_sample: float | None = None, report_evals: bool = False, in_process: bool = False,
-                 perplexity: bool = True, preemption_check_steps: int | None = None) -> None:
+                 perplexity: bool = True, preemption_check_steps: int | None = None,
+                 async_upload: bool = False) -> None:
         self.run = run  # RunContext: rank, spec, dir (the RunDir)
         self.spec_hash = spec_hash
         self.publisher = publisher
@@ -113,6 +117,9 @@ class RtfCallback(TrainerCallback):
         self.preemption_seen = False  # one just-in-time checkpoint per notice: Ray restarts the group after it
         self.t_step_end = time.time()  # the last step's end, or the training's start
         self.last_save_s: float | None = None  # step end -> committed, of the last checkpoint (rank 0's figure)
+        # Ray Train's asynchronous upload (a local-mode run has none: it uploads itself, synchronously)
+        self.async_upload = async_upload and not in_process
+        self.in_flight: _AsyncCommit | None = None
 
     # ------------------------------------------------------------------ logging
 
@@ -269,8 +276,11 @@ class RtfCallback(TrainerCallback):
                                                                           "learning_rate", "epoch")}
         metrics["step"] = step
         name = rd.checkpoint_name(step)
-        # Synchronous: training waits for this rank's files to be in storage. (Asynchronous upload would pass
-        # checkpoint_upload_mode=ASYNC here and move the gather + manifest below into the upload's completion.)
+        self.wait_for_upload()  # back-pressure: the previous checkpoint's upload is done (and committed) first
+        if self.async_upload:
+            self.save_async(state, name, local, metrics)
+            return
+        # Synchronous: training waits for this rank's files to be in storage, then for the commit.
         upload = _HashingUpload()
         if self.in_process:  # the gap: Ray Train's local mode keeps a reported checkpoint where it is (and calls
             # no upload fn), so rtf uploads it; the report itself goes to a listener after the commit, below
@@ -283,25 +293,67 @@ class RtfCallback(TrainerCallback):
         all_digests = gather(upload.digests)  # after every rank's upload: each rank's files, hashed as they streamed
         barrier()
         if self.run.rank == 0:
-            path = self.run.dir.join(name)
-            files: dict[str, dict[str, Any]] = {}
-            for per_rank in reversed(all_digests):  # rank 0 wins on shared names
-                files.update({f["path"]: f for f in per_rank})
-            ck.write_manifest(self.run.dir.fs, path, step=step, epoch=state.epoch, files=list(files.values()),
-                              spec_hash=self.spec_hash, metrics=metrics)
-            spec = self.run.spec
-            best = spec.training.metric_for_best_model if spec.training.load_best_model_at_end else None
-            mode = "max" if spec.training.greater_is_better else "min"
-            ck.prune(self.run.dir.fs, self.run.dir.path, keep_last=spec.storage.keep_checkpoints,
-                     best_metric=best, mode=mode)
-            self.sync_logs()
-            self.publisher.push({"kind": "checkpoint", "step": step, "path": self.run.dir.uri_of(name)})
+            self.commit(name, step, state.epoch, metrics, all_digests)
         barrier()
         self.last_save_s = time.time() - self.t_step_end  # HF's save (and an eval at the same step) + commit
         if self.in_process:  # after the commit: a sweep may stop its trial at this report
             tell_in_process(metrics, checkpoint=True)
         if self.stopping:  # the checkpoint SIGTERM asked for is committed
             raise StopRequested(f"SIGTERM: checkpoint committed at step {step}")
+
+    def save_async(self, state, name: str, local: str, metrics: dict[str, Any]) -> None:
+        """Hand the checkpoint to Ray Train's asynchronous upload (its one upload thread per worker) and train
+        on. The commit follows in that thread (:class:`_AsyncCommit`); a failed upload fails this worker, as
+        Ray Train raises it in the training thread, and the restart resumes from the last committed one."""
+        import ray.train
+        from ray.train import CheckpointUploadMode
+
+        if self.run.rank == 0:  # first, so that `rtf checkpoints list` shows the upload as in flight
+            st.write_bytes(self.run.dir.fs, self.run.dir.join(name, rd.UPLOADING), json.dumps(
+                {"started": time.time(), "world_size": self.run.world_size, "step": state.global_step}).encode())
+        commit = _AsyncCommit(self, name, state.global_step, state.epoch, dict(metrics), self.t_step_end)
+        self.in_flight = commit
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(local), checkpoint_dir_name=name,
+                         checkpoint_upload_fn=commit, checkpoint_upload_mode=CheckpointUploadMode.ASYNC,
+                         delete_local_checkpoint_after_upload=False)  # HF rotates its local checkpoints itself
+
+    def wait_for_upload(self) -> None:
+        """Wait for the asynchronous upload in flight, if any, to be committed (rank 0) or handed over (the
+        other ranks); raise what failed it."""
+        commit, self.in_flight = self.in_flight, None
+        if commit is None:
+            return
+        t0 = time.time()
+        commit.done.wait()
+        waited = time.time() - t0
+        if waited > 1.0 and self.run.rank == 0:
+            log.info("waited %.1fs for checkpoint %s's upload before going on", waited, commit.name)
+        if commit.error is not None:
+            raise RuntimeError(f"checkpoint {commit.name}: asynchronous upload failed: {commit.error}") \
+                from commit.error
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.wait_for_upload()  # final/ is committed after the last checkpoint, never beside its upload
+
+    def commit(self, name: str, step: int, epoch: float | None, metrics: dict[str, Any],
+               all_digests: list[list[dict[str, Any]]]) -> None:
+        """Rank 0: write the manifest of checkpoint ``name`` (last), prune older checkpoints, say so."""
+        path = self.run.dir.join(name)
+        files: dict[str, dict[str, Any]] = {}
+        for per_rank in reversed(all_digests):  # rank 0 wins on shared names
+            files.update({f["path"]: f for f in per_rank})
+        for rel in st.list_files(self.run.dir.fs, path):  # an asynchronous upload's (this one's, or one cut short
+            if rel.startswith(rd.BOOKKEEPING):           # by an earlier attempt at this step): gone before commit
+                st.delete_file(self.run.dir.fs, f"{path}/{rel}")
+        ck.write_manifest(self.run.dir.fs, path, step=step, epoch=epoch, files=list(files.values()),
+                          spec_hash=self.spec_hash, metrics=metrics)
+        spec = self.run.spec
+        best = spec.training.metric_for_best_model if spec.training.load_best_model_at_end else None
+        mode = "max" if spec.training.greater_is_better else "min"
+        ck.prune(self.run.dir.fs, self.run.dir.path, keep_last=spec.storage.keep_checkpoints,
+                 best_metric=best, mode=mode)
+        self.sync_logs()
+        self.publisher.push({"kind": "checkpoint", "step": step, "path": self.run.dir.uri_of(name)})
 
     def sync_logs(self) -> None:
         """Copy metrics.jsonl and the TensorBoard events to the run dir in storage (rank 0)."""
@@ -332,6 +384,64 @@ class _HashingUpload:
         dest = storage.build_checkpoint_path_from_name(checkpoint_dir_name)
         self.digests = st.upload_dir(checkpoint.path, fs, dest, exclude=(ck.MANIFEST,))  # Ray retries: the last wins
         return ray.train.Checkpoint(dest, filesystem=fs)
+
+
+PEERS_WAIT_S = 3600.0  # how long rank 0 waits for the other ranks' uploads of one checkpoint
+PEERS_POLL_S = 0.5
+
+
+class _AsyncCommit(_HashingUpload):
+    """The ``checkpoint_upload_fn`` of an asynchronous upload, run in Ray Train's upload thread of this worker:
+    this rank's files, hashed as they stream (:class:`_HashingUpload`), then its digests written beside them
+    (``.rtf-rank-NNNNN.json``, JSON); rank 0 then waits for every rank's, deletes them and the marker, writes the
+    manifest and prunes (:meth:`RtfCallback.commit`). The gap it fills: the synchronous path gathers the digests
+    with a collective, which cannot run in a thread beside training's own; storage is the meeting point."""
+
+    def __init__(self, cb: RtfCallback, name: str, step: int, epoch: float | None, metrics: dict[str, Any],
+                 t_step_end: float) -> None:
+        super().__init__()
+        self.cb, self.name, self.step, self.epoch, self.metrics = cb, name, step, epoch, metrics
+        self.t_step_end = t_step_end
+        self.done = threading.Event()
+        self.error: BaseException | None = None
+
+    def __call__(self, checkpoint: Any, checkpoint_dir_name: str) -> Any:
+        try:
+            out = super().__call__(checkpoint, checkpoint_dir_name)
+            cb, fs = self.cb, self.cb.run.dir.fs
+            path = cb.run.dir.join(self.name)
+            st.write_bytes(fs, f"{path}/{rd.RANK_DIGESTS.format(rank=cb.run.rank)}", json.dumps(self.digests).encode())
+            if cb.run.rank == 0:
+                cb.commit(self.name, self.step, self.epoch, self.metrics, self.peers(fs, path, cb.run.world_size))
+                cb.last_save_s = time.time() - self.t_step_end  # step end -> committed, training meanwhile
+            return out
+        except BaseException as e:
+            self.error = e
+            raise
+        finally:
+            self.done.set()
+
+    def peers(self, fs: Any, path: str, world_size: int) -> list[list[dict[str, Any]]]:
+        """Every rank's digests (rank 0's first), once all are in storage."""
+        names = [rd.RANK_DIGESTS.format(rank=r) for r in range(world_size)]
+        deadline = time.time() + PEERS_WAIT_S
+        while True:
+            data = [st.read_bytes(fs, f"{path}/{n}") for n in names]
+            if all(d is not None for d in data):
+                break
+            if time.time() > deadline:
+                missing = [r for r, d in enumerate(data) if d is None]
+                raise RuntimeError(f"rank(s) {missing} did not finish uploading {self.name} "
+                                   f"within {PEERS_WAIT_S:.0f}s")
+            time.sleep(PEERS_POLL_S)
+        out = []
+        for n, d in zip(names, data):
+            digests = json.loads(d)  # data only: a list of {path, size, sha256}
+            if not isinstance(digests, list) or not all(isinstance(f, dict) and isinstance(f.get("path"), str)
+                                                        for f in digests):
+                raise RuntimeError(f"{self.name}/{n}: not a list of file digests")
+            out.append(digests)
+        return out  # the commit deletes these files, then writes the manifest
 
 
 def _plain(v: Any) -> Any:

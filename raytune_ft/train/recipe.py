@@ -344,7 +344,8 @@ def _run(spec: JobSpec, run: RunContext, work: str, publisher: Publisher, config
     callback = RtfCallback(run=run, spec_hash=spec_hash(spec), publisher=publisher, work_dir=work, tb_writer=tb,
                            report_evals=config.report_evals,  # a sweep trial: each eval to Tune
                            in_process=config.in_process, perplexity=spec.method.objective == "sft",
-                           preemption_check_steps=spec.fault_tolerance.preemption_check_steps)
+                           preemption_check_steps=spec.fault_tolerance.preemption_check_steps,
+                           async_upload=spec.storage.async_upload)
     callbacks: list[Any] = [StopAtMaxSteps(), callback]
     if spec.training.early_stopping:
         es = spec.training.early_stopping
