@@ -28,6 +28,19 @@ def ray_local():
     ray.shutdown()
 
 
+@pytest.fixture
+def in_process(monkeypatch):
+    """`rtf submit` of a one-worker run trains in this (the test's) process, as a fresh `rtf submit` does
+    (Ray Train's local mode), although the session's Ray runs: no worker group to start, for tests of what a
+    run does rather than of its worker group. The torch thread count the run sets is put back after."""
+    import torch
+
+    threads = torch.get_num_threads()
+    monkeypatch.setenv("RTF_IN_PROCESS", "1")
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory):
     """(train.jsonl, eval.jsonl, model_dir): a tiny pretrained-looking Llama and its BPE tokenizer."""

@@ -32,7 +32,7 @@ def snapshot(run_dir):
             for p in sorted(run_dir.rglob("*")) if p.is_file()}
 
 
-def test_finished_run_resubmitted_twice_changes_nothing_then_extends(ray_local, tiny, tmp_path, capsys):
+def test_finished_run_resubmitted_twice_changes_nothing_then_extends(ray_local, in_process, tiny, tmp_path, capsys):
     train, _, model_dir = tiny
     doc = spec_doc("done-once", model_dir, train, None, tmp_path / "runs")
     spec_path = write_spec(tmp_path / "s.yaml", doc)
@@ -73,7 +73,8 @@ def test_finished_run_resubmitted_twice_changes_nothing_then_extends(ray_local, 
     assert [r["step"] for r in recs if "loss" in r] == list(range(1, 10))
 
 
-def test_checkpoint_at_max_steps_without_final_does_not_step_past_it(ray_local, tiny, tmp_path, capsys):
+def test_checkpoint_at_max_steps_without_final_does_not_step_past_it(ray_local, in_process, tiny, tmp_path,
+                                                                      capsys):
     """A run that died after committing its last checkpoint but before final/ (Trainer, resumed at
     max_steps, would take step max_steps+1 and prune the checkpoints it came from)."""
     train, _, model_dir = tiny

@@ -147,7 +147,9 @@ def test_asha_sweep_stops_poor_trials_early_and_writes_results_and_best_spec(ray
         assert trial_spec.training.learning_rate == float(r["training.learning_rate"])
         assert trial_spec.method.lora.r == int(r["method.lora.r"])
         infos = ck.list_checkpoints(pafs.LocalFileSystem(), str(run))
-        assert infos and all(i.committed for i in infos)
+        # (a trial stopped at its step-2 evaluation, before that step's save, has none: it trains in its trial's
+        # process, and ASHA's stop ends it at the report)
+        assert all(i.committed for i in infos) and (infos or r["status"] == "stopped early"), (name, infos)
         # the metric in results.csv is the best eval_loss the trial itself recorded
         evs = [m["eval_loss"] for m in metrics(run) if "eval_loss" in m]
         if r["status"] == "completed":

@@ -259,7 +259,8 @@ class RtfCallback(TrainerCallback):
             ours["perplexity"] = math.exp(min(ev, 50.0)) if math.isfinite(ev) else ev
         report = {"step": state.global_step, "max_steps": state.max_steps, "epoch": state.epoch, **ours,
                   "eval_loss": ev}
-        if self.in_process:  # to a sweep trial's listener, if any (train.config.IN_PROCESS_REPORTS)
+        if self.in_process:  # to a sweep trial's listener, if any (train.config.IN_PROCESS_REPORTS), which may
+            self.sync_logs()  # end this thread then and there (an ASHA stop): the run dir has this eval first
             tell_in_process(report)
         else:
             ray.train.report(report)
