@@ -34,9 +34,12 @@ upload thread runs for rtf: ``st.upload_dir``, the digests, the manifest) while 
 is done; its stall is the hand-off plus how much longer those steps took than the same number of steps
 without an upload (median step time measured just before, in the same rep). The save itself is the same in
 both and reported apart. The store runs on the same machine, so its CPU use slows those steps too.
+``--threads N`` gives the steps N torch threads (leaving the other cores to the upload and the store);
+``--idle-steps S`` replaces each CPU step by S seconds that leave the CPU free, as a GPU's step does (the
+CPU then only launches kernels): what the upload costs training when it does not compete for the cores.
 
     python bench/checkpoint_io.py [--reps 2] [--hidden 768] [--layers 12] [--json out.json]
-    python bench/checkpoint_io.py --stall [--reps 3] [--tokens 64] [--json out.json]
+    python bench/checkpoint_io.py --stall [--reps 3] [--tokens 64] [--threads N | --idle-steps S] [--json out.json]
 """
 
 from __future__ import annotations
@@ -164,8 +167,14 @@ def dir_bytes(d: Path) -> int:
     return sum(p.stat().st_size for p in d.rglob("*") if p.is_file())
 
 
+IDLE_STEP_S: float | None = None  # --idle-steps: a step that leaves the CPU free, as a GPU's step does
+
+
 def train_step(model: Any, opt: Any, ids: Any) -> float:
     t0 = time.perf_counter()
+    if IDLE_STEP_S is not None:
+        time.sleep(IDLE_STEP_S)
+        return time.perf_counter() - t0
     model(input_ids=ids, labels=ids).loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
@@ -282,7 +291,16 @@ def main() -> int:
     ap.add_argument("--json", type=Path)
     ap.add_argument("--stall", action="store_true", help="only the training stall, sync against async upload")
     ap.add_argument("--tokens", type=int, default=64, help="--stall: tokens in a training step's batch")
+    ap.add_argument("--threads", type=int, default=0, help="--stall: torch threads for the steps (0: torch's)")
+    ap.add_argument("--idle-steps", type=float, default=None, metavar="S",
+                    help="--stall: steps of S seconds that leave the CPU free (a GPU step), not CPU steps")
     args = ap.parse_args()
+    global IDLE_STEP_S
+    IDLE_STEP_S = args.idle_steps
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
 
     import pyarrow.fs as pafs
 

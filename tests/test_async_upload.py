@@ -44,7 +44,7 @@ def exists(fs, path: str) -> bool:
 def test_training_goes_on_while_a_checkpoint_uploads_and_a_kill_mid_upload_resumes_from_the_previous(
         seaweed_server, tiny, tmp_path, monkeypatch, capsys):
     apply_env(monkeypatch, seaweed_server)
-    monkeypatch.setenv("RTF_IN_PROCESS", "0")  # a worker group: a run in rtf's own process uploads synchronously
+    monkeypatch.setenv("RTF_IN_PROCESS", "0")  # a worker group: Ray Train's asynchronous upload
     bucket = seaweed_server.create_bucket()
     train, _, model_dir = tiny
     weights = sum(p.stat().st_size for p in Path(model_dir).glob("*.safetensors"))
@@ -94,8 +94,8 @@ def test_training_goes_on_while_a_checkpoint_uploads_and_a_kill_mid_upload_resum
         assert ei.value.code == 0
         assert (listed[4]["status"], listed[8]["status"]) == ("committed", "uploading")
 
-        # resubmitted: it resumes from checkpoint 4 (the last committed), not from the half-uploaded 8 (in rtf's
-        # own process this time: no Ray to start, and an upload that waits; the resume is the same)
+        # resubmitted: it resumes from checkpoint 4 (the last committed), not from the half-uploaded 8; in rtf's
+        # own process this time (no Ray to start), whose uploads run in a thread of rtf's own
         monkeypatch.delenv("RTF_IN_PROCESS")
         proc = Proc(spec_path)
         assert proc.finish(timeout=300) == 0, proc.text

@@ -180,9 +180,12 @@ def test_interrupted_run_resumes_to_the_same_result(ray_local, tiny, model4, tmp
 def test_sigterm_commits_a_checkpoint_at_the_next_step_then_stops(ray_local, tiny, model4, tmp_path, capsys):
     """SIGTERM (a pod's eviction, a RunPod stop, `kill`) to a fresh `rtf submit` of one worker, which trains in
     its own process: the step under way finishes, a checkpoint of it is committed (between the periodic
-    ones), the process exits 143 saying so, and resubmitting resumes from exactly that step."""
+    ones), the process exits 143 saying so, and resubmitting resumes from exactly that step. With
+    storage.upload async (rtf's own upload thread in this process): the exit waits for that upload's commit."""
     storage = tmp_path / "runs"
-    spec_path = write_spec(tmp_path / "t.yaml", doc("termed", tiny, model4, storage))
+    d = doc("termed", tiny, model4, storage)
+    d["storage"]["upload"] = "async"
+    spec_path = write_spec(tmp_path / "t.yaml", d)
     run = storage / "termed"
     proc = Proc(spec_path)
     proc.wait_for(lambda: committed(run, SAVE))

@@ -188,7 +188,7 @@ class StorageSpec(Section):
     upload: Literal["auto", "sync", "async"] = Field(
         "auto", description="How a checkpoint reaches storage: async trains on while it uploads (at most one "
         "upload in flight per worker, the manifest still written last); sync waits for it. auto: async to an "
-        "object store (s3://), sync to a local path. A run in the rtf process (one local worker) always waits.")
+        "object store (s3://), sync to a local path. A sweep trial trained in its trial's process always waits.")
 
     @property
     def async_upload(self) -> bool:

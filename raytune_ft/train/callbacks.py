@@ -117,8 +117,8 @@ class RtfCallback(TrainerCallback):
         self.preemption_seen = False  # one just-in-time checkpoint per notice: Ray restarts the group after it
         self.t_step_end = time.time()  # the last step's end, or the training's start
         self.last_save_s: float | None = None  # step end -> committed, of the last checkpoint (rank 0's figure)
-        # Ray Train's asynchronous upload (a local-mode run has none: it uploads itself, synchronously)
-        self.async_upload = async_upload and not in_process
+        # (a sweep trial in its own process stays synchronous: Tune's stop at a report ends its thread there)
+        self.async_upload = async_upload and not (in_process and report_evals)
         self.in_flight: _AsyncCommit | None = None
 
     # ------------------------------------------------------------------ logging
@@ -280,6 +280,9 @@ class RtfCallback(TrainerCallback):
         self.wait_for_upload()  # back-pressure: the previous checkpoint's upload is done (and committed) first
         if self.async_upload:
             self.save_async(state, name, local, metrics)
+            if self.stopping:  # SIGTERM (in-process runs): the checkpoint it asked for is committed first
+                self.wait_for_upload()
+                raise StopRequested(f"SIGTERM: checkpoint committed at step {step}")
             return
         # Synchronous: training waits for this rank's files to be in storage, then for the commit.
         upload = _HashingUpload()
@@ -305,15 +308,21 @@ class RtfCallback(TrainerCallback):
     def save_async(self, state, name: str, local: str, metrics: dict[str, Any]) -> None:
         """Hand the checkpoint to Ray Train's asynchronous upload (its one upload thread per worker) and train
         on. The commit follows in that thread (:class:`_AsyncCommit`); a failed upload fails this worker, as
-        Ray Train raises it in the training thread, and the restart resumes from the last committed one."""
-        import ray.train
-        from ray.train import CheckpointUploadMode
-
+        Ray Train raises it in the training thread, and the restart resumes from the last committed one.
+        In-process (Ray Train's local mode has no upload): a thread of rtf's own does the same, and a failed
+        upload is raised at the next save or at the end of training."""
         if self.run.rank == 0:  # first, so that `rtf checkpoints list` shows the upload as in flight
             st.write_bytes(self.run.dir.fs, self.run.dir.join(name, rd.UPLOADING), json.dumps(
                 {"started": time.time(), "world_size": self.run.world_size, "step": state.global_step}).encode())
         commit = _AsyncCommit(self, name, state.global_step, state.epoch, dict(metrics), self.t_step_end)
         self.in_flight = commit
+        if self.in_process:
+            threading.Thread(target=commit.upload_from, args=(local,), name=f"rtf-upload-{name}",
+                             daemon=True).start()
+            return
+        import ray.train
+        from ray.train import CheckpointUploadMode
+
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(local), checkpoint_dir_name=name,
                          checkpoint_upload_fn=commit, checkpoint_upload_mode=CheckpointUploadMode.ASYNC,
                          delete_local_checkpoint_after_upload=False)  # HF rotates its local checkpoints itself
@@ -409,18 +418,32 @@ class _AsyncCommit(_HashingUpload):
     def __call__(self, checkpoint: Any, checkpoint_dir_name: str) -> Any:
         try:
             out = super().__call__(checkpoint, checkpoint_dir_name)
-            cb, fs = self.cb, self.cb.run.dir.fs
-            path = cb.run.dir.join(self.name)
-            st.write_bytes(fs, f"{path}/{rd.RANK_DIGESTS.format(rank=cb.run.rank)}", json.dumps(self.digests).encode())
-            if cb.run.rank == 0:
-                cb.commit(self.name, self.step, self.epoch, self.metrics, self.peers(fs, path, cb.run.world_size))
-                cb.last_save_s = time.time() - self.t_step_end  # step end -> committed, training meanwhile
+            self.finish()
             return out
         except BaseException as e:
             self.error = e
             raise
         finally:
             self.done.set()
+
+    def upload_from(self, local: str) -> None:
+        """An in-process run's upload thread (Ray Train's local mode calls no upload fn)."""
+        try:
+            self.digests = st.upload_dir(local, self.cb.run.dir.fs, self.cb.run.dir.join(self.name),
+                                         exclude=(ck.MANIFEST,))
+            self.finish()
+        except BaseException as e:  # noqa: BLE001 - raised in the training thread by wait_for_upload
+            self.error = e
+        finally:
+            self.done.set()
+
+    def finish(self) -> None:
+        cb, fs = self.cb, self.cb.run.dir.fs
+        path = cb.run.dir.join(self.name)
+        st.write_bytes(fs, f"{path}/{rd.RANK_DIGESTS.format(rank=cb.run.rank)}", json.dumps(self.digests).encode())
+        if cb.run.rank == 0:
+            cb.commit(self.name, self.step, self.epoch, self.metrics, self.peers(fs, path, cb.run.world_size))
+            cb.last_save_s = time.time() - self.t_step_end  # step end -> committed, training meanwhile
 
     def peers(self, fs: Any, path: str, world_size: int) -> list[list[dict[str, Any]]]:
         """Every rank's digests (rank 0's first), once all are in storage."""
