@@ -137,10 +137,7 @@ class Manifest:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "format": MANIFEST_FORMAT,
-            "version": self.version,
-            "step": self.step,
-            "epoch": self.epoch,
+            "format": MANIFEST_FORMAT, "version": self.version, "step": self.step, "epoch": self.epoch,
             "created_at": self.created_at,
             "spec_hash": self.spec_hash,
             "metrics": dict(self.metrics),
@@ -402,7 +399,8 @@ def _upload_state(fs: pyarrow.fs.FileSystem, ckpt_path: str, listing: dict[str, 
         marker = st.read_json(fs, posixpath.join(ckpt_path, UPLOADING))
     ranks, started = (marker.get("world_size"), marker.get("started")) if isinstance(marker, dict) else (None, None)
     done = sum(1 for r in range(len(listing)) if RANK_DIGESTS.format(rank=r) in listing)
-    since = f" since {datetime.fromtimestamp(started, timezone.utc):%H:%M:%S} UTC" if isinstance(started, float) else ""
+    ok = isinstance(started, float) and 0 < started < 1e11  # read from storage: a NaN or a huge value is no time
+    since = f" since {datetime.fromtimestamp(started, timezone.utc):%H:%M:%S} UTC" if ok else ""
     return (f"asynchronous upload in flight{since}, {done} of {ranks if isinstance(ranks, int) else '?'} rank(s) "
             "done, no manifest yet (if the run has stopped, it was cut short)")
 

@@ -63,6 +63,7 @@ from raytune_ft.train.progress import Publisher, board_name
 
 DIVERGED = 1e30  # what Tune sees for a NaN/inf loss, so schedulers and ranking treat it as the worst
 TRIAL_DRIVER_MEMORY = 256 * 2**20  # a trial only drives its TorchTrainer: no CPU (its workers have theirs), some memory
+TRIAL_THREAD_TIMEOUT_S = 120  # how long Tune waits for a stopped in-process trial's thread to end
 FREE_WAIT_S = 30.0  # how long to look for the placement group a stopped trial leaves behind
 
 
@@ -125,6 +126,9 @@ def _run_trial(config: dict[str, Any], base: dict | None = None, metric: str = "
         if result is not None:
             tune.report(result)  # Tune may stop the trial here (an ASHA rung): this thread then ends (SystemExit)
 
+    # a stopped trial's thread (ended at its report) must be gone before Tune reuses this actor for the next
+    # trial, and it may still write its logs and delete its local checkpoints: more than Tune's 2 s default
+    os.environ.setdefault("TUNE_FUNCTION_THREAD_TIMEOUT_S", str(TRIAL_THREAD_TIMEOUT_S))
     IN_PROCESS_REPORTS.append(forward)
     try:
         build_trainer(spec, worker).fit()
@@ -569,7 +573,9 @@ def _tuner(spec: JobSpec, sweep: RunDir, restore: bool, emit: Callable[[dict[str
             search_alg=search_algorithm(spec, concurrency), num_samples=t.num_samples or 1,
             max_concurrent_trials=concurrency if t.search == "optuna" else None,
             trial_name_creator=tune_trial_name, trial_dirname_creator=tune_trial_name,
-            reuse_actors=True,  # a trial actor that trained in process has the training stack imported
+            # a trial actor that trained in process has the training stack imported; one that drives a worker
+            # group is blocked in Ray Train's fit, which Tune's stop never reaches: never reused
+            reuse_actors=in_process,
         ),
         run_config=tune.RunConfig(
             name=TUNE_DIR, storage_path=sweep.path, storage_filesystem=sweep.fs, verbose=0,

@@ -134,6 +134,10 @@ class RtfCallback(TrainerCallback):
                 self.preemption_every = self.choose_preemption_interval()
         elif self.preemption_every and state.global_step % self.preemption_every == 0:
             self.check_preemption(state, control)
+        if control.should_save and self.in_flight is not None:
+            # back-pressure, before HF saves: its rotation (save_total_limit, with a best checkpoint kept)
+            # may delete the local copy of the checkpoint still uploading
+            self.wait_for_upload()
         self.t_step_end = time.time()
         if not self.in_process:
             return
@@ -312,6 +316,12 @@ class RtfCallback(TrainerCallback):
         In-process (Ray Train's local mode has no upload): a thread of rtf's own does the same, and a failed
         upload is raised at the next save or at the end of training."""
         if self.run.rank == 0:  # first, so that `rtf checkpoints list` shows the upload as in flight
+            # an earlier attempt at this step may have left ranks' digests: gone before any rank uploads (the
+            # others start only after ray.train.report's checkpoint-name sync, which rank 0 joins after this)
+            path = self.run.dir.join(name)
+            for rel in st.list_files(self.run.dir.fs, path):
+                if rel.startswith(rd.BOOKKEEPING):
+                    st.delete_file(self.run.dir.fs, f"{path}/{rel}")
             st.write_bytes(self.run.dir.fs, self.run.dir.join(name, rd.UPLOADING), json.dumps(
                 {"started": time.time(), "world_size": self.run.world_size, "step": state.global_step}).encode())
         commit = _AsyncCommit(self, name, state.global_step, state.epoch, dict(metrics), self.t_step_end)
@@ -327,6 +337,15 @@ class RtfCallback(TrainerCallback):
                          checkpoint_upload_fn=commit, checkpoint_upload_mode=CheckpointUploadMode.ASYNC,
                          delete_local_checkpoint_after_upload=False)  # HF rotates its local checkpoints itself
 
+    def abandon_upload(self, wait_s: float = 10.0) -> None:
+        """The run stops with an upload in flight (an error, Ctrl-C): that checkpoint is never committed, by
+        this run or by a thread that outlives it; wait a little for an in-process upload to let go of the
+        local files before they are deleted."""
+        commit, self.in_flight = self.in_flight, None
+        if commit is not None:
+            commit.cancelled = True
+            commit.done.wait(wait_s if self.in_process else 0)
+
     def wait_for_upload(self) -> None:
         """Wait for the asynchronous upload in flight, if any, to be committed (rank 0) or handed over (the
         other ranks); raise what failed it."""
@@ -334,7 +353,8 @@ class RtfCallback(TrainerCallback):
         if commit is None:
             return
         t0 = time.time()
-        commit.done.wait()
+        if not commit.done.wait(UPLOAD_WAIT_S):  # (Ray Train skips a report whose group is being torn down)
+            raise RuntimeError(f"checkpoint {commit.name}: its upload did not finish within {UPLOAD_WAIT_S:.0f}s")
         waited = time.time() - t0
         if waited > 1.0 and self.run.rank == 0:
             log.info("waited %.1fs for checkpoint %s's upload before going on", waited, commit.name)
@@ -357,13 +377,17 @@ class RtfCallback(TrainerCallback):
                 st.delete_file(self.run.dir.fs, f"{path}/{rel}")
         ck.write_manifest(self.run.dir.fs, path, step=step, epoch=epoch, files=list(files.values()),
                           spec_hash=self.spec_hash, metrics=metrics)
+        self.publisher.push({"kind": "checkpoint", "step": step, "path": self.run.dir.uri_of(name)})
         spec = self.run.spec
         best = spec.training.metric_for_best_model if spec.training.load_best_model_at_end else None
         mode = "max" if spec.training.greater_is_better else "min"
-        ck.prune(self.run.dir.fs, self.run.dir.path, keep_last=spec.storage.keep_checkpoints,
-                 best_metric=best, mode=mode)
-        self.sync_logs()
-        self.publisher.push({"kind": "checkpoint", "step": step, "path": self.run.dir.uri_of(name)})
+        try:  # committed now: what follows is housekeeping, which the next checkpoint does again
+            ck.prune(self.run.dir.fs, self.run.dir.path, keep_last=spec.storage.keep_checkpoints,
+                     best_metric=best, mode=mode)
+            self.sync_logs()
+        except Exception as e:  # noqa: BLE001 - never undo (or make Ray retry the upload of) a committed one
+            log.warning("checkpoint %s is committed; pruning or the log sync after it failed: %s", name,
+                        st.scrub(str(e), spec.storage))
 
     def sync_logs(self) -> None:
         """Copy metrics.jsonl and the TensorBoard events to the run dir in storage (rank 0)."""
@@ -398,6 +422,17 @@ class _HashingUpload:
 
 PEERS_WAIT_S = 3600.0  # how long rank 0 waits for the other ranks' uploads of one checkpoint
 PEERS_POLL_S = 0.5
+UPLOAD_WAIT_S = PEERS_WAIT_S + 600.0  # how long the next save waits for an upload in flight
+UPLOAD_ATTEMPTS = 3  # Ray Train calls the upload fn up to this often on a retryable S3 error (its @retry)
+
+
+def _ray_retries(e: BaseException) -> bool:
+    """Whether Ray Train's upload will call the upload fn again after ``e`` (its retry matches these texts)."""
+    try:
+        from ray.train.v2._internal.constants import AWS_RETRYABLE_TOKENS
+    except ImportError:  # another Ray: assume no retry (the worker then fails on the first error)
+        return False
+    return any(token in str(e) for token in AWS_RETRYABLE_TOKENS)
 
 
 class _AsyncCommit(_HashingUpload):
@@ -414,17 +449,22 @@ class _AsyncCommit(_HashingUpload):
         self.t_step_end = t_step_end
         self.done = threading.Event()
         self.error: BaseException | None = None
+        self.attempts = 0
+        self.cancelled = False  # the run stopped meanwhile (in-process): upload, but commit nothing
 
     def __call__(self, checkpoint: Any, checkpoint_dir_name: str) -> Any:
+        self.attempts += 1
+        self.error = None
         try:
             out = super().__call__(checkpoint, checkpoint_dir_name)
             self.finish()
-            return out
         except BaseException as e:
             self.error = e
+            if self.attempts >= UPLOAD_ATTEMPTS or not _ray_retries(e):  # else Ray calls again: still in flight
+                self.done.set()
             raise
-        finally:
-            self.done.set()
+        self.done.set()
+        return out
 
     def upload_from(self, local: str) -> None:
         """An in-process run's upload thread (Ray Train's local mode calls no upload fn)."""
@@ -438,6 +478,8 @@ class _AsyncCommit(_HashingUpload):
             self.done.set()
 
     def finish(self) -> None:
+        if self.cancelled:
+            return
         cb, fs = self.cb, self.cb.run.dir.fs
         path = cb.run.dir.join(self.name)
         st.write_bytes(fs, f"{path}/{rd.RANK_DIGESTS.format(rank=cb.run.rank)}", json.dumps(self.digests).encode())

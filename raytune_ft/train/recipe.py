@@ -13,6 +13,7 @@ only, never secret values), an explicit resume point, and how to report.
 from __future__ import annotations
 
 import copy
+import gc
 import json
 import logging
 import math
@@ -257,6 +258,10 @@ def train_loop(config: WorkerConfig) -> None:
     finally:
         finish_trackers()  # W&B/MLflow runs ended (HF's callbacks leave W&B open)
         shutil.rmtree(work, ignore_errors=True)
+        if config.in_process:  # this process goes on (the driver, a reused sweep trial): the model let go now,
+            gc.collect()       # its GPU memory too (the Trainer's reference cycles would keep it to the next run)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
 
 
 def in_process_setup(spec: JobSpec) -> None:
@@ -376,6 +381,9 @@ def _run(spec: JobSpec, run: RunContext, work: str, publisher: Publisher, config
 
         info(f"{e}: nothing left to train; writing final/ from that checkpoint")
         result = TrainOutput(trainer.state.global_step, None, {"train_runtime": 0.0})
+    except BaseException:
+        callback.abandon_upload()  # stopped with a checkpoint uploading (an error, Ctrl-C): it stays uncommitted
+        raise
     eval_metrics = _final_eval(trainer) if eval_ds else {}
 
     probe = fingerprint(trainer.model, ob.probe_ids((eval_ds or train_ds)[0], tokenizer)[:32], device)
