@@ -492,19 +492,23 @@ def test_local_mode_beside_a_running_head_starts_its_own_ray(cluster, tiny, tmp_
 
 # --------------------------------------------------------------------------- preemption (runs last: it replaces a node)
 
+DEADLINE_S = 15  # the drain's deadline
+
 
 @pytest.mark.timeout(600)
 def test_a_preempted_node_gets_a_checkpoint_before_it_goes_and_the_run_resumes(cluster, tiny, tmp_path):
-    """A spot reclaim as Ray sees it: the worker node is drained with reason preemption and a 30 s deadline
-    (what the autoscaler does on a cloud's notice; `ray drain-node` by hand) after the first periodic
+    """A spot reclaim as Ray sees it: the worker node is drained with reason preemption and a DEADLINE_S
+    deadline (what the autoscaler does on a cloud's notice; `ray drain-node` by hand) after the first periodic
     checkpoint. The workers commit a checkpoint at the next step they ask (about every second here), before the
-    deadline, and train on; the node is then killed and a replacement started. Ray Train restarts the group at
-    the deadline from that checkpoint, with `max_failures: 0` (a preemption is not a failure). The steps trained
-    twice (after the just-in-time checkpoint until the node went, then again after the restart) log the same
-    losses both times: the resume from that checkpoint is exact (no second, uninterrupted run is needed to
-    show it; test_resume.py compares against one for the other interruptions)."""
+    deadline, and train on. Ray Train ends the group at the deadline and restarts it from the latest committed
+    checkpoint once nodes are free, with `max_failures: 0` (a preemption is not a failure); the node is then
+    killed, as the cloud takes it, and a replacement started. (Killed before the deadline, the node's end raced
+    Ray Train's classification: the surviving rank's collective error could arrive first, and the attempt then
+    counted as a failure.) The steps trained twice (after that checkpoint until the deadline, then again after
+    the restart) log the same losses both times: the resume is exact (no second, uninterrupted run is needed
+    to show it; test_resume.py compares against one for the other interruptions)."""
     train, _, model_dir = tiny
-    save_steps, max_steps = 10, 150
+    save_steps, max_steps = 25, 300  # still training at the deadline; several steps between checkpoints
     t0 = time.time()
 
     def spec(name: str) -> Path:
@@ -521,7 +525,7 @@ def test_a_preempted_node_gets_a_checkpoint_before_it_goes_and_the_run_resumes(c
     f.wait_for(f"checkpoint committed: step {save_steps}\\b", 240)
     p = subprocess.run([str(VENV_BIN / "ray"), "drain-node", "--address", cluster.gcs, "--node-id", worker_node,
                         "--reason", "DRAIN_NODE_REASON_PREEMPTION", "--reason-message", "spot reclaim (test)",
-                        "--deadline-remaining-seconds", "30"], env=cluster.env(RAY_AUTH_MODE="token"),
+                        "--deadline-remaining-seconds", str(DEADLINE_S)], env=cluster.env(RAY_AUTH_MODE="token"),
                        capture_output=True, text=True, timeout=60)
     t_drain = time.time()
     print(f"preemption: drained after {t_drain - t0:.0f}s")
@@ -529,16 +533,15 @@ def test_a_preempted_node_gets_a_checkpoint_before_it_goes_and_the_run_resumes(c
     # Ray Train's watcher polls drains every 5 s; the ranks on the drained node are those it names
     m = f.wait_for(r"preemption notice for node (\w+) \(rank ([01])\), deadline in (\d+)s: committing a checkpoint "
                    r"at step (\d+), then training on \(the last checkpoint took [\d.]+s\)", 60)
-    assert worker_node.startswith(m.group(1)) and 0 < int(m.group(3)) <= 30
+    assert worker_node.startswith(m.group(1)) and 0 < int(m.group(3)) <= DEADLINE_S
     jit = int(m.group(4))
-    f.wait_for(f"checkpoint committed: step {jit}\\b", 30)
-    # it trains on: a step after the just-in-time one is logged before the node goes, so that the restart
-    # trains that step again (and the test can compare its two losses)
-    f.wait_for(rf"\] {jit + 1}/{max_steps}  loss ", 30)
-    assert time.time() < t_drain + 30, "the just-in-time checkpoint came after the deadline"
+    f.wait_for(f"checkpoint committed: step {jit}\\b", DEADLINE_S)
+    assert time.time() < t_drain + DEADLINE_S, "the just-in-time checkpoint came after the deadline"
     print(f"preemption: checkpoint at step {jit} committed {time.time() - t_drain:.0f}s after the drain")
     assert jit < max_steps, f.text[-3000:]
-    # the node goes (as the cloud takes it), and a replacement joins
+    # Ray Train ends the group at the deadline, as a preemption; then the node goes, and a replacement joins
+    f.wait_for(r"node preempted \(attempt 1 of 2 ended", DEADLINE_S + 60)
+    assert "/300  loss" in f.text and f"] {max_steps}/{max_steps}" not in f.text  # it was still training
     import psutil
 
     def cmdline(p) -> list[str]:  # a process may end between the listing and this read
@@ -575,14 +578,16 @@ def test_a_preempted_node_gets_a_checkpoint_before_it_goes_and_the_run_resumes(c
     results = json.loads((run / "final" / "final_results.json").read_text())
     assert results["steps"] == max_steps
 
-    # the steps trained twice log the same losses: the restart resumed exactly from the just-in-time checkpoint
+    # the steps trained twice log the same losses: the restart resumed exactly from the latest committed checkpoint
+    # (the just-in-time one, or a periodic one after it; when the deadline fell right after a commit, no step
+    # was trained twice, and the steps logged once each show the resume)
     losses: dict[int, list[str]] = {}
     for step, loss in re.findall(rf"\] (\d+)/{max_steps}  loss (\S+)", out):
         losses.setdefault(int(step), []).append(loss)
     twice = {s: v for s, v in losses.items() if len(v) > 1}
     resumed = int(re.search(r"resumed from step +(\d+)", out).group(1))  # the JIT one, or a periodic one after it
     assert resumed >= jit, out[-3000:]
-    assert twice and min(twice) == resumed + 1 and all(len(set(v)) == 1 for v in twice.values()), twice
+    assert (not twice or min(twice) == resumed + 1) and all(len(set(v)) == 1 for v in twice.values()), twice
     assert not [s for s, v in losses.items() if s <= resumed and len(v) > 1], "a step before the resume was redone"
     print(f"preemption: just-in-time checkpoint at step {jit}, resumed from {resumed}, {len(twice)} steps redone "
           f"with equal losses; {time.time() - t0:.0f}s in all")

@@ -176,8 +176,8 @@ def test_asha_sweep_stops_poor_trials_early_and_writes_results_and_best_spec(ray
 
     # each one-worker trial trained in its Tune trial's own process (no worker group), and said so
     assert "per trial, trained in the trial's own process" in out
-    for r in completed:
-        assert tune_pids(sweep, r["trial"]) == {trained_in(sweep / r["trial"])}, r["trial"]
+    for r in completed:  # (a trial interrupted by the Ctrl-C above reported from two processes, one per submit)
+        assert trained_in(sweep / r["trial"]) in tune_pids(sweep, r["trial"]), r["trial"]
 
     # the table again, later, from results.csv
     with pytest.raises(SystemExit) as ei:
