@@ -318,10 +318,7 @@ class RtfCallback(TrainerCallback):
         if self.run.rank == 0:  # first, so that `rtf checkpoints list` shows the upload as in flight
             # an earlier attempt at this step may have left ranks' digests: gone before any rank uploads (the
             # others start only after ray.train.report's checkpoint-name sync, which rank 0 joins after this)
-            path = self.run.dir.join(name)
-            for rel in st.list_files(self.run.dir.fs, path):
-                if rel.startswith(rd.BOOKKEEPING):
-                    st.delete_file(self.run.dir.fs, f"{path}/{rel}")
+            _clear_bookkeeping(self.run.dir.fs, self.run.dir.join(name))
             st.write_bytes(self.run.dir.fs, self.run.dir.join(name, rd.UPLOADING), json.dumps(
                 {"started": time.time(), "world_size": self.run.world_size, "step": state.global_step}).encode())
         commit = _AsyncCommit(self, name, state.global_step, state.epoch, dict(metrics), self.t_step_end)
@@ -372,9 +369,8 @@ class RtfCallback(TrainerCallback):
         files: dict[str, dict[str, Any]] = {}
         for per_rank in reversed(all_digests):  # rank 0 wins on shared names
             files.update({f["path"]: f for f in per_rank})
-        for rel in st.list_files(self.run.dir.fs, path):  # an asynchronous upload's (this one's, or one cut short
-            if rel.startswith(rd.BOOKKEEPING):           # by an earlier attempt at this step): gone before commit
-                st.delete_file(self.run.dir.fs, f"{path}/{rel}")
+        _clear_bookkeeping(self.run.dir.fs, path)  # an asynchronous upload's (this one's, or one cut short by an
+        # earlier attempt at this step): gone before the commit
         ck.write_manifest(self.run.dir.fs, path, step=step, epoch=epoch, files=list(files.values()),
                           spec_hash=self.spec_hash, metrics=metrics)
         self.publisher.push({"kind": "checkpoint", "step": step, "path": self.run.dir.uri_of(name)})
@@ -424,6 +420,13 @@ PEERS_WAIT_S = 3600.0  # how long rank 0 waits for the other ranks' uploads of o
 PEERS_POLL_S = 0.5
 UPLOAD_WAIT_S = PEERS_WAIT_S + 600.0  # how long the next save waits for an upload in flight
 UPLOAD_ATTEMPTS = 3  # Ray Train calls the upload fn up to this often on a retryable S3 error (its @retry)
+
+
+def _clear_bookkeeping(fs: Any, path: str) -> None:
+    """Delete an asynchronous upload's marker and ranks' digest files from checkpoint dir ``path``."""
+    for rel in st.list_files(fs, path):
+        if rel.startswith(rd.BOOKKEEPING):
+            st.delete_file(fs, f"{path}/{rel}")
 
 
 def _ray_retries(e: BaseException) -> bool:
