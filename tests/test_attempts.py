@@ -123,3 +123,35 @@ def test_a_preempted_attempt_is_said_as_such_and_uses_no_failure():
         "workers restarted (attempt 3 of 3): rank 0 pid 11 node abcdef12, rank 1 pid 12 node abcdef12",
         "a worker failed (attempt 3 of 3 failed: CUDA error); no restarts left (fault_tolerance.max_failures)",
     ]
+
+
+def test_the_end_of_a_preempted_group_is_said_at_its_deadline():
+    """A group whose workers are killed at the deadline says nothing; the next group may wait long for nodes.
+    The driver says the preemption ended the attempt once the notice's deadline (plus the controller's poll)
+    has passed, once, and not again when a worker's error or the next group comes; a run that finished before
+    the deadline says nothing."""
+    from raytune_ft.launch.driver import DEADLINE_SLACK_S
+
+    emitted: list[dict] = []
+    attempts = Attempts(spec(0), emitted.append)
+    notice = {"kind": "preemption", "message": "preemption notice ...", "deadline": 1000.0}
+    for e in (WORKERS, notice):
+        attempts.handle(e)
+    attempts.tick(1000.0 + DEADLINE_SLACK_S - 0.5)
+    assert [e["kind"] for e in emitted] == ["workers", "preemption"]
+    attempts.tick(1000.0 + DEADLINE_SLACK_S + 0.5)
+    retry = emitted[-1]
+    assert retry["kind"] == "retry" and retry["preempted"] == 1 and retry["next"] == "restart", retry
+    assert retry["error"] == "stopped at the preemption's deadline" and retry["attempt"] == 1
+    attempts.tick(2000.0)
+    attempts.handle({"kind": "worker_failed", "rank": 1, "error": "Default process group has not been initialized"})
+    attempts.handle(WORKERS)
+    assert [e["kind"] for e in emitted] == ["workers", "preemption", "retry", "workers"]
+    assert emitted[-1]["attempt"] == 2
+
+    done = Attempts(spec(0), emitted.append)
+    emitted.clear()
+    for e in (WORKERS, notice, {"kind": "done", "summary": {}}):
+        done.handle(e)
+    done.tick(5000.0)
+    assert [e["kind"] for e in emitted] == ["workers", "preemption", "done"]

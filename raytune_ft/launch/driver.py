@@ -323,6 +323,10 @@ def run(spec: JobSpec, *, fresh: bool = False, resume_from: str | None = None,
         return RunResult(False, run_dir.uri, summary, error=f"{type(err).__name__}: {st.scrub(str(err), spec.storage)}")
 
 
+PREEMPTION_DEFAULT_DEADLINE_S = 120.0  # Ray Train's DEFAULT_PREEMPTION_DEADLINE_S: a notice without a deadline
+DEADLINE_SLACK_S = 3.0  # the controller polls its workers about once a second
+
+
 class Attempts:
     """Counts Ray Train's attempts within one ``fit()`` and says what happens between them.
 
@@ -342,6 +346,17 @@ class Attempts:
         self.failures = 0  # attempts that failed, preempted ones not counted (Ray Train counts them apart)
         self.preempted: set[int] = set()  # attempts whose workers had a preemption notice (a `preemption` event)
         self.in_process = in_process
+        self.deadline: float | None = None  # the current attempt's preemption deadline (epoch s)
+
+    def tick(self, now: float | None = None) -> None:
+        """Past a preemption's deadline (and a little slack for the controller's poll), Ray Train has ended the
+        preempted group: say so now if no worker did (a worker killed in a collective says nothing)."""
+        k = max(self.attempt, 1)
+        if self.deadline is None or (now or time.time()) < self.deadline + DEADLINE_SLACK_S:
+            return
+        self.deadline = None
+        if k in self.preempted and (k, False) not in self.reported and (k, True) not in self.reported:
+            self.handle({"kind": "worker_failed", "error": "stopped at the preemption's deadline"})
 
     @property
     def total(self) -> int | None:
@@ -362,6 +377,12 @@ class Attempts:
                 e = {**e, "attempt": self.attempt, "attempts": self.total}
         elif kind == "preemption":
             self.preempted.add(max(self.attempt, 1))
+            # when Ray Train ends the group (its controller's clock; with no deadline given, Ray's default after
+            # the notice): said then by tick(), not only when the next group starts, which can be much later
+            # (it waits for nodes) or never (no restarts left)
+            self.deadline = float(e.get("deadline") or time.time() + PREEMPTION_DEFAULT_DEADLINE_S)
+        elif kind == "done":
+            self.deadline = None
         elif kind == "worker_failed":
             k = max(self.attempt, 1)
             error = str(e.get("error") or "")
@@ -432,6 +453,8 @@ def _fit_once(spec: JobSpec, worker: WorkerConfig, emit: EventHandler, *,
                 if e.get("kind") == "done":
                     summary = e.get("summary") or {}
                 attempts.handle(e)
+            if alive:
+                attempts.tick()
             if not alive:
                 break
             time.sleep(0.5)

@@ -195,7 +195,9 @@ class RtfCallback(TrainerCallback):
         if save:
             control.should_save = True
         if self.run.rank == 0:
-            self.publisher.push({"kind": "preemption", "message": message})
+            # the deadline (epoch s) lets the driver say when Ray Train ends this group, even if no worker does
+            deadline = info.deadline_ms / 1000 if info.deadline_ms else None
+            self.publisher.push({"kind": "preemption", "message": message, "deadline": deadline})
 
     def on_train_begin(self, args, state, control, **kwargs):
         from raytune_ft.train.monitor import HardwareMonitor
