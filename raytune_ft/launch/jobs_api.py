@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -195,6 +196,10 @@ def check_version_answer(url: str, r: Any) -> None:
                         + f"; give the Ray head's dashboard URL ({START_HEAD})")
 
 
+class DashboardError(UserError):
+    """The dashboard answered a request with a server error (HTTP 5xx): often passing, worth a retry."""
+
+
 @contextlib.contextmanager
 def api_errors(url: str, token: Token, what: str) -> Iterator[None]:
     try:
@@ -221,6 +226,10 @@ def api_errors(url: str, token: Token, what: str) -> Iterator[None]:
                             f"dashboard there? ({START_HEAD})") from None
         if "does not exist" in text and what.startswith("job "):
             raise UserError(f"no {what} on the cluster at {url}; `rtf jobs` lists them") from None
+        server = re.search(r"status code (5\d\d)", text)
+        if server:  # the dashboard's own failure (a node it asked went away, say); the job is not told of it
+            raise DashboardError(f"the Ray dashboard at {url} failed to answer ({what}: HTTP {server.group(1)}); its "
+                                 "log on the head says why (logs/dashboard*.log in Ray's session dir)") from None
         if name == "WSServerHandshakeError":  # the log stream's URL answered, but not as Ray's does
             raise UserError(f"{url} did not open the job's log stream ({what}: HTTP {status}): is it a Ray "
                             "dashboard?") from None

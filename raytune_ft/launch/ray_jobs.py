@@ -46,6 +46,7 @@ from raytune_ft.launch import secrets as sec
 from raytune_ft.launch.jobs_api import (  # noqa: F401  (the connection's names, also used from here)
     DEFAULT_DASHBOARD_PORT,
     Cluster,
+    DashboardError,
     Token,
     checks_tokens,
     cluster_address,
@@ -74,6 +75,7 @@ NO_RAY_SIGNS = ("No module named 'ray'", "No module named ray", "python: not fou
 SETUP_HOOK = "raytune_ft.launch.secrets.setup_hook"
 EXCLUDES = ["__pycache__", "*.pyc", ".pytest_cache", ".mypy_cache", ".ruff_cache"]
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+DASHBOARD_RETRY_S = 60.0  # --follow keeps asking this long while the dashboard answers with server errors
 ACTIVE = ("PENDING", "RUNNING")
 # in --follow, driver lines shown besides the progress events (all lines with RTF_WORKER_LOGS=1)
 DRIVER_MESSAGES = ("error:", "hint:", "warning:", "rtf:", "stopped:", "interrupted")
@@ -311,7 +313,7 @@ def follow_job(cluster: Cluster, job_id: str, *, out=None, run_uri: str | None =
         while True:
             with cluster.calls(f"job {job_id}"):
                 ended = asyncio.run(tail())
-            info = job_info(cluster, job_id)
+            info = job_info(cluster, job_id, retry_s=DASHBOARD_RETRY_S)
             if ended and str(info.status) in TERMINAL:
                 break
             if ended:
@@ -359,9 +361,18 @@ def follow_job(cluster: Cluster, job_id: str, *, out=None, run_uri: str | None =
 # --------------------------------------------------------------------------- status, logs, stop, jobs
 
 
-def job_info(cluster: Cluster, job_id: str) -> Any:
-    with cluster.calls(f"job {job_id}"):
-        return cluster.client.get_job_info(job_id)
+def job_info(cluster: Cluster, job_id: str, *, retry_s: float = 0.0) -> Any:
+    """The job's info; ``retry_s``: how long to keep asking while the dashboard answers with a server error
+    (seen for a few seconds after a node of the job went away)."""
+    end = time.monotonic() + retry_s
+    while True:
+        try:
+            with cluster.calls(f"job {job_id}"):
+                return cluster.client.get_job_info(job_id)
+        except DashboardError:
+            if time.monotonic() >= end:
+                raise
+            time.sleep(2.0)
 
 
 def _rtf_jobs(cluster: Cluster) -> list[Any]:
