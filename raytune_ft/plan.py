@@ -451,6 +451,7 @@ class Plan:
     memory: MemoryEstimate
     accelerator_memory_gib: float | None
     warnings: list[str]
+    min_workers: int | None = None  # elastic workers: as few as this (num_workers is the most)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -559,6 +560,7 @@ def make_plan(spec: JobSpec) -> Plan:
         memory=mem,
         accelerator_memory_gib=acc_mem,
         warnings=warnings,
+        min_workers=c.min_workers if c.elastic else None,
     )
 
 

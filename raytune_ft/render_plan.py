@@ -25,13 +25,23 @@ def _accumulation(p: Plan) -> str:
             f"{p.global_batch_size // (t['per_device_train_batch_size'] * p.num_workers)}")
 
 
+def _workers(p: Plan) -> str:
+    if not p.min_workers:
+        return f"{p.num_workers} worker(s)"
+    t = p.spec.get("training") or {}
+    per = t.get("per_device_train_batch_size") or 1
+    accs = ", ".join(f"{w}: {p.global_batch_size // (per * w)}" for w in range(p.min_workers, p.num_workers + 1))
+    return (f"{p.min_workers}-{p.num_workers} workers (elastic; gradient accumulation by worker count {accs}, "
+            "so the global batch stays the same)")
+
+
 def render_plan(p: Plan, extra: list[str] | None = None) -> str:
     m = p.memory
     lines = [
         f"run:          {p.name}   (spec hash {p.spec_hash})",
         f"output:       {p.run_uri}",
         f"method:       {p.method}",
-        f"scaling:      {p.num_workers} worker(s) × {json.dumps(p.resources_per_worker)}"
+        f"scaling:      {_workers(p)} × {json.dumps(p.resources_per_worker)}"
         f"{'  GPU' if p.use_gpu else '  CPU only'}, placement {p.placement_strategy}"
         + (f", accelerator {p.accelerator_type}" if p.accelerator_type else ""),
         f"global batch: {p.global_batch_size} sequences per optimizer step"

@@ -34,7 +34,9 @@ def scaling_config(plan: Plan, in_process: bool = False):
         return ScalingConfig(num_workers=0)
 
     kwargs: dict[str, Any] = dict(
-        num_workers=plan.num_workers,
+        # elastic: Ray Train V2 starts as many as the cluster has room for, down to the minimum, and restarts
+        # the group at another size from the latest checkpoint when nodes go or come
+        num_workers=(plan.min_workers, plan.num_workers) if plan.min_workers else plan.num_workers,
         use_gpu=plan.use_gpu,
         resources_per_worker=plan.resources_per_worker,
         placement_strategy=plan.placement_strategy,

@@ -543,6 +543,13 @@ class JobSpec(Section):
         row = self.data.max_seq_length * t.per_device_train_batch_size * self.compute.num_workers
         return max(1, t.tokens_per_step // row)
 
+    def accumulation_for(self, world_size: int) -> int:
+        """The accumulation for ``world_size`` workers: with elastic workers, what keeps the global batch of
+        compute.num_workers (the spec's rules made it a whole number for every allowed count)."""
+        if not self.compute.elastic or world_size == self.compute.num_workers:
+            return self.accumulation_steps
+        return max(1, self.accumulation_steps * self.compute.num_workers // max(1, world_size))
+
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:

@@ -142,6 +142,38 @@ def _tokens_per_step(s: Any) -> str | None:
     return None
 
 
+def _elastic(s: Any) -> str | None:
+    """Elastic workers keep the global batch: per_device × accumulation × num_workers must split into a whole
+    accumulation for every worker count; and what cannot move between worker counts is refused."""
+    c = s.compute
+    if not c.elastic:
+        return None
+    rng = f"the range {{min: {c.min_workers}, max: {c.num_workers}}}"
+    if s.tune is not None:
+        return f"{rng}: a sweep's trials hold a fixed number of workers; give num_workers one count"
+    if s.deepspeed is not None:
+        return (f"{rng}: DeepSpeed's checkpoint is written for one worker count (ZeRO shards the optimizer state "
+                "by rank), so a run cannot resume it with another; use DDP (no deepspeed section) or a fixed count")
+    t = s.training
+    if t.group_by_length:
+        return (f"{rng}: training.group_by_length orders rows by the batch each step takes per worker, which "
+                "changes with the worker count; an elastic run keeps its order only with random sampling")
+    acc = t.gradient_accumulation_steps  # (JobSpec.accumulation_steps, which this view of the sections lacks)
+    if t.tokens_per_step is not None and s.data.max_seq_length:
+        acc = max(1, t.tokens_per_step // (s.data.max_seq_length * t.per_device_train_batch_size * c.num_workers))
+    rows = acc * c.num_workers  # per-device batches in one optimizer step
+    bad = [w for w in c.worker_counts if rows % w]
+    if bad:
+        import math
+
+        need = math.lcm(*c.worker_counts) // math.gcd(math.lcm(*c.worker_counts), c.num_workers)
+        return (f"{rng}: the global batch ({t.per_device_train_batch_size} per worker × accumulation {acc} × "
+                f"{c.num_workers} workers) does not split evenly over {', '.join(map(str, bad))} worker(s), so "
+                f"the batch would change when workers are lost: use gradient_accumulation_steps {need} (or a "
+                f"multiple of it), or a range whose counts all divide {rows}")
+    return None
+
+
 def _objective_fits(s: Any) -> str | None:
     """The data formats, packing, model.init, ZeRO-3 and metrics must fit method.objective."""
     from raytune_ft.spec import objectives as obj
@@ -154,6 +186,13 @@ def _objective_fits(s: Any) -> str | None:
                       t.metric_for_best_model, s.tune.metric if s.tune else None, bool(ds and ds.stage == 3))
     except ValueError as e:
         return str(e)
+    return None
+
+
+def _log_examples(s: Any) -> str | None:
+    if s.monitoring.log_examples and s.method.objective != "sft":
+        return (f"monitoring.log_examples follows the rows of the SFT collator; method.objective "
+                f"{s.method.objective} batches its rows its own way (TRL's)")
     return None
 
 
@@ -170,6 +209,8 @@ CROSS_RULES: tuple[Rule, ...] = (
     Rule(("method", "type"), _init_full),
     Rule(("method", "objective"), _objective_fits),
     Rule(("training", "tokens_per_step"), _tokens_per_step),
+    Rule(("compute", "num_workers"), _elastic),
+    Rule(("monitoring", "log_examples"), _log_examples),
 )
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from raytune_ft.spec.base import (
     ACCELERATOR_RE,
@@ -47,7 +47,47 @@ class DeepSpeedSpec(Section):
 
 
 class ComputeSpec(Section):
-    num_workers: int = Field(1, ge=1, le=4096)
+    num_workers: int = Field(1, ge=1, le=4096, description=(
+        "Training workers (one per GPU). Written {min: M, max: N}: elastic, the same as num_workers N with "
+        "min_workers M."))
+    min_workers: int | None = Field(None, ge=1, le=4096, description=(
+        "Elastic workers: when nodes are lost and none replace them, Ray Train restarts the run from its latest "
+        "checkpoint with as few as this many workers (and grows back to num_workers when capacity returns, at "
+        "its next resize check). The global batch stays per_device_train_batch_size × accumulation × "
+        "num_workers: the accumulation is recomputed for each worker count."))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _worker_range(cls, data: Any) -> Any:
+        """``num_workers: {min: M, max: N}`` is ``num_workers: N`` with ``min_workers: M``."""
+        if not isinstance(data, dict) or not isinstance(data.get("num_workers"), dict):
+            return data
+        from raytune_ft.spec.rules import located_error
+
+        rng = data["num_workers"]
+        bad = sorted(set(map(str, rng)) - {"min", "max"})
+        problem = (f"unknown key(s) {', '.join(bad)}: write {{min: M, max: N}}" if bad else
+                   "needs both min and max, as {min: M, max: N}" if not {"min", "max"} <= set(rng) else
+                   "give the range as num_workers {min, max} or min_workers, not both" if "min_workers" in data
+                   else None)
+        if problem:
+            raise located_error([(("num_workers",), problem, rng)], "ComputeSpec")
+        return {**data, "num_workers": rng["max"], "min_workers": rng["min"]}
+
+    @section_rule
+    def _range(self) -> None:
+        if self.min_workers is not None and self.min_workers > self.num_workers:
+            raise ValueError(f"compute.min_workers {self.min_workers} is more than num_workers {self.num_workers} "
+                             "(the most workers)")
+
+    @property
+    def elastic(self) -> bool:
+        return self.min_workers is not None and self.min_workers < self.num_workers
+
+    @property
+    def worker_counts(self) -> range:
+        """Every worker count the run may train with."""
+        return range(self.min_workers if self.elastic else self.num_workers, self.num_workers + 1)
     gpus_per_worker: float = Field(0, ge=0, le=16)
     cpus_per_worker: float = Field(1, gt=0)
     accelerator_type: str | None = Field(None, description="e.g. A100-80G, H100, A40, RTX4090, L4")
@@ -253,3 +293,7 @@ class Monitoring(Section):
     report_to: list[Literal["tensorboard", "wandb", "mlflow", "none"]] = ["tensorboard"]
     experiment: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$",
                                    description="MLflow experiment and W&B project (default: the run name).")
+    log_examples: bool = Field(False, description=(
+        "Record which training rows each optimizer step took (every worker's, as indices into the prepared "
+        "training set) in metrics.jsonl: {step, epoch, examples}. Shows each row trained once per epoch across "
+        "resumes and worker-count changes. SFT only; one small collective per step."))

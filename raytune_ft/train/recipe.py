@@ -30,6 +30,7 @@ import torch
 from raytune_ft import checkpoints as ck
 from raytune_ft import rundir as rd
 from raytune_ft import storage as st
+from raytune_ft.errors import UserError
 from raytune_ft.rundir import RunDir
 from raytune_ft.spec import spec_hash, to_yaml
 from raytune_ft.spec.models import JobSpec
@@ -116,9 +117,10 @@ def setup_tokenizer(run: RunContext, work: str) -> Any:
 
 
 def training_arguments(spec: JobSpec, out_dir: str, deepspeed: dict | None, use_cpu: bool, cls: Any = None,
-                       **extra: Any) -> Any:
+                       world_size: int | None = None, **extra: Any) -> Any:
     """HF's ``TrainingArguments`` of the spec; ``cls`` and ``extra``: a TRL trainer's config class and its own
-    options (:func:`raytune_ft.train.objectives.argument_class`)."""
+    options (:func:`raytune_ft.train.objectives.argument_class`); ``world_size``: the workers this attempt has
+    (elastic workers: the accumulation that keeps the global batch)."""
     from transformers import TrainingArguments
 
     cls = cls or TrainingArguments
@@ -132,7 +134,8 @@ def training_arguments(spec: JobSpec, out_dir: str, deepspeed: dict | None, use_
         max_steps=t.max_steps or -1,
         per_device_train_batch_size=t.per_device_train_batch_size,
         per_device_eval_batch_size=t.eval_batch_size,
-        gradient_accumulation_steps=spec.accumulation_steps,  # training.tokens_per_step sets it
+        # training.tokens_per_step sets it; elastic workers recompute it for this attempt's worker count
+        gradient_accumulation_steps=spec.accumulation_for(world_size or spec.compute.num_workers),
         learning_rate=t.learning_rate,
         lr_scheduler_type=t.lr_scheduler_type,
         warmup_steps=warmup,
@@ -213,6 +216,23 @@ def pull_to_resume(fs: Any, path: str, dest: str) -> ck.PullResult:
             log.warning("download of %s broken (%s); continuing it (try %d of %d)", path,
                         st.scrub(str(e).splitlines()[0] if str(e) else type(e).__name__), attempt + 1, PULL_ATTEMPTS)
     raise AssertionError("unreachable")
+
+
+def whole_global_batches(spec: JobSpec, rows: list[Any], info: Any) -> list[Any]:
+    """Elastic workers: the training rows cut to a whole number of global batches, so that an epoch is the same
+    steps over the same rows at every worker count (a partial last batch is split over the ranks differently,
+    or padded by repeating rows, depending on the count; a resume at another count would then skip or repeat
+    rows). The gap it fills: HF's ``dataloader_drop_last`` drops a partial per-device batch only."""
+    per = spec.training.per_device_train_batch_size * spec.accumulation_steps * spec.compute.num_workers
+    keep = len(rows) // per * per
+    if keep == 0:
+        raise UserError(f"the training set has {len(rows)} rows, fewer than one global batch of {per} "
+                        "(per_device_train_batch_size × accumulation × compute.num_workers)",
+                        hint="add rows, or lower the batch")
+    if keep < len(rows):
+        info(f"data: elastic workers: {keep} of {len(rows)} rows trained per epoch (whole global batches of "
+             f"{per}); the last {len(rows) - keep} rows of the prepared training set are left out")
+    return rows[:keep]
 
 
 def restore_metrics(run: RunContext, work: str, upto_step: int | None) -> None:
@@ -302,6 +322,8 @@ def _run(spec: JobSpec, run: RunContext, work: str, publisher: Publisher, config
     for line in stats.lines():
         info(f"data: {line}")
     train_ds, eval_ds, scale = ob.prepare_datasets(spec, tokenizer, train_ds, eval_ds)  # as the objective reads them
+    if spec.compute.elastic and not config.in_process:
+        train_ds = whole_global_batches(spec, train_ds, info)
     if spec.method.objective == "regression":
         info(f"data: labels trained as (label - {scale.mean:.6g}) / {scale.std:.6g}; predictions and metrics "
              "in the labels' own units")
@@ -317,19 +339,21 @@ def _run(spec: JobSpec, run: RunContext, work: str, publisher: Publisher, config
     out_dir = os.path.join(work, "hf")
     args_cls, args_extra = ob.argument_class(spec)
     args = training_arguments(spec, out_dir, copy.deepcopy(config.plan.deepspeed), use_cpu=device.type == "cpu",
-                              cls=args_cls, **args_extra)
+                              cls=args_cls, world_size=run.world_size, **args_extra)
     # HF asks DDP to look for parameters without a gradient after every backward unless told otherwise (and
     # DDP warns that it found none): every trainable parameter gets one here, except in mixture-of-experts
     # models, whose unrouted experts may go without in a step
     args.ddp_find_unused_parameters = True if has_experts(model) else False
-    if run.world_size > 1 or config.plan.deepspeed:  # how the workers share the work, and the batch that makes
+    elastic = spec.compute.elastic and not config.in_process
+    if run.world_size > 1 or config.plan.deepspeed or elastic:  # how the workers share the work, and the batch
         ds = config.plan.deepspeed
         stage = (ds or {}).get("zero_optimization", {}).get("stage")
         strategy = "DDP" if not ds else f"DeepSpeed ZeRO-{stage}" if stage is not None else "DeepSpeed (deepspeed.config)"
         per, acc = args.per_device_train_batch_size, args.gradient_accumulation_steps
         info(f"distributed: {run.world_size} worker(s), {strategy} over {'gloo' if device.type == 'cpu' else 'nccl'}; "
              f"global batch {per * acc * run.world_size} = {per} per worker × {acc} accumulation × {run.world_size} "
-             "workers")
+             "workers" + (f" (elastic, {spec.compute.min_workers}-{spec.compute.num_workers} workers: the accumulation "
+                          "follows the worker count)" if elastic else ""))
     resume = find_resume_point(run, config.resume_from)
     local_resume = None
     if resume is not None:
@@ -352,6 +376,13 @@ def _run(spec: JobSpec, run: RunContext, work: str, publisher: Publisher, config
                            preemption_check_steps=spec.fault_tolerance.preemption_check_steps,
                            async_upload=spec.storage.async_upload)
     callbacks: list[Any] = [StopAtMaxSteps(), callback]
+    example_log = None
+    if spec.monitoring.log_examples:
+        from raytune_ft.train.example_log import ExampleLog, IndexedRows
+
+        example_log = ExampleLog(run.rank, callback.metrics_path)
+        callbacks.insert(1, example_log)  # its record of a step before the step's save syncs metrics.jsonl
+        train_ds = IndexedRows(train_ds)
     if spec.training.early_stopping:
         es = spec.training.early_stopping
         callbacks.append(EarlyStoppingCallback(es.patience, es.threshold))
@@ -364,8 +395,14 @@ def _run(spec: JobSpec, run: RunContext, work: str, publisher: Publisher, config
         collator = partial(collate_packed, pad_token_id=tokenizer.pad_token_id, flatten=flatten)
     else:
         collator = PaddedCollator(tokenizer.pad_token_id)
+    if example_log is not None:
+        from raytune_ft.train.example_log import IndexedCollator
+
+        collator = IndexedCollator(collator)
     trainer = ob.make_trainer(spec, model=model, args=args, train_ds=train_ds, eval_ds=eval_ds, tokenizer=tokenizer,
                               callbacks=callbacks, scale=scale, collator=collator)
+    if example_log is not None:
+        example_log.install(trainer)
     trainer.remove_callback(PrinterCallback)  # its lines once per job, not once per node
     trainer.add_callback(PrintOnRankZero())
     trainable, total = count_parameters(trainer.model)
