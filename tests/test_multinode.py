@@ -15,7 +15,11 @@ on this machine, each with its own temp dir and one CPU), through the Ray Jobs A
 * a bad data row fails on the cluster (driver preflight) with its file:line, exit 2, before any worker;
 * the nodes are started as `.venv/bin/ray start` without the venv on PATH (so the `python` there has no
   Ray): the driver still runs, with the Python the raylet starts its workers with;
-* local mode beside this running head (recorded in Ray's address file) starts its own Ray and trains.
+* local mode beside this running head (recorded in Ray's address file) starts its own Ray and trains;
+* a spot reclaim (the worker node drained with reason preemption and a deadline): a just-in-time checkpoint,
+  the restart counted as a preemption, not a failure, and an exact resume on a replacement node;
+* elastic workers (`num_workers: {min: 1, max: 2}`): the worker node lost with none to replace it, the run
+  finishes on one worker with the same global batch and each row once per epoch (the example-id log).
 
 Cleanup kills only processes whose command line names this module's temp dirs (and their children)."""
 
@@ -86,7 +90,11 @@ class TwoNodeCluster:
         return d
 
     def _ray_start(self, *args: str) -> None:
-        env = _base_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=self.token, PATH=HEAD_PATH)
+        # the GCS asks each raylet every second and marks a node dead after 5 unanswered asks (Ray's defaults:
+        # every 3 s, after 5): a lost node is known in seconds, not half a minute
+        env = _base_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=self.token, PATH=HEAD_PATH,
+                        RAY_health_check_period_ms="1000", RAY_health_check_timeout_ms="5000",
+                        RAY_health_check_failure_threshold="5")
         p = subprocess.run([str(VENV_BIN / "ray"), "start", "--disable-usage-stats", "--num-cpus", "1",
                             "--object-store-memory", str(200 * 1024 * 1024), "--node-ip-address", "127.0.0.1",
                             "--temp-dir", self._temp_dir(), *args], env=env, cwd=self.tmp, stdin=subprocess.DEVNULL,
@@ -591,3 +599,66 @@ def test_a_preempted_node_gets_a_checkpoint_before_it_goes_and_the_run_resumes(c
     assert not [s for s, v in losses.items() if s <= resumed and len(v) > 1], "a step before the resume was redone"
     print(f"preemption: just-in-time checkpoint at step {jit}, resumed from {resumed}, {len(twice)} steps redone "
           f"with equal losses; {time.time() - t0:.0f}s in all")
+
+
+# --------------------------------------------------------------------------- elastic workers (runs last: it loses a node)
+
+
+@pytest.mark.timeout(600)
+def test_elastic_workers_finish_on_one_node_with_the_same_global_batch_and_order(cluster, tiny, tmp_path):
+    """`compute.num_workers: {min: 1, max: 2}` under strict_spread: 2 workers, one per node. The worker node is
+    lost (its processes killed) after a checkpoint and no node replaces it: Ray Train restarts the run from the
+    latest checkpoint on the one node left, with 1 worker and twice the accumulation, so the global batch stays
+    4 rows. The example-id log (monitoring.log_examples) shows each step once, 4 rows a step, each row once
+    per epoch, and each step's rows the ones a fixed-size run takes: the seeded sampler's permutation of the
+    epoch, 4 rows a step, whatever the worker count."""
+    import torch
+
+    train, _, model_dir = tiny
+    n_rows, per, steps, save = 64, 2, 48, 4  # 16 steps an epoch (4 rows a step), 3 epochs
+    if len(cluster.node_ids()) < 2:  # the preemption test left a replacement; on its own, start one
+        cluster._ray_start("--address", cluster.gcs, "--dashboard-agent-listen-port", str(_free_ports(1)[0]))
+    spec = write_spec(tmp_path / "elastic.yaml", spec_doc(
+        "elastic", model_dir, train, None, tmp_path / "runs",
+        compute={"num_workers": {"min": 1, "max": 2}, "cpus_per_worker": 1, "placement": "strict_spread"},
+        training={"max_steps": steps, "per_device_train_batch_size": per, "save_steps": save, "logging_steps": 1},
+        monitoring={"log_examples": True}, fault_tolerance={"max_failures": 1},
+        # Ray Train's elastic policy first retries at the old size while Ray still counts the lost node (it
+        # is told of the loss by the workers before the GCS marks the node dead), until its worker-group start
+        # timeout (60 s by default), then starts what fits
+        env={"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "10"}))
+    f = Follow(["submit", str(spec), "--address", cluster.url, "--follow"], cluster.env(), tmp_path)
+    f.wait_for(r"workers: rank 0 pid \d+ node \S+, rank 1 pid \d+", 200)
+    f.wait_for(f"checkpoint committed: step {2 * save}\\b", 120)
+    import psutil
+
+    for proc in psutil.process_iter():  # every process of the worker nodes (not drained: lost)
+        try:
+            if any(d in a for d in cluster.temp_dirs[1:] for a in proc.cmdline()):
+                proc.kill()
+        except psutil.Error:
+            pass
+    t_kill = time.time()
+    f.wait_for(r"workers restarted \(attempt 2 of 2\)", 300)
+    print(f"elastic: restarted {time.time() - t_kill:.0f}s after the node was lost")
+    code = f.finish(400)
+    out = f.text
+    (tmp_path / "submit.out").write_text(out)  # kept for a failure's post-mortem
+    print(f"elastic: finished {time.time() - t_kill:.0f}s after the node was lost")
+    assert code == 0, out[-6000:]
+    assert "global batch 4 = 2 per worker × 1 accumulation × 2 workers (elastic, 1-2 workers" in out, out[-4000:]
+    assert "global batch 4 = 2 per worker × 2 accumulation × 1 workers (elastic, 1-2 workers" in out, out[-6000:]
+    assert re.search(r"workers restarted \(attempt 2 of 2\): rank 0 pid \d+ node \S+\n", out), out[-4000:]
+    run = tmp_path / "runs" / "elastic"
+    assert json.loads((run / "final" / "final_results.json").read_text())["steps"] == steps
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    took = {r["step"]: r["examples"] for r in records if "examples" in r}
+    assert sorted(took) == list(range(1, steps + 1)) and len(took) == sum("examples" in r for r in records)
+    resumed = int(re.search(r"resumed from step +(\d+)", out).group(1))
+    assert save <= resumed < steps and resumed % save == 0, out[-3000:]
+    for epoch in range(steps * per * 2 // n_rows):
+        order = torch.randperm(n_rows, generator=torch.Generator().manual_seed(7 + epoch)).tolist()
+        for i in range(n_rows // (per * 2)):
+            step = epoch * n_rows // (per * 2) + i + 1
+            assert took[step] == sorted(order[4 * i:4 * i + 4]), (step, took[step])
+        assert sorted(r for s, rows in took.items() if (s - 1) // 16 == epoch for r in rows) == list(range(n_rows))
