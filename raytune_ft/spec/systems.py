@@ -295,5 +295,5 @@ class Monitoring(Section):
                                    description="MLflow experiment and W&B project (default: the run name).")
     log_examples: bool = Field(False, description=(
         "Record which training rows each optimizer step took (every worker's, as indices into the prepared "
-        "training set) in metrics.jsonl: {step, epoch, examples}. Shows each row trained once per epoch across "
+        "training set) in the run's metrics log, beside the losses: {step, epoch, examples}. Shows each row trained once per epoch across "
         "resumes and worker-count changes. SFT only; one small collective per step."))
