@@ -600,7 +600,7 @@ def pull(fs: pyarrow.fs.FileSystem, ckpt_path: str, dest: str) -> PullResult:
     reused_files = reused_bytes = fetched_bytes = 0
     try:
         wanted = {f["path"] for f in manifest.files}
-        for rel in _local_files(tmp):  # an older manifest's files, our own manifest: not part of this pull
+        for rel in local_files(tmp):  # an older manifest's files, our own manifest: not part of this pull
             if rel not in wanted:
                 os.remove(os.path.join(tmp, *rel.split("/")))
         for f in manifest.files:
@@ -634,7 +634,8 @@ def download(fs: pyarrow.fs.FileSystem, ckpt_path: str, dest: str) -> Manifest:
     return pull(fs, ckpt_path, dest).manifest
 
 
-def _local_files(root: str) -> list[str]:
+def local_files(root: str) -> list[str]:
+    """Every file under the local dir ``root``, as /-separated paths relative to it."""
     out = []
     for dirpath, _, names in os.walk(root):
         for name in names:

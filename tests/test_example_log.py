@@ -20,9 +20,9 @@ def submit(argv, capsys):
 
 
 def test_each_step_logs_its_rows_and_a_resume_continues_the_epoch(ray_local, in_process, tiny, tmp_path, capsys):
-    train, _, model_dir = tiny  # 64 rows, 4 a step: 16 steps an epoch
-    spec = write_spec(tmp_path / "s.yaml", spec_doc("rows", model_dir, train, None, tmp_path / "runs",
-                                                   training={"max_steps": 10, "save_steps": 5},
+    train, evals, model_dir = tiny  # 64 rows, 4 a step: 16 steps an epoch; evaluated (rows without ids) too
+    spec = write_spec(tmp_path / "s.yaml", spec_doc("rows", model_dir, train, evals, tmp_path / "runs",
+                                                   training={"max_steps": 10, "save_steps": 5, "eval_steps": 5},
                                                    monitoring={"log_examples": True}))
     code, out = submit([str(spec)], capsys)
     assert code == 0, out
@@ -35,3 +35,4 @@ def test_each_step_logs_its_rows_and_a_resume_continues_the_epoch(ray_local, in_
     assert sorted(x for r in took[:16] for x in r["examples"]) == list(range(64))  # epoch 1, across the resume
     assert took[15]["epoch"] == 1.0 and len({x for r in took[16:] for x in r["examples"]}) == 16
     assert [r["step"] for r in records if "loss" in r] == list(range(1, 21))  # the loss records as before
+    assert [r["step"] for r in records if "eval_loss" in r] == [5, 10, 15, 20]

@@ -74,12 +74,9 @@ def choose_in_process(spec: JobSpec, owned: bool) -> tuple[bool, str]:
     Train sets up for a worker), and a Ray this process already runs (a notebook, a test session: long-lived,
     where a worker's failure must not be the process's). ``RTF_IN_PROCESS=0`` keeps the worker group; ``=1``
     uses this process on an existing Ray too."""
-    want = os.environ.get(IN_PROCESS_ENV, "").strip()
-    if spec.tune is not None or spec.compute.num_workers != 1 or want == "0":
+    if spec.tune is not None or not _may_train_in_process(spec):
         return False, ""
-    if spec.deepspeed is not None:  # DeepSpeed wants a process group, which Ray Train sets up for a worker
-        return False, ""
-    if want == "1":
+    if os.environ.get(IN_PROCESS_ENV, "").strip() == "1":
         return True, f"{IN_PROCESS_ENV}=1"
     if owned:
         return True, f"{IN_PROCESS_ENV}=0 starts one"
@@ -94,11 +91,16 @@ def trials_in_process(spec: JobSpec) -> tuple[bool, str]:
     controller, helper actors or worker group start per trial. What it gives up: Ray Train's restart of a
     failed trial (``fault_tolerance.max_failures``); resubmitting the sweep resumes such a trial from its last
     checkpoint. ``RTF_IN_PROCESS=0`` keeps a worker group per trial."""
-    if spec.tune is None or spec.compute.num_workers != 1 or spec.deepspeed is not None:
-        return False, ""
-    if os.environ.get(IN_PROCESS_ENV, "").strip() == "0":
+    if spec.tune is None or not _may_train_in_process(spec):
         return False, ""
     return True, f"{IN_PROCESS_ENV}=0 starts a worker group per trial"
+
+
+def _may_train_in_process(spec: JobSpec) -> bool:
+    """One worker, no DeepSpeed (it wants the process group Ray Train sets up for a worker), and not
+    ``RTF_IN_PROCESS=0``: what a run and a sweep's trials both need to train without a worker group."""
+    return (spec.compute.num_workers == 1 and spec.deepspeed is None
+            and os.environ.get(IN_PROCESS_ENV, "").strip() != "0")
 
 
 @contextlib.contextmanager

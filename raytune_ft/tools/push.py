@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from raytune_ft import rundir as rd
+from raytune_ft.checkpoints import local_files
 from raytune_ft.errors import UserError
 
 TOKEN_ENV = "HF_TOKEN"
@@ -45,7 +46,7 @@ def push(source: str, repo_id: str, *, private: bool = False, dry_run: bool = Fa
             raise UserError(f"${TOKEN_ENV} is not set: the Hub needs a write token to create and upload the repo",
                             hint="export HF_TOKEN=... (a token with write access), or pass --dry-run")
 
-    files = sorted(f for f in _files(src.path) if os.path.basename(f) not in _SKIP and f not in (CARD, PLOT))
+    files = sorted(f for f in local_files(src.path) if os.path.basename(f) not in _SKIP and f not in (CARD, PLOT))
     with open(os.path.join(src.path, rd.FINAL_RESULTS), encoding="utf-8") as f:
         results = json.load(f)
     spec_file = os.path.join(src.path, rd.SPEC)  # what the run trained with; else the run dir's
@@ -84,14 +85,6 @@ def _stage_and_push(src: Any, repo_id: str, files: list[str], results: dict[str,
     if not dry_run:
         assert token is not None
         _upload(repo_id, uploads, private=private, token=token, run_name=spec_doc.get("name", ""))
-    return out
-
-
-def _files(root: str) -> list[str]:
-    out = []
-    for dirpath, _dirs, names in os.walk(root):
-        for n in names:
-            out.append(os.path.relpath(os.path.join(dirpath, n), root).replace(os.sep, "/"))
     return out
 
 

@@ -42,6 +42,8 @@ class IndexedCollator:
         self.collator = collator
 
     def __call__(self, batch: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        if not batch or KEY not in batch[0]:  # the evaluation's rows (the trainer collates them the same way)
+            return self.collator(batch)
         out = self.collator([{k: v for k, v in row.items() if k != KEY} for row in batch])
         out[KEY] = torch.tensor([row[KEY] for row in batch], dtype=torch.long)
         return out
