@@ -5,6 +5,7 @@ server stopped mid-run, is tests/test_s3_run.py; here every branch of the wordin
 
 from __future__ import annotations
 
+import io
 import json
 
 from raytune_ft.launch.driver import Attempts
@@ -155,3 +156,22 @@ def test_the_end_of_a_preempted_group_is_said_at_its_deadline():
         done.handle(e)
     done.tick(5000.0)
     assert [e["kind"] for e in emitted] == ["workers", "preemption", "done"]
+
+
+def test_an_elastic_group_smaller_than_its_most_says_so():
+    """Ray Train restarted an elastic run with the workers the cluster had room for: the restart line says how
+    many of the most (a full group says nothing more)."""
+    d = spec(1)
+    elastic = spec_from_dict({**d.model_dump(mode="json", exclude_none=True),
+                              "compute": {"num_workers": {"min": 1, "max": 2}}})
+    out = io.StringIO()
+    r = Renderer(out)
+    attempts = Attempts(elastic, r.handle)
+    two = {"kind": "workers", "workers": [{"rank": 0}, {"rank": 1}], "message": "workers: rank 0 pid 1 node a, "
+           "rank 1 pid 2 node b"}
+    one = {"kind": "workers", "workers": [{"rank": 0}], "message": "workers: rank 0 pid 3 node a"}
+    for e in (two, {"kind": "worker_failed", "error": "Connection closed by peer"}, one):
+        attempts.handle(e)
+    assert out.getvalue().splitlines()[0] == "workers: rank 0 pid 1 node a, rank 1 pid 2 node b"
+    assert out.getvalue().splitlines()[-1] == ("workers restarted (attempt 2 of 2): rank 0 pid 3 node a "
+                                               "(1 of 2 workers, elastic)")

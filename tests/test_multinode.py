@@ -648,7 +648,8 @@ def test_elastic_workers_finish_on_one_node_with_the_same_global_batch_and_order
     assert code == 0, out[-6000:]
     assert "global batch 4 = 2 per worker × 1 accumulation × 2 workers (elastic, 1-2 workers" in out, out[-4000:]
     assert "global batch 4 = 2 per worker × 2 accumulation × 1 workers (elastic, 1-2 workers" in out, out[-6000:]
-    assert re.search(r"workers restarted \(attempt 2 of 2\): rank 0 pid \d+ node \S+\n", out), out[-4000:]
+    assert re.search(r"workers restarted \(attempt 2 of 2\): rank 0 pid \d+ node \S+ \(1 of 2 workers, elastic\)\n",
+                     out), out[-4000:]
     run = tmp_path / "runs" / "elastic"
     assert json.loads((run / "final" / "final_results.json").read_text())["steps"] == steps
     records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]

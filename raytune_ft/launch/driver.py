@@ -375,6 +375,8 @@ class Attempts:
             self.attempt += 1
             if self.attempt > 1:
                 e = {**e, "attempt": self.attempt, "attempts": self.total}
+            if self.spec.compute.elastic:
+                e = {**e, "elastic_max": self.spec.compute.num_workers}
         elif kind == "preemption":
             self.preempted.add(max(self.attempt, 1))
             # when Ray Train ends the group (its controller's clock; with no deadline given, Ray's default after

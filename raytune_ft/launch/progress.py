@@ -174,6 +174,9 @@ class Renderer:
             if kind == "workers":
                 if e.get("attempt", 1) > 1:  # Ray Train restarted the worker group: the setup lines follow again
                     msg = f"workers restarted ({attempt_of(e)}): " + msg.removeprefix("workers: ")
+                most, n = e.get("elastic_max"), len(e.get("workers") or [])
+                if most and n < most:  # elastic: fewer than the most, as many as the cluster had room for
+                    msg += f" ({n} of {most} workers, elastic)"
             elif kind == "retry":
                 msg = retry_message(e)
             elif kind == "eval":
