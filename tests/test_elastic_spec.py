@@ -75,3 +75,22 @@ def test_the_example_log_is_for_sft(tmp_path, capsys):
     d["method"] = {**d.get("method", {}), "objective": "regression"}
     code, lines = validate(tmp_path, d, capsys)
     assert code == 2 and "monitoring.log_examples follows the rows of the SFT collator" in "\n".join(lines), lines
+
+
+def test_an_elastic_training_set_is_cut_to_whole_global_batches():
+    """A partial last global batch would be split (or padded with repeated rows) differently at each worker
+    count: an elastic run trains whole global batches only, and says what it left out; fewer rows than one
+    global batch is the user's to fix (exit 2)."""
+    from raytune_ft.errors import UserError
+    from raytune_ft.train.recipe import whole_global_batches
+
+    spec = spec_from_dict(doc({"min": 1, "max": 2}, gradient_accumulation_steps=3))  # 2 × 3 × 2 = 12 rows a step
+    said: list[str] = []
+    kept = whole_global_batches(spec, list(range(64)), said.append)
+    assert kept == list(range(60))
+    assert said == ["data: elastic workers: 60 of 64 rows trained per epoch (whole global batches of 12); the last "
+                    "4 rows of the prepared training set are left out"]
+    said.clear()
+    assert whole_global_batches(spec, list(range(24)), said.append) == list(range(24)) and not said
+    with pytest.raises(UserError, match="the training set has 11 rows, fewer than one global batch of 12"):
+        whole_global_batches(spec, list(range(11)), said.append)
