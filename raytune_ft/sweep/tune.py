@@ -94,8 +94,9 @@ def _run_trial(config: dict[str, Any], base: dict | None = None, metric: str = "
     spec with this trial's values, through the same TorchTrainer as a plain run.
 
     ``in_process`` (a local sweep of one-worker trials, :func:`raytune_ft.launch.local.trials_in_process`): the
-    trial trains in this trial actor's own process, in Ray Train's local mode, when Tune gave the trial its worker's resources
-    (:func:`trial_resources`; a sweep first started with worker groups keeps their resources when resumed).
+    trial trains in this trial actor's own process, in Ray Train's local mode, when Tune gave the trial its
+    worker's resources (:func:`trial_resources`; a sweep first started with worker groups keeps their resources
+    when resumed).
     No Train controller, helper actors or worker group start per trial, and Tune reuses its trial actors, so
     the training stack is imported once per concurrent trial rather than once per trial."""
     assert base is not None
