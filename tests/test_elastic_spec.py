@@ -50,6 +50,9 @@ def test_a_range_is_max_workers_with_a_minimum_and_keeps_the_global_batch(tmp_pa
      "the range {min: 1, max: 3}: the global batch (2 per worker × accumulation 1 × 3 workers) does not split "
      "evenly over 2 worker(s), so the batch would change when workers are lost: use gradient_accumulation_steps 2"),
     ({"min": 2, "max": 4}, {}, "compute.num_workers", "does not split evenly over 3 worker(s)"),
+    ({"min": 1, "max": 3}, {"data": {"packing": True, "max_seq_length": 128}, "training": {"tokens_per_step": 768}},
+     "compute.num_workers", "over 2 worker(s), so the batch would change when workers are lost: use "
+     "training.tokens_per_step 1,536 (or a multiple of it)"),
     ({"min": 1, "max": 2}, {"deepspeed": {"stage": 2}}, "compute.num_workers",
      "DeepSpeed's checkpoint is written for one worker count"),
     ({"min": 1, "max": 2}, {"training": {"group_by_length": True}}, "compute.num_workers",

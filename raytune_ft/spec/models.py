@@ -537,11 +537,7 @@ class JobSpec(Section):
     @property
     def accumulation_steps(self) -> int:
         """training.gradient_accumulation_steps, or what training.tokens_per_step makes it for these workers."""
-        t = self.training
-        if t.tokens_per_step is None or not self.data.max_seq_length:
-            return t.gradient_accumulation_steps
-        row = self.data.max_seq_length * t.per_device_train_batch_size * self.compute.num_workers
-        return max(1, t.tokens_per_step // row)
+        return rules.accumulation(self)
 
     def accumulation_for(self, world_size: int) -> int:
         """The accumulation for ``world_size`` workers: with elastic workers, what keeps the global batch of

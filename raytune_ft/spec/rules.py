@@ -119,6 +119,15 @@ def _liger_gpu(s: Any) -> str | None:
     return None
 
 
+def accumulation(s: Any) -> int:
+    """training.gradient_accumulation_steps, or what training.tokens_per_step makes it for compute.num_workers
+    (``JobSpec.accumulation_steps``; here for the rules, which see the sections only)."""
+    t = s.training
+    if t.tokens_per_step is None or not s.data.max_seq_length:
+        return t.gradient_accumulation_steps
+    return max(1, t.tokens_per_step // (s.data.max_seq_length * t.per_device_train_batch_size * s.compute.num_workers))
+
+
 def _tokens_per_step(s: Any) -> str | None:
     """training.tokens_per_step: full rows (packing), a whole number of micro-batches, one way to set it."""
     t = s.training
@@ -158,19 +167,19 @@ def _elastic(s: Any) -> str | None:
     if t.group_by_length:
         return (f"{rng}: training.group_by_length orders rows by the batch each step takes per worker, which "
                 "changes with the worker count; an elastic run keeps its order only with random sampling")
-    acc = t.gradient_accumulation_steps  # (JobSpec.accumulation_steps, which this view of the sections lacks)
-    if t.tokens_per_step is not None and s.data.max_seq_length:
-        acc = max(1, t.tokens_per_step // (s.data.max_seq_length * t.per_device_train_batch_size * c.num_workers))
+    acc = accumulation(s)
     rows = acc * c.num_workers  # per-device batches in one optimizer step
     bad = [w for w in c.worker_counts if rows % w]
     if bad:
         import math
 
         need = math.lcm(*c.worker_counts) // math.gcd(math.lcm(*c.worker_counts), c.num_workers)
+        fix = (f"training.tokens_per_step {need * s.data.max_seq_length * t.per_device_train_batch_size * c.num_workers:,}"
+               if t.tokens_per_step is not None else f"gradient_accumulation_steps {need}")
         return (f"{rng}: the global batch ({t.per_device_train_batch_size} per worker × accumulation {acc} × "
                 f"{c.num_workers} workers) does not split evenly over {', '.join(map(str, bad))} worker(s), so "
-                f"the batch would change when workers are lost: use gradient_accumulation_steps {need} (or a "
-                f"multiple of it), or a range whose counts all divide {rows}")
+                f"the batch would change when workers are lost: use {fix} (or a multiple of it), or a range whose "
+                f"counts all divide {rows}")
     return None
 
 
