@@ -615,7 +615,7 @@ def test_elastic_workers_finish_on_one_node_with_the_same_global_batch_and_order
     import torch
 
     train, _, model_dir = tiny
-    n_rows, per, steps, save = 64, 2, 48, 4  # 16 steps an epoch (4 rows a step), 3 epochs
+    n_rows, per, steps, save = 64, 2, 32, 4  # 16 steps an epoch (4 rows a step), 2 epochs
     if len(cluster.node_ids()) < 2:  # the preemption test left a replacement; on its own, start one
         cluster._ray_start("--address", cluster.gcs, "--dashboard-agent-listen-port", str(_free_ports(1)[0]))
     spec = write_spec(tmp_path / "elastic.yaml", spec_doc(
@@ -626,7 +626,7 @@ def test_elastic_workers_finish_on_one_node_with_the_same_global_batch_and_order
         # Ray Train's elastic policy first retries at the old size while Ray still counts the lost node (it
         # is told of the loss by the workers before the GCS marks the node dead), until its worker-group start
         # timeout (60 s by default), then starts what fits
-        env={"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "10"}))
+        env={"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "5"}))
     f = Follow(["submit", str(spec), "--address", cluster.url, "--follow"], cluster.env(), tmp_path)
     f.wait_for(r"workers: rank 0 pid \d+ node \S+, rank 1 pid \d+", 200)
     f.wait_for(f"checkpoint committed: step {2 * save}\\b", 120)
