@@ -295,5 +295,6 @@ class Monitoring(Section):
                                    description="MLflow experiment and W&B project (default: the run name).")
     log_examples: bool = Field(False, description=(
         "Record which training rows each optimizer step took (every worker's, as indices into the prepared "
-        "training set) in the run's metrics log, beside the losses: {step, epoch, examples}. Shows each row trained once per epoch across "
-        "resumes and worker-count changes. SFT only; one small collective per step."))
+        "training set) in the run's metrics log, beside the losses: {step, epoch, examples}. Shows each row "
+        "trained once per epoch across resumes and worker-count changes. SFT only; one small collective per "
+        "step."))
