@@ -618,6 +618,15 @@ def test_elastic_workers_finish_on_one_node_with_the_same_global_batch_and_order
     n_rows, per, steps, save = 64, 2, 32, 4  # 16 steps an epoch (4 rows a step), 2 epochs
     if len(cluster.node_ids()) < 2:  # the preemption test left a replacement; on its own, start one
         cluster._ray_start("--address", cluster.gcs, "--dashboard-agent-listen-port", str(_free_ports(1)[0]))
+    # Ray Train's elastic policy sizes the group from Ray's AutoscalingCoordinator, whose view of the nodes is
+    # refreshed every TICK_INTERVAL_S (20 s): a node younger than that may be unseen, and the run would start
+    # with 1 worker (as on CI, right after the preemption test's replacement joined) and grow only at the resize
+    # check (60 s), after this short run's end. Start once the newest node has been seen.
+    from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import _AutoscalingCoordinatorActor
+
+    nodes = json.loads(cluster.get("/api/v0/nodes?limit=100&detail=true"))["data"]["result"]["result"]
+    newest = max(n["start_time_ms"] for n in nodes if n["state"] == "ALIVE") / 1000
+    time.sleep(max(0.0, newest + _AutoscalingCoordinatorActor.TICK_INTERVAL_S + 2 - time.time()))
     spec = write_spec(tmp_path / "elastic.yaml", spec_doc(
         "elastic", model_dir, train, None, tmp_path / "runs",
         compute={"num_workers": {"min": 1, "max": 2}, "cpus_per_worker": 1, "placement": "strict_spread"},
