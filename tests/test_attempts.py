@@ -175,3 +175,32 @@ def test_an_elastic_group_smaller_than_its_most_says_so():
     assert out.getvalue().splitlines()[0] == "workers: rank 0 pid 1 node a, rank 1 pid 2 node b"
     assert out.getvalue().splitlines()[-1] == ("workers restarted (attempt 2 of 2): rank 0 pid 3 node a "
                                                "(1 of 2 workers, elastic)")
+
+
+def test_after_elastic_workers_grew_the_next_fit_has_what_is_left_of_max_failures():
+    """Elastic workers that grow stop at a checkpoint and the driver starts a new fit(); Ray Train would count
+    its max_failures afresh, so the new fit gets what the earlier ones left (a cluster that keeps losing and
+    regaining a node still ends after max_failures failures)."""
+    from raytune_ft.launch.trainer import failures_left
+
+    assert (failures_left(2, 0), failures_left(2, 1), failures_left(2, 5), failures_left(-1, 7)) == (2, 1, 0, -1)
+    out = io.StringIO()
+    attempts = Attempts(spec(2), Renderer(out).handle, spent=1)  # one failure before the grow: one restart left
+    for e in (WORKERS, {"kind": "worker_failed", "error": "boom"}, WORKERS, {"kind": "worker_failed", "error": "bang"}):
+        attempts.handle(e)
+    lines = out.getvalue().splitlines()
+    assert lines[1] == ("a worker failed (attempt 1 of 2 failed: boom); Ray Train restarts the workers; they resume "
+                        "from the last committed checkpoint")
+    assert lines[-1] == "a worker failed (attempt 2 of 2 failed: bang); no restarts left (fault_tolerance.max_failures)"
+    assert attempts.failures == 2 and attempts.grow is None
+
+
+def test_the_workers_stopping_to_grow_is_said_and_kept_for_the_driver():
+    out = io.StringIO()
+    attempts = Attempts(spec(1), Renderer(out).handle)
+    grow = {"kind": "grow", "step": 24, "workers": 1, "to": 2, "message": "elastic: Ray has room for 2 workers "
+            "(1 now): the workers stop at the checkpoint of step 24, and the run starts again from it with more"}
+    for e in (WORKERS, grow):
+        attempts.handle(e)
+    assert out.getvalue().splitlines()[-1] == grow["message"]
+    assert attempts.grow == grow and attempts.failures == 0

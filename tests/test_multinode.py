@@ -18,8 +18,9 @@ on this machine, each with its own temp dir and one CPU), through the Ray Jobs A
 * local mode beside this running head (recorded in Ray's address file) starts its own Ray and trains;
 * a spot reclaim (the worker node drained with reason preemption and a deadline): a just-in-time checkpoint,
   the restart counted as a preemption, not a failure, and an exact resume on a replacement node;
-* elastic workers (`num_workers: {min: 1, max: 2}`): the worker node lost with none to replace it, the run
-  finishes on one worker with the same global batch and each row once per epoch (the example-id log).
+* elastic workers (`num_workers: {min: 1, max: 2}`): the worker node lost, the run goes on with one worker
+  and the same global batch; a node joins, and at the next checkpoint it grows back to two, no step trained
+  twice; each row once per epoch (the example-id log).
 
 Cleanup kills only processes whose command line names this module's temp dirs (and their children)."""
 
@@ -605,29 +606,35 @@ def test_a_preempted_node_gets_a_checkpoint_before_it_goes_and_the_run_resumes(c
 
 
 @pytest.mark.timeout(600)
-def test_elastic_workers_finish_on_one_node_with_the_same_global_batch_and_order(cluster, tiny, tmp_path):
+def test_elastic_workers_shrink_to_one_node_and_grow_back_with_the_same_global_batch_and_order(cluster, tiny,
+                                                                                                   tmp_path):
     """`compute.num_workers: {min: 1, max: 2}` under strict_spread: 2 workers, one per node. The worker node is
-    lost (its processes killed) after a checkpoint and no node replaces it: Ray Train restarts the run from the
-    latest checkpoint on the one node left, with 1 worker and twice the accumulation, so the global batch stays
-    4 rows. The example-id log (monitoring.log_examples) shows each step once, 4 rows a step, each row once
-    per epoch, and each step's rows the ones a fixed-size run takes: the seeded sampler's permutation of the
-    epoch, 4 rows a step, whatever the worker count."""
+    lost (its processes killed) after a checkpoint: Ray Train restarts the run from the latest checkpoint on the
+    one node left, with 1 worker and twice the accumulation, so the global batch stays 4 rows. Then a node
+    joins: at the first checkpoint after Ray sees it, the workers stop once it is committed and the run starts
+    again from it with 2 workers; no step is trained twice. The example-id log (monitoring.log_examples) shows
+    each step once, 4 rows a step, each row once per epoch, and each step's rows the ones a fixed-size run
+    takes: the seeded sampler's permutation of the epoch, 4 rows a step, whatever the worker count. Checkpoints
+    upload asynchronously (`storage.upload: async`), from both workers, and the grow waits for its commit."""
     import torch
 
     train, _, model_dir = tiny
-    n_rows, per, steps, save = 64, 2, 32, 4  # 16 steps an epoch (4 rows a step), 2 epochs
+    # 16 steps an epoch (4 rows a step), 12 epochs: the 1-worker phase outlasts Ray's notice of the new node
+    n_rows, per, steps, save = 64, 2, 192, 8
     if len(cluster.node_ids()) < 2:  # the preemption test left a replacement; on its own, start one
         cluster._ray_start("--address", cluster.gcs, "--dashboard-agent-listen-port", str(_free_ports(1)[0]))
     # Ray Train's elastic policy sizes the group from Ray's AutoscalingCoordinator, whose view of the nodes is
     # refreshed every TICK_INTERVAL_S (20 s): a node younger than that may be unseen, and the run would start
-    # with 1 worker (as on CI, right after the preemption test's replacement joined) and grow only at the resize
-    # check (60 s), after this short run's end. Start once the newest node has been seen.
-    from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import _AutoscalingCoordinatorActor
+    # with 1 worker (as on CI, right after the preemption test's replacement joined), growing only at a later
+    # checkpoint. Start once the newest node has been seen.
+    from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
+        _AutoscalingCoordinatorActor,
+    )
 
     nodes = json.loads(cluster.get("/api/v0/nodes?limit=100&detail=true"))["data"]["result"]["result"]
     newest = max(n["start_time_ms"] for n in nodes if n["state"] == "ALIVE") / 1000
     time.sleep(max(0.0, newest + _AutoscalingCoordinatorActor.TICK_INTERVAL_S + 2 - time.time()))
-    spec = write_spec(tmp_path / "elastic.yaml", spec_doc(
+    doc = spec_doc(
         "elastic", model_dir, train, None, tmp_path / "runs",
         compute={"num_workers": {"min": 1, "max": 2}, "cpus_per_worker": 1, "placement": "strict_spread"},
         training={"max_steps": steps, "per_device_train_batch_size": per, "save_steps": save, "logging_steps": 1},
@@ -635,7 +642,9 @@ def test_elastic_workers_finish_on_one_node_with_the_same_global_batch_and_order
         # Ray Train's elastic policy first retries at the old size while Ray still counts the lost node (it
         # is told of the loss by the workers before the GCS marks the node dead), until its worker-group start
         # timeout (60 s by default), then starts what fits
-        env={"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "5"}))
+        env={"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "5"})
+    doc["storage"]["upload"] = "async"  # each worker's upload in flight beside training; committed before a grow
+    spec = write_spec(tmp_path / "elastic.yaml", doc)
     f = Follow(["submit", str(spec), "--address", cluster.url, "--follow"], cluster.env(), tmp_path)
     f.wait_for(r"workers: rank 0 pid \d+ node \S+, rank 1 pid \d+", 200)
     f.wait_for(f"checkpoint committed: step {2 * save}\\b", 120)
@@ -650,22 +659,38 @@ def test_elastic_workers_finish_on_one_node_with_the_same_global_batch_and_order
     t_kill = time.time()
     f.wait_for(r"workers restarted \(attempt 2 of 2\)", 300)
     print(f"elastic: restarted {time.time() - t_kill:.0f}s after the node was lost")
+    cluster._ray_start("--address", cluster.gcs, "--dashboard-agent-listen-port", str(_free_ports(1)[0]))
+    t_node = time.time()
+    m = f.wait_for(r"elastic: Ray has room for 2 workers \(1 now\): the workers stop at the checkpoint of step "
+                   r"(\d+), and the run starts again from it with more", 200)
+    print(f"elastic: growing at step {m.group(1)}, {time.time() - t_node:.0f}s after a node joined")
     code = f.finish(400)
     out = f.text
     (tmp_path / "submit.out").write_text(out)  # kept for a failure's post-mortem
-    print(f"elastic: finished {time.time() - t_kill:.0f}s after the node was lost")
+    print(f"elastic: finished {time.time() - t_node:.0f}s after a node joined")
     assert code == 0, out[-6000:]
-    assert "global batch 4 = 2 per worker × 1 accumulation × 2 workers (elastic, 1-2 workers" in out, out[-4000:]
-    assert "global batch 4 = 2 per worker × 2 accumulation × 1 workers (elastic, 1-2 workers" in out, out[-6000:]
+    grown, at = int(m.group(1)), out.index(m.group(0))
+    before, after = out[:at], out[at:]
+    assert "global batch 4 = 2 per worker × 1 accumulation × 2 workers (elastic, 1-2 workers" in before, before[-4000:]
+    assert "global batch 4 = 2 per worker × 2 accumulation × 1 workers (elastic, 1-2 workers" in before, before[-6000:]
     assert re.search(r"workers restarted \(attempt 2 of 2\): rank 0 pid \d+ node \S+ \(1 of 2 workers, elastic\)\n",
-                     out), out[-4000:]
+                     before), before[-4000:]
+    # grown at a checkpoint committed before the stop, and started again from it, with 2 workers
+    assert grown % save == 0 and 2 * save < grown < steps and f"checkpoint committed: step {grown} →" in before
+    assert f"elastic: starting the workers again from step {grown} (as many as Ray has room for, up to 2)" in after
+    assert re.search(r"\nworkers: rank 0 pid \d+ node \S+, rank 1 pid \d+", after), after[:4000]
+    assert "global batch 4 = 2 per worker × 1 accumulation × 2 workers (elastic, 1-2 workers" in after, after[:4000]
+    resumes = [int(x) for x in re.findall(r"resuming from \S+ at step (\d+)", out)]
+    assert len(resumes) == 2 and save <= resumes[0] < grown and resumes[0] % save == 0 and resumes[1] == grown, resumes
+    # no step trained twice at the grow: the steps after it start right after the checkpoint it stopped at
+    assert min(int(s) for s in re.findall(rf"\] (\d+)/{steps}  loss", after)) == grown + 1, after[:4000]
     run = tmp_path / "runs" / "elastic"
-    assert json.loads((run / "final" / "final_results.json").read_text())["steps"] == steps
+    results = json.loads((run / "final" / "final_results.json").read_text())
+    assert results["steps"] == steps and results["resumed_from_step"] == grown
+    assert len(results["workers"]) == 2, results["workers"]
     records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     took = {r["step"]: r["examples"] for r in records if "examples" in r}
     assert sorted(took) == list(range(1, steps + 1)) and len(took) == sum("examples" in r for r in records)
-    resumed = int(re.search(r"resumed from step +(\d+)", out).group(1))
-    assert save <= resumed < steps and resumed % save == 0, out[-3000:]
     for epoch in range(steps * per * 2 // n_rows):
         order = torch.randperm(n_rows, generator=torch.Generator().manual_seed(7 + epoch)).tolist()
         for i in range(n_rows // (per * 2)):

@@ -17,7 +17,7 @@ from typing import Any
 from raytune_ft import storage as st
 from raytune_ft.errors import UserError
 from raytune_ft.launch.progress import board_name, open_board
-from raytune_ft.launch.trainer import RunResult, build_trainer
+from raytune_ft.launch.trainer import RunResult, build_trainer, failures_left
 from raytune_ft.plan import Plan, make_plan
 from raytune_ft.rundir import FINAL, SPEC, RunDir
 from raytune_ft.spec import to_yaml
@@ -293,11 +293,22 @@ def run(spec: JobSpec, *, fresh: bool = False, resume_from: str | None = None,
     run_dir.clear_stopped()
     worker = WorkerConfig(plan, resume_from=resume_from, progress_board=board_name(spec.name), in_process=in_process)
     attempt = 0
+    fits = spent = 0  # fit() calls, and the failures they used (Ray Train's own restarts)
     while True:
         attempt += 1
+        fits += 1
         # a retry resumes from the run's own latest committed checkpoint, not from --resume-from
-        outcome, summary = _fit_once(spec, worker if attempt == 1 else replace(worker, resume_from=None), emit,
-                                     driver_retry=retries_left("storage", attempt, spec.fault_tolerance.max_failures))
+        outcome, summary = _fit_once(spec, worker if fits == 1 else replace(worker, resume_from=None), emit,
+                                     driver_retry=retries_left("storage", attempt, spec.fault_tolerance.max_failures),
+                                     spent=spent)
+        spent += outcome.get("failures", 0)
+        if "error" not in outcome and outcome.get("grow"):
+            # elastic workers stopped at a committed checkpoint because Ray has room for more
+            # (raytune_ft.train.elastic): a new fit() resumes from it at the size Ray Train starts
+            attempt -= 1  # not a retry
+            emit({"kind": "info", "message": f"elastic: starting the workers again from step "
+                  f"{outcome['grow'].get('step')} (as many as Ray has room for, up to {spec.compute.num_workers})"})
+            continue
         if "error" not in outcome:
             return RunResult(True, run_dir.uri, summary)
         err = outcome["error"]
@@ -338,8 +349,11 @@ class Attempts:
     checkpoint, or, with no restarts left, the driver's own wait for storage)."""
 
     def __init__(self, spec: JobSpec, emit: EventHandler, *, driver_retry: bool = False,
-                 in_process: bool = False) -> None:
+                 in_process: bool = False, spent: int = 0) -> None:
         self.spec, self.emit = spec, emit
+        # Ray Train's max_failures for this fit(): what earlier ones (before elastic workers grew) left
+        self.max_failures = failures_left(spec.fault_tolerance.max_failures, spent)
+        self.grow: dict[str, Any] | None = None  # the workers stopped at a checkpoint to grow (a `grow` event)
         self.driver_retry = driver_retry  # after the last attempt, the driver waits for storage and runs again
         self.attempt = 0  # worker groups started in this fit()
         self.reported: set[tuple[int, bool]] = set()  # (attempt, said storage)
@@ -362,7 +376,7 @@ class Attempts:
     def total(self) -> int | None:
         """Ray Train's attempts: the first + max_failures + one per preemption so far; in-process (local mode)
         Ray Train restarts nothing."""
-        n = self.spec.fault_tolerance.max_failures
+        n = self.max_failures
         return 1 if self.in_process else n + 1 + len(self.preempted) if n >= 0 else None
 
     def handle(self, e: dict[str, Any]) -> None:
@@ -385,6 +399,8 @@ class Attempts:
             self.deadline = float(e.get("deadline") or time.time() + PREEMPTION_DEFAULT_DEADLINE_S)
         elif kind == "done":
             self.deadline = None
+        elif kind == "grow":
+            self.grow = e
         elif kind == "worker_failed":
             k = max(self.attempt, 1)
             error = str(e.get("error") or "")
@@ -402,7 +418,7 @@ class Attempts:
                      "max_preemptions": limit, "next": "fail" if last else "restart", "in_process": False}
             else:
                 self.failures += 1
-                n = self.spec.fault_tolerance.max_failures
+                n = self.max_failures
                 last = self.in_process or 0 <= n < self.failures
                 e = {"kind": "retry", "attempt": k, "attempts": self.total, "error": error,
                      "storage": st.describe(self.spec.storage) if storage else None,
@@ -411,10 +427,12 @@ class Attempts:
         self.emit(e)
 
 
-def _fit_once(spec: JobSpec, worker: WorkerConfig, emit: EventHandler, *,
-              driver_retry: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
+def _fit_once(spec: JobSpec, worker: WorkerConfig, emit: EventHandler, *, driver_retry: bool = False,
+              spent: int = 0) -> tuple[dict[str, Any], dict[str, Any]]:
     """One TorchTrainer.fit(), with the progress board polled while it runs (an actor on the Ray cluster, or
-    for a run in this process, an in-process board: such a run needs no Ray started at all)."""
+    for a run in this process, an in-process board: such a run needs no Ray started at all). The outcome:
+    ``result`` or ``error``, the ``failures`` Ray Train restarted after, and ``grow`` when elastic workers
+    stopped at a checkpoint to start again with more."""
     if worker.in_process:
         board: Any = LOCAL_BOARDS.setdefault(worker.progress_board or "", LocalBoard())
 
@@ -427,7 +445,7 @@ def _fit_once(spec: JobSpec, worker: WorkerConfig, emit: EventHandler, *,
 
         def since(seen: int) -> list[dict[str, Any]]:
             return ray.get(board.since.remote(seen), timeout=10)
-    trainer = build_trainer(spec, worker)
+    trainer = build_trainer(spec, worker, spent=spent)
     outcome: dict[str, Any] = {}
 
     def fit() -> None:
@@ -442,7 +460,7 @@ def _fit_once(spec: JobSpec, worker: WorkerConfig, emit: EventHandler, *,
     thread.start()
     seen = 0
     summary: dict[str, Any] = {}
-    attempts = Attempts(spec, emit, driver_retry=driver_retry, in_process=worker.in_process)
+    attempts = Attempts(spec, emit, driver_retry=driver_retry, in_process=worker.in_process, spent=spent)
     try:
         while True:
             alive = thread.is_alive()
@@ -480,6 +498,9 @@ def _fit_once(spec: JobSpec, worker: WorkerConfig, emit: EventHandler, *,
                 pass
     if worker.in_process and isinstance(outcome.get("error"), StopRequested):
         raise outcome["error"]  # stopped on request (SIGTERM after its checkpoint): the caller says so
+    outcome["failures"] = attempts.failures
+    if attempts.grow is not None and not summary:
+        outcome["grow"] = attempts.grow
     return outcome, summary
 
 

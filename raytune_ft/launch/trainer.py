@@ -43,12 +43,25 @@ def scaling_config(plan: Plan, in_process: bool = False):
     )
     if plan.accelerator_type:
         kwargs["accelerator_type"] = plan.accelerator_type
+    if plan.min_workers:
+        from raytune_ft.train import elastic
+
+        if elastic.available():  # the workers grow the group at a committed checkpoint, in place of Ray
+            # Train's resize check, which restarts it wherever it is (the steps since the checkpoint redone)
+            kwargs["elastic_resize_monitor_interval_s"] = elastic.RAY_RESIZE_CHECK_OFF_S
     return ScalingConfig(**kwargs)
 
 
-def build_trainer(spec: JobSpec, worker: WorkerConfig, *, callbacks: Sequence[Any] = ()):
+def failures_left(max_failures: int, spent: int) -> int:
+    """What is left of ``max_failures`` (-1: unlimited) after ``spent`` failures."""
+    return max_failures if max_failures < 0 else max(0, max_failures - spent)
+
+
+def build_trainer(spec: JobSpec, worker: WorkerConfig, *, callbacks: Sequence[Any] = (), spent: int = 0):
     """A ``TorchTrainer`` that runs :func:`raytune_ft.train.entry.train_loop` with ``worker`` on every
-    worker, named and stored as the run dir of ``spec`` (Ray Train's stale snapshot dropped first)."""
+    worker, named and stored as the run dir of ``spec`` (Ray Train's stale snapshot dropped first).
+    ``spent``: failures an earlier ``fit()`` of this run used (elastic workers that grew start a new one),
+    taken off ``fault_tolerance.max_failures``."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -67,7 +80,7 @@ def build_trainer(spec: JobSpec, worker: WorkerConfig, *, callbacks: Sequence[An
             name=spec.name,
             storage_path=root,
             storage_filesystem=fs,
-            failure_config=FailureConfig(max_failures=spec.fault_tolerance.max_failures,
+            failure_config=FailureConfig(max_failures=failures_left(spec.fault_tolerance.max_failures, spent),
                                          max_preemption_failures=spec.fault_tolerance.max_preemption_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=None),  # rtf prunes by its manifests
             worker_runtime_env={"env_vars": dict(WORKER_ENV)},

@@ -91,7 +91,7 @@ class RtfCallback(TrainerCallback):
     def __init__(self, *, run: Any, spec_hash: str, publisher: Any, work_dir: str, tb_writer: Any = None,
                  tokens_per_sample: float | None = None, report_evals: bool = False, in_process: bool = False,
                  perplexity: bool = True, preemption_check_steps: int | None = None,
-                 async_upload: bool = False) -> None:
+                 async_upload: bool = False, elastic_max: int | None = None) -> None:
         self.run = run  # RunContext: rank, spec, dir (the RunDir)
         self.spec_hash = spec_hash
         self.publisher = publisher
@@ -120,6 +120,8 @@ class RtfCallback(TrainerCallback):
         # (a sweep trial in its own process stays synchronous: Tune's stop at a report ends its thread there)
         self.async_upload = async_upload and not (in_process and report_evals)
         self.in_flight: _AsyncCommit | None = None
+        self.elastic_max = elastic_max  # an elastic group's most workers: below it, each commit asks to grow
+        self.grow_to: int | None = None  # stopped after a committed checkpoint to start again with more workers
 
     # ------------------------------------------------------------------ logging
 
@@ -289,6 +291,7 @@ class RtfCallback(TrainerCallback):
             if self.stopping:  # SIGTERM (in-process runs): the checkpoint it asked for is committed first
                 self.wait_for_upload()
                 raise StopRequested(f"SIGTERM: checkpoint committed at step {step}")
+            self.maybe_grow(state, control)
             return
         # Synchronous: training waits for this rank's files to be in storage, then for the commit.
         upload = _HashingUpload()
@@ -310,6 +313,31 @@ class RtfCallback(TrainerCallback):
             tell_in_process(metrics, checkpoint=True)
         if self.stopping:  # the checkpoint SIGTERM asked for is committed
             raise StopRequested(f"SIGTERM: checkpoint committed at step {step}")
+        self.maybe_grow(state, control)
+
+    def maybe_grow(self, state, control) -> None:
+        """An elastic group below its most workers, at a checkpoint: when Ray would now start more workers than
+        run (a node came back), stop training once this checkpoint is committed; the driver starts the run again
+        from it, at the larger size, and no step is trained twice (:mod:`raytune_ft.train.elastic`: Ray Train's
+        own resize restarts from the latest checkpoint wherever the group is). Rank 0 asks, every rank hears."""
+        if not self.elastic_max or self.run.world_size >= self.elastic_max or state.global_step >= state.max_steps:
+            return
+        from raytune_ft.train.elastic import workers_ray_would_start
+
+        room: list[Any] = [workers_ray_would_start() if self.run.rank == 0 else None]
+        if _dist():
+            torch.distributed.broadcast_object_list(room, src=0)
+        if not room[0] or room[0] <= self.run.world_size:
+            return
+        self.wait_for_upload()  # an asynchronous upload: committed before the group stops
+        self.grow_to = int(room[0])
+        control.should_training_stop = True
+        if self.run.rank == 0:
+            self.publisher.push({"kind": "grow", "step": state.global_step, "workers": self.run.world_size,
+                                 "to": self.grow_to, "message": (
+                                     f"elastic: Ray has room for {self.grow_to} workers ({self.run.world_size} "
+                                     f"now): the workers stop at the checkpoint of step {state.global_step}, and "
+                                     f"the run starts again from it with more")})
 
     def save_async(self, state, name: str, local: str, metrics: dict[str, Any]) -> None:
         """Hand the checkpoint to Ray Train's asynchronous upload (its one upload thread per worker) and train

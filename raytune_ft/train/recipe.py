@@ -322,7 +322,8 @@ def _run(spec: JobSpec, run: RunContext, work: str, publisher: Publisher, config
     for line in stats.lines():
         info(f"data: {line}")
     train_ds, eval_ds, scale = ob.prepare_datasets(spec, tokenizer, train_ds, eval_ds)  # as the objective reads them
-    if spec.compute.elastic and not config.in_process:
+    elastic = spec.compute.elastic and not config.in_process
+    if elastic:
         train_ds = whole_global_batches(spec, train_ds, info)
     if spec.method.objective == "regression":
         info(f"data: labels trained as (label - {scale.mean:.6g}) / {scale.std:.6g}; predictions and metrics "
@@ -344,7 +345,6 @@ def _run(spec: JobSpec, run: RunContext, work: str, publisher: Publisher, config
     # DDP warns that it found none): every trainable parameter gets one here, except in mixture-of-experts
     # models, whose unrouted experts may go without in a step
     args.ddp_find_unused_parameters = True if has_experts(model) else False
-    elastic = spec.compute.elastic and not config.in_process
     if run.world_size > 1 or config.plan.deepspeed or elastic:  # how the workers share the work, and the batch
         ds = config.plan.deepspeed
         stage = (ds or {}).get("zero_optimization", {}).get("stage")
@@ -374,7 +374,8 @@ def _run(spec: JobSpec, run: RunContext, work: str, publisher: Publisher, config
                            report_evals=config.report_evals,  # a sweep trial: each eval to Tune
                            in_process=config.in_process, perplexity=spec.method.objective == "sft",
                            preemption_check_steps=spec.fault_tolerance.preemption_check_steps,
-                           async_upload=spec.storage.async_upload)
+                           async_upload=spec.storage.async_upload,
+                           elastic_max=spec.compute.num_workers if elastic else None)
     callbacks: list[Any] = [StopAtMaxSteps(), callback]
     example_log = None
     if spec.monitoring.log_examples:
@@ -421,6 +422,11 @@ def _run(spec: JobSpec, run: RunContext, work: str, publisher: Publisher, config
     except BaseException:
         callback.abandon_upload()  # stopped with a checkpoint uploading (an error, Ctrl-C): it stays uncommitted
         raise
+    if callback.grow_to:  # elastic: stopped after a committed checkpoint; the driver starts again from it
+        barrier()
+        if tb is not None:
+            tb.close()
+        return
     eval_metrics = _final_eval(trainer) if eval_ds else {}
 
     probe = fingerprint(trainer.model, ob.probe_ids((eval_ds or train_ds)[0], tokenizer)[:32], device)
