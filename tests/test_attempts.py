@@ -204,3 +204,33 @@ def test_the_workers_stopping_to_grow_is_said_and_kept_for_the_driver():
         attempts.handle(e)
     assert out.getvalue().splitlines()[-1] == grow["message"]
     assert attempts.grow == grow and attempts.failures == 0
+
+
+def test_a_fit_that_ended_without_its_last_word_is_started_again_only_if_final_is_behind(tmp_path):
+    """The workers' `done` or `grow` event can be lost (the progress board not answering after the fit): the
+    driver then reads storage. final/ missing or older than the latest committed checkpoint: the workers stopped
+    to grow, start again from that step; final/ at or past it: the run is done."""
+    import pyarrow.fs
+
+    from raytune_ft import checkpoints as ck
+    from raytune_ft.launch.driver import final_behind
+    from raytune_ft.rundir import RunDir
+
+    fs = pyarrow.fs.LocalFileSystem()
+    run = RunDir.at(str(tmp_path / "run"))
+    assert final_behind(run) is None  # nothing committed: nothing to start again from
+
+    def commit(name: str, step: int, results: dict | None = None) -> None:
+        src = tmp_path / f"src-{name}"
+        src.mkdir()
+        (src / "weights.bin").write_bytes(b"w" * step)
+        if results is not None:
+            (src / "final_results.json").write_text(json.dumps(results))
+        ck.commit_dir(str(src), fs, run.join(name), step=step, epoch=None, spec_hash="h")
+
+    commit("checkpoint-00000008", 8)
+    assert final_behind(run) == 8  # stopped at step 8 with no final/
+    commit("final", 8, {"steps": 8})
+    assert final_behind(run) is None  # final/ is this run's
+    commit("checkpoint-00000016", 16)  # a finished run extended, then stopped to grow at 16
+    assert final_behind(run) == 16

@@ -85,3 +85,32 @@ def test_relative_resume_from_trains_on_from_that_checkpoint(ray_local, tiny, tm
     assert res["tokens_per_s"] == pytest.approx(res["attempt_tokens"] / res["runtime_s"], rel=1e-9)
     assert f"tokens since resume  {res['attempt_tokens']:,}" in err
     assert f"tokens/s             {res['tokens_per_s']:,.0f}" in err
+
+
+def test_a_restarted_worker_group_goes_on_from_what_the_run_committed_not_from_resume_from_again(tmp_path):
+    """Ray Train restarts the workers after a failure with the same WorkerConfig: with --resume-from they must
+    go on from the checkpoint this run committed since the submission started, not from the --resume-from
+    point again (its steps would be trained twice). The run's checkpoints from before the submission (an
+    earlier run in the same dir) do not count: --resume-from wins over them."""
+    import time
+
+    from raytune_ft.rundir import RunDir
+    from raytune_ft.train.recipe import RunContext, find_resume_point
+
+    other = tmp_path / "other"
+    checkpoint(other, 40, commit=True)
+    explicit = str(other / ck.checkpoint_dir_name(40))
+    run_path = tmp_path / "runs" / "r"
+    checkpoint(run_path, 90, commit=True)  # an earlier run's, before this submission
+    spec = spec_from_dict({"name": "r", "model": {"name_or_path": "m"}, "data": {"train": {"path": "t.jsonl"}},
+                           "training": {"max_steps": 100}, "storage": {"path": str(tmp_path / "runs")}})
+    run = RunContext(spec, 0, 1, 0, RunDir.of(spec))
+    started = time.time() + 1  # the submission started after that checkpoint
+    assert find_resume_point(run, explicit, started).step == 40
+    assert find_resume_point(run, explicit).step == 40  # (no start given: as before)
+    time.sleep(1.1)
+    checkpoint(run_path, 48, commit=True)  # committed by this submission's first worker group
+    assert find_resume_point(run, explicit, started).step == 48  # not the earlier run's 90
+    time.sleep(0.01)
+    checkpoint(run_path, 56, commit=True)
+    assert find_resume_point(run, explicit, started).step == 56

@@ -291,7 +291,8 @@ def run(spec: JobSpec, *, fresh: bool = False, resume_from: str | None = None,
             emit({"kind": "info", "message": f"--fresh: the previous run was moved aside to {aside}"})
     run_dir.write_spec(to_yaml(spec))
     run_dir.clear_stopped()
-    worker = WorkerConfig(plan, resume_from=resume_from, progress_board=board_name(spec.name), in_process=in_process)
+    worker = WorkerConfig(plan, resume_from=resume_from, started=time.time(), progress_board=board_name(spec.name),
+                          in_process=in_process)
     attempt = 0
     fits = spent = 0  # fit() calls, and the failures they used (Ray Train's own restarts)
     while True:
@@ -301,14 +302,19 @@ def run(spec: JobSpec, *, fresh: bool = False, resume_from: str | None = None,
         outcome, summary = _fit_once(spec, worker if fits == 1 else replace(worker, resume_from=None), emit,
                                      driver_retry=retries_left("storage", attempt, spec.fault_tolerance.max_failures),
                                      spent=spent)
-        spent += outcome.get("failures", 0)
-        if "error" not in outcome and outcome.get("grow"):
+        grow = outcome.get("grow")
+        if "error" not in outcome and not grow and not summary and (behind := final_behind(run_dir)) is not None:
+            grow = {"step": behind}  # the workers ended without final/ and their word was lost: the same
+        if "error" not in outcome and grow:
             # elastic workers stopped at a committed checkpoint because Ray has room for more
-            # (raytune_ft.train.elastic): a new fit() resumes from it at the size Ray Train starts
+            # (raytune_ft.train.elastic): a new fit() resumes from it at the size Ray Train starts, with what
+            # this one left of max_failures (a node that keeps going and coming does not reset the count)
             attempt -= 1  # not a retry
-            emit({"kind": "info", "message": f"elastic: starting the workers again from step "
-                  f"{outcome['grow'].get('step')} (as many as Ray has room for, up to {spec.compute.num_workers})"})
+            spent += outcome.get("failures", 0)
+            emit({"kind": "info", "message": f"elastic: starting the workers again from step {grow.get('step')} "
+                  f"(as many as Ray has room for, up to {spec.compute.num_workers})"})
             continue
+        spent = 0  # the driver's own retry (storage) starts Ray Train's count again, as before
         if "error" not in outcome:
             return RunResult(True, run_dir.uri, summary)
         err = outcome["error"]
@@ -332,6 +338,23 @@ def run(spec: JobSpec, *, fresh: bool = False, resume_from: str | None = None,
                 f"storage error: {where} became unreachable during training ({first}). Committed "
                 f"checkpoints are intact; resubmit the same spec to resume from the latest one."))
         return RunResult(False, run_dir.uri, summary, error=f"{type(err).__name__}: {st.scrub(str(err), spec.storage)}")
+
+
+def final_behind(run_dir: RunDir) -> int | None:
+    """After a fit() that ended without an error and without the workers' last word (their `done` or `grow`
+    event lost, e.g. the progress board not answering): the step of the latest committed checkpoint when
+    final/ is missing or older than it (the workers stopped to grow), else None (final/ is this run's)."""
+    from raytune_ft import checkpoints as ck
+
+    try:
+        latest = ck.latest_committed(run_dir.fs, run_dir.path)
+        res = run_dir.read_final_results()
+    except (ValueError, OSError):
+        return None
+    steps = res.get("steps") if isinstance(res, dict) else None
+    if latest is None or (isinstance(steps, int) and steps >= latest.step):
+        return None
+    return latest.step
 
 
 PREEMPTION_DEFAULT_DEADLINE_S = 120.0  # Ray Train's DEFAULT_PREEMPTION_DEADLINE_S: a notice without a deadline
@@ -462,21 +485,24 @@ def _fit_once(spec: JobSpec, worker: WorkerConfig, emit: EventHandler, *, driver
     summary: dict[str, Any] = {}
     attempts = Attempts(spec, emit, driver_retry=driver_retry, in_process=worker.in_process, spent=spent)
     try:
+        unanswered = 0  # polls after fit() returned that the board did not answer
         while True:
             alive = thread.is_alive()
             try:
-                events = since(seen)
+                events: list[dict[str, Any]] | None = since(seen)
             except Exception:
-                events = []
-            seen += len(events)
-            for e in events:
+                events = None
+            for e in events or []:
                 if e.get("kind") == "done":
                     summary = e.get("summary") or {}
                 attempts.handle(e)
+            seen += len(events or [])
             if alive:
                 attempts.tick()
-            if not alive:
-                break
+            elif events is not None or unanswered >= LAST_POLLS:
+                break  # one answer after the end holds the workers' last word (`done`, or `grow`)
+            else:
+                unanswered += 1
             time.sleep(0.5)
     except BaseException:
         if worker.in_process:  # Ctrl-C: the training thread stops at its next step (Ray Train's local mode
@@ -504,6 +530,7 @@ def _fit_once(spec: JobSpec, worker: WorkerConfig, emit: EventHandler, *, driver
     return outcome, summary
 
 
+LAST_POLLS = 3  # asks of the progress board after fit() returned, when it does not answer (a loaded machine)
 IN_PROCESS_STOP_S = 120.0  # the longest a step (or a save under way) may take to finish after Ctrl-C
 
 

@@ -35,7 +35,8 @@ def scaling_config(plan: Plan, in_process: bool = False):
 
     kwargs: dict[str, Any] = dict(
         # elastic: Ray Train V2 starts as many as the cluster has room for, down to the minimum, and restarts
-        # the group at another size from the latest checkpoint when nodes go or come
+        # the group with fewer from the latest checkpoint when a node goes; it grows at a checkpoint
+        # (raytune_ft.train.elastic)
         num_workers=(plan.min_workers, plan.num_workers) if plan.min_workers else plan.num_workers,
         use_gpu=plan.use_gpu,
         resources_per_worker=plan.resources_per_worker,
@@ -46,9 +47,9 @@ def scaling_config(plan: Plan, in_process: bool = False):
     if plan.min_workers:
         from raytune_ft.train import elastic
 
-        if elastic.available():  # the workers grow the group at a committed checkpoint, in place of Ray
-            # Train's resize check, which restarts it wherever it is (the steps since the checkpoint redone)
-            kwargs["elastic_resize_monitor_interval_s"] = elastic.RAY_RESIZE_CHECK_OFF_S
+        if elastic.available():  # the workers grow the group at a committed checkpoint; Ray Train's resize
+            # check, which restarts it wherever it is (the steps since the checkpoint redone), is the backstop
+            kwargs["elastic_resize_monitor_interval_s"] = elastic.RAY_RESIZE_CHECK_S
     return ScalingConfig(**kwargs)
 
 

@@ -52,8 +52,8 @@ class ComputeSpec(Section):
         "min_workers M."))
     min_workers: int | None = Field(None, ge=1, le=4096, description=(
         "Elastic workers: when nodes are lost and none replace them, Ray Train restarts the run from its latest "
-        "checkpoint with as few as this many workers (and grows back to num_workers when capacity returns, at "
-        "the next committed checkpoint, with no step trained twice). The global batch stays "
+        "checkpoint with as few as this many workers (and grows back, up to num_workers, when capacity returns: "
+        "at the next committed checkpoint, with no step trained twice). The global batch stays "
         "per_device_train_batch_size × accumulation × num_workers: the accumulation is recomputed for each "
         "worker count."))
 

@@ -120,7 +120,7 @@ class RtfCallback(TrainerCallback):
         # (a sweep trial in its own process stays synchronous: Tune's stop at a report ends its thread there)
         self.async_upload = async_upload and not (in_process and report_evals)
         self.in_flight: _AsyncCommit | None = None
-        self.elastic_max = elastic_max  # an elastic group's most workers: below it, each commit asks to grow
+        self.elastic_max = elastic_max  # an elastic group's most workers: below it, each save asks to grow
         self.grow_to: int | None = None  # stopped after a committed checkpoint to start again with more workers
 
     # ------------------------------------------------------------------ logging
@@ -320,7 +320,9 @@ class RtfCallback(TrainerCallback):
         run (a node came back), stop training once this checkpoint is committed; the driver starts the run again
         from it, at the larger size, and no step is trained twice (:mod:`raytune_ft.train.elastic`: Ray Train's
         own resize restarts from the latest checkpoint wherever the group is). Rank 0 asks, every rank hears."""
-        if not self.elastic_max or self.run.world_size >= self.elastic_max or state.global_step >= state.max_steps:
+        if (not self.elastic_max or self.run.world_size >= self.elastic_max or state.global_step >= state.max_steps
+                or control.should_training_stop  # stopping anyway (early stopping): final/ is next
+                or self.preemption_seen):  # Ray still counts a node being drained: it may have "room" there
             return
         from raytune_ft.train.elastic import workers_ray_would_start
 
@@ -338,6 +340,13 @@ class RtfCallback(TrainerCallback):
                                      f"elastic: Ray has room for {self.grow_to} workers ({self.run.world_size} "
                                      f"now): the workers stop at the checkpoint of step {state.global_step}, and "
                                      f"the run starts again from it with more")})
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        """Stopped mid-epoch to grow: no epoch-end evaluation of a partial epoch (HF runs the epoch's end after
+        the stop; the next fit evaluates at the real one). Stopped at an epoch's end: its evaluation runs, and
+        the recipe syncs it to storage before the group goes."""
+        if self.grow_to and abs(state.epoch - round(state.epoch)) > 1e-6:
+            control.should_evaluate = False
 
     def save_async(self, state, name: str, local: str, metrics: dict[str, Any]) -> None:
         """Hand the checkpoint to Ray Train's asynchronous upload (its one upload thread per worker) and train

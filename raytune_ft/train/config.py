@@ -29,6 +29,9 @@ class WorkerConfig:
     """``--resume-from``: a committed checkpoint (local path or s3:// URI) to start from. None: the run's own
     latest committed checkpoint, looked up by the workers at every start (Ray Train restarts them after a
     worker failure, and they must then resume from what they committed since)."""
+    started: float | None = None
+    """When the driver started this submission (epoch s): with ``resume_from``, a checkpoint the run committed
+    since then is where a restarted worker group goes on from."""
     report_evals: bool = False
     """A sweep trial: every evaluation is reported to Ray Train at once (and so reaches Ray Tune's scheduler)."""
     progress_board: str | None = None

@@ -187,9 +187,16 @@ def _installed(name: str) -> bool:
     return importlib.util.find_spec(name) is not None
 
 
-def find_resume_point(run: RunContext, explicit: str | None) -> ck.CheckpointInfo | None:
-    """The checkpoint to resume from: ``explicit`` (``--resume-from``) if given, else the latest *committed*
+def find_resume_point(run: RunContext, explicit: str | None, started: float | None = None) -> ck.CheckpointInfo | None:
+    """The checkpoint to resume from: ``explicit`` (``--resume-from``) if given, unless this run committed one
+    of its own since ``started`` (the submission's start: Ray Train restarted the workers after a failure, and
+    they go on from what they committed, not from the --resume-from point again); else the latest *committed*
     checkpoint of this run (never one without a valid manifest), else None."""
+    if explicit and started is not None:
+        own = [i for i in ck.list_checkpoints(run.dir.fs, run.dir.path)
+               if i.committed and i.time is not None and i.time.timestamp() >= started]
+        if own:
+            return own[-1]
     if explicit:
         fs, path = st.open(explicit, storage=run.spec.storage)
         info = ck.inspect_checkpoint(fs, path)
@@ -354,7 +361,7 @@ def _run(spec: JobSpec, run: RunContext, work: str, publisher: Publisher, config
              f"global batch {per * acc * run.world_size} = {per} per worker × {acc} accumulation × {run.world_size} "
              "workers" + (f" (elastic, {spec.compute.min_workers}-{spec.compute.num_workers} workers: the accumulation "
                           "follows the worker count)" if elastic else ""))
-    resume = find_resume_point(run, config.resume_from)
+    resume = find_resume_point(run, config.resume_from, config.started)
     local_resume = None
     if resume is not None:
         fs = st.open(config.resume_from, storage=spec.storage)[0] if config.resume_from else run.dir.fs
@@ -423,6 +430,8 @@ def _run(spec: JobSpec, run: RunContext, work: str, publisher: Publisher, config
         callback.abandon_upload()  # stopped with a checkpoint uploading (an error, Ctrl-C): it stays uncommitted
         raise
     if callback.grow_to:  # elastic: stopped after a committed checkpoint; the driver starts again from it
+        if run.rank == 0:
+            callback.sync_logs()  # an evaluation at the epoch's end, after the stop (the resume keeps its record)
         barrier()
         if tb is not None:
             tb.close()
