@@ -198,15 +198,16 @@ class Follow:
     def text(self) -> str:
         return "".join(self.lines)
 
-    def wait_for(self, pattern: str, timeout: float) -> re.Match:
-        end = time.time() + timeout
+    def wait_for(self, pattern: str, timeout: float, start: int = 0) -> re.Match:
+        """The first match of ``pattern`` in the output from offset ``start`` on (its positions in the whole)."""
+        end, rx = time.time() + timeout, re.compile(pattern)
         while time.time() < end:
-            m = re.search(pattern, self.text)
+            m = rx.search(self.text, start)
             if m:
                 return m
             if self.p.poll() is not None:
                 self.t.join(5)
-                m = re.search(pattern, self.text)
+                m = rx.search(self.text, start)
                 if m:
                     return m
                 break
@@ -623,17 +624,6 @@ def test_elastic_workers_shrink_to_one_node_and_grow_back_with_the_same_global_b
     n_rows, per, steps, save = 64, 2, 192, 8
     if len(cluster.node_ids()) < 2:  # the preemption test left a replacement; on its own, start one
         cluster._ray_start("--address", cluster.gcs, "--dashboard-agent-listen-port", str(_free_ports(1)[0]))
-    # Ray Train's elastic policy sizes the group from Ray's AutoscalingCoordinator, whose view of the nodes is
-    # refreshed every TICK_INTERVAL_S (20 s): a node younger than that may be unseen, and the run would start
-    # with 1 worker (as on CI, right after the preemption test's replacement joined), growing only at a later
-    # checkpoint. Start once the newest node has been seen.
-    from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
-        _AutoscalingCoordinatorActor,
-    )
-
-    nodes = json.loads(cluster.get("/api/v0/nodes?limit=100&detail=true"))["data"]["result"]["result"]
-    newest = max(n["start_time_ms"] for n in nodes if n["state"] == "ALIVE") / 1000
-    time.sleep(max(0.0, newest + _AutoscalingCoordinatorActor.TICK_INTERVAL_S + 2 - time.time()))
     doc = spec_doc(
         "elastic", model_dir, train, None, tmp_path / "runs",
         compute={"num_workers": {"min": 1, "max": 2}, "cpus_per_worker": 1, "placement": "strict_spread"},
@@ -646,8 +636,11 @@ def test_elastic_workers_shrink_to_one_node_and_grow_back_with_the_same_global_b
     doc["storage"]["upload"] = "async"  # each worker's upload in flight beside training; committed before a grow
     spec = write_spec(tmp_path / "elastic.yaml", doc)
     f = Follow(["submit", str(spec), "--address", cluster.url, "--follow"], cluster.env(), tmp_path)
-    f.wait_for(r"workers: rank 0 pid \d+ node \S+, rank 1 pid \d+", 200)
-    f.wait_for(f"checkpoint committed: step {2 * save}\\b", 120)
+    # 2 workers from the start, or from the first checkpoint: Ray Train sizes a new group from Ray's
+    # AutoscalingCoordinator, whose own view of the nodes lags up to 20 s (and which may still hold a reservation
+    # of the run before), so a run submitted right after a node joined can start with 1 and grow at once
+    two = f.wait_for(r"workers: rank 0 pid \d+ node \S+, rank 1 pid \d+", 240)
+    f.wait_for(r"checkpoint committed: step \d+", 120, start=two.end())  # a checkpoint of the 2-worker group
     import psutil
 
     for proc in psutil.process_iter():  # every process of the worker nodes (not drained: lost)
@@ -657,30 +650,32 @@ def test_elastic_workers_shrink_to_one_node_and_grow_back_with_the_same_global_b
         except psutil.Error:
             pass
     t_kill = time.time()
-    f.wait_for(r"workers restarted \(attempt 2 of 2\)", 300)
+    shrunk = f.wait_for(r"workers restarted \(attempt 2 of 2\): rank 0 pid \d+ node \S+ \(1 of 2 workers, "
+                        r"elastic\)\n", 300, start=two.end())
     print(f"elastic: restarted {time.time() - t_kill:.0f}s after the node was lost")
     cluster._ray_start("--address", cluster.gcs, "--dashboard-agent-listen-port", str(_free_ports(1)[0]))
     t_node = time.time()
     m = f.wait_for(r"elastic: Ray has room for 2 workers \(1 now\): the workers stop at the checkpoint of step "
-                   r"(\d+), and the run starts again from it with more", 200)
+                   r"(\d+), and the run starts again from it with more", 200, start=shrunk.end())
     print(f"elastic: growing at step {m.group(1)}, {time.time() - t_node:.0f}s after a node joined")
     code = f.finish(400)
     out = f.text
     (tmp_path / "submit.out").write_text(out)  # kept for a failure's post-mortem
     print(f"elastic: finished {time.time() - t_node:.0f}s after a node joined")
     assert code == 0, out[-6000:]
-    grown, at = int(m.group(1)), out.index(m.group(0))
-    before, after = out[:at], out[at:]
-    assert "global batch 4 = 2 per worker × 1 accumulation × 2 workers (elastic, 1-2 workers" in before, before[-4000:]
-    assert "global batch 4 = 2 per worker × 2 accumulation × 1 workers (elastic, 1-2 workers" in before, before[-6000:]
-    assert re.search(r"workers restarted \(attempt 2 of 2\): rank 0 pid \d+ node \S+ \(1 of 2 workers, elastic\)\n",
-                     before), before[-4000:]
-    # grown at a checkpoint committed before the stop, and started again from it, with 2 workers
-    assert grown % save == 0 and 2 * save < grown < steps and f"checkpoint committed: step {grown} →" in before
+    grown, at = int(m.group(1)), m.start()
+    after = out[at:]
+    shrunk_text = out[shrunk.start():at]  # the 1-worker group's
+    assert "global batch 4 = 2 per worker × 1 accumulation × 2 workers (elastic, 1-2 workers" in out[two.start():
+                                                                                                    shrunk.start()]
+    assert "global batch 4 = 2 per worker × 2 accumulation × 1 workers (elastic, 1-2 workers" in shrunk_text
+    # grown at a checkpoint the 1-worker group committed before the stop, and started again from it, with 2
+    assert grown % save == 0 and grown < steps and f"checkpoint committed: step {grown} →" in shrunk_text
     assert f"elastic: starting the workers again from step {grown} (as many as Ray has room for, up to 2)" in after
     assert re.search(r"\nworkers: rank 0 pid \d+ node \S+, rank 1 pid \d+", after), after[:4000]
     assert "global batch 4 = 2 per worker × 1 accumulation × 2 workers (elastic, 1-2 workers" in after, after[:4000]
-    resumes = [int(x) for x in re.findall(r"resuming from \S+ at step (\d+)", out)]
+    # since the loss: resumed from a committed checkpoint (a multiple of save_steps), then at the grow
+    resumes = [int(x) for x in re.findall(r"resuming from \S+ at step (\d+)", out[shrunk.start():])]
     assert len(resumes) == 2 and save <= resumes[0] < grown and resumes[0] % save == 0 and resumes[1] == grown, resumes
     # no step trained twice at the grow: the steps after it start right after the checkpoint it stopped at
     assert min(int(s) for s in re.findall(rf"\] (\d+)/{steps}  loss", after)) == grown + 1, after[:4000]
