@@ -22,7 +22,9 @@ def ray_local():
         from raytune_ft.launch.local import start_env
 
         start_env()  # the settings `rtf submit`'s own embedded Ray runs with (a run's end is seen in 0.25 s, not 2 s)
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False,
+        # address="local", as `rtf submit` starts it: a new Ray of the tests' own, even when Ray's address file
+        # names a head (a `ray start` left on this machine, or a dead one's leftover)
+        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False,
                  namespace="rtf")
     yield ray
     ray.shutdown()
