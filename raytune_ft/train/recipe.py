@@ -364,10 +364,13 @@ def _run(spec: JobSpec, run: RunContext, work: str, publisher: Publisher, config
     resume = find_resume_point(run, config.resume_from, config.started)
     local_resume = None
     if resume is not None:
-        fs = st.open(config.resume_from, storage=spec.storage)[0] if config.resume_from else run.dir.fs
+        # --resume-from's own storage, unless the resume is one of this run's checkpoints (committed since the
+        # submission started: find_resume_point), which is in the run dir's
+        own = resume.path == run.dir.join(resume.name)
+        fs = run.dir.fs if own or not config.resume_from else st.open(config.resume_from, storage=spec.storage)[0]
         local_resume = os.path.join(work, "resume", resume.name)
         pull_to_resume(fs, resume.path, local_resume)
-        info(f"resuming from {config.resume_from or run.dir.uri_of(resume.name)} at step {resume.step}")
+        info(f"resuming from {run.dir.uri_of(resume.name) if own else config.resume_from} at step {resume.step}")
     if run.rank == 0:
         restore_metrics(run, work, resume.step if resume else None)
     setup_trackers(spec, run, resumed_from=resume.step if resume else None)  # MLflow/W&B: env vars for HF's callbacks
