@@ -293,18 +293,16 @@ def run(spec: JobSpec, *, fresh: bool = False, resume_from: str | None = None,
     run_dir.clear_stopped()
     worker = WorkerConfig(plan, resume_from=resume_from, started=time.time(), progress_board=board_name(spec.name),
                           in_process=in_process)
-    attempt = 0
-    fits = spent = 0  # fit() calls, and the failures they used (Ray Train's own restarts)
+    attempt = spent = 0  # spent: the failures earlier fit()s used (Ray Train's own restarts)
     while True:
         attempt += 1
-        fits += 1
-        # a retry resumes from the run's own latest committed checkpoint, not from --resume-from
-        outcome, summary = _fit_once(spec, worker if fits == 1 else replace(worker, resume_from=None), emit,
-                                     driver_retry=retries_left("storage", attempt, spec.fault_tolerance.max_failures),
-                                     spent=spent)
+        outcome, summary = _fit_once(spec, worker, emit, spent=spent,
+                                     driver_retry=retries_left("storage", attempt, spec.fault_tolerance.max_failures))
+        # a later fit() resumes from the run's own latest committed checkpoint, not from --resume-from
+        worker = replace(worker, resume_from=None)
         grow = outcome.get("grow")
         if "error" not in outcome and not grow and not summary and (behind := final_behind(run_dir)) is not None:
-            grow = {"step": behind}  # the workers ended without final/ and their word was lost: the same
+            grow = {"step": behind}  # the workers stopped without final/ and their word was lost: a grow
         if "error" not in outcome and grow:
             # elastic workers stopped at a committed checkpoint because Ray has room for more
             # (raytune_ft.train.elastic): a new fit() resumes from it at the size Ray Train starts, with what
